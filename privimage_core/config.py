@@ -1,0 +1,387 @@
+"""Typed, validated configuration: the one place every setting is defined.
+
+A config is a YAML/JSON mapping with the sections below. Unknown keys, wrong
+types and out-of-range values raise :class:`ConfigError` with a one-line
+message naming the key and the fix, before any expensive work starts.
+``resolve()`` fills derived defaults so that every run can record its full,
+resolved configuration.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from privimage_core.errors import ConfigError
+
+
+@dataclass
+class RunConfig:
+    name: str = "privimage"
+    seed: int = 0
+    # Where the run writes its outputs (index, checkpoints, synthetic data).
+    output_dir: str = "runs"
+    # Offline data root (MNIST IDX files, caches); env PRIVIMAGE_DATA_DIR wins if unset.
+    data_dir: str | None = None
+    # Threads torch may use per process (0 = torch default).
+    torch_threads: int = 0
+
+
+@dataclass
+class DataConfig:
+    sensitive: str = "mnist"
+    # Real test split for evaluation (non-private: it never trains anything).
+    sensitive_test: str | None = None
+    public: list[str] = field(default_factory=lambda: ["glyphs", "fashion_mnist"])
+    image_size: int = 28
+    channels: int = 1
+    resize: bool = False
+    # Cap on images per public class (deterministic subsample); None = all.
+    public_max_per_class: int | None = None
+    # Cap on sensitive training images (deterministic subsample); None = all.
+    sensitive_max: int | None = None
+    glyph_max_fonts: int | None = None
+    glyph_copies_per_font: int = 1
+
+
+@dataclass
+class SemanticQueryConfig:
+    """The semantic query function of Sec. 3.2 (a classifier on public labels)."""
+    width: int = 32
+    epochs: int = 2
+    batch_size: int = 128
+    lr: float = 2e-3
+    val_fraction: float = 0.1
+
+
+@dataclass
+class SelectionConfig:
+    """Sec. 3.3: DP semantic distribution query and top-k2 selection."""
+    # Fraction of public semantics selected in total (Table 8): k2 per class is
+    # round(ratio * num_public_labels / num_sensitive_classes), at least 1.
+    selection_ratio: float = 0.1
+    # Explicit k2 overrides the ratio.
+    k2: int | None = None
+    # Semantics queried per sensitive image; the paper sets k1 = k2 (App. A).
+    k1: int | None = None
+    # Noise multiplier of the histogram query; noise std is sigma_q * sqrt(k1).
+    sigma_q: float = 100.0
+
+
+@dataclass
+class PrivacyConfig:
+    target_epsilon: float = 10.0
+    # None: 1 / (N * ln N) style default is NOT used; we use 1e-5 unless N is tiny.
+    target_delta: float | None = None
+    accountant: str = "rdp"
+
+
+@dataclass
+class GeneratorConfig:
+    preset: str = "tiny"
+    # Overrides of the preset's UNet arguments (e.g. base_channels).
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class PretrainConfig:
+    steps: int = 1000
+    batch_size: int = 128
+    lr: float = 1e-3
+    ema_decay: float = 0.999
+
+
+@dataclass
+class FinetuneConfig:
+    """DP-SGD fine-tuning (Sec. 3.4, Algorithm 1)."""
+    # Planned optimizer steps; training stops earlier if the budget would be exceeded.
+    steps: int = 200
+    # Expected logical batch size (Poisson sampling rate = batch_size / N).
+    batch_size: int = 256
+    # Physical batch for memory (BatchMemoryManager virtual steps).
+    physical_batch_size: int = 64
+    lr: float = 5e-4
+    max_grad_norm: float = 1.0
+    # None: calibrated from the target epsilon after the query's cost.
+    noise_multiplier: float | None = None
+    # Few DP steps: a short EMA horizon, else the EMA stays at the pre-trained weights.
+    ema_decay: float = 0.98
+
+
+@dataclass
+class SamplingConfig:
+    num_images: int = 5000
+    num_steps: int = 18
+    solver: str = "euler"
+    batch_size: int = 500
+
+
+@dataclass
+class EvaluationConfig:
+    fid: bool = True
+    fid_images: int = 2000
+    fid_weights: str | None = None
+    classifier: str = "cnn"
+    classifier_epochs: int = 3
+
+
+@dataclass
+class RayConfig:
+    # None: start a local Ray bound to 127.0.0.1 (or join the job's cluster
+    # when running under `ray job submit`).
+    address: str | None = None
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    storage_path: str | None = None
+    max_failures: int = 0
+
+
+@dataclass
+class TrackingConfig:
+    # None: sqlite:///<abs output_dir>/mlflow.db
+    mlflow_uri: str | None = None
+    experiment: str = "privimage"
+
+
+@dataclass
+class MetricsConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 0
+
+
+@dataclass
+class TuneConfig:
+    presets: list[str] = field(default_factory=lambda: ["tiny", "small"])
+    selection_ratios: list[float] = field(default_factory=lambda: [0.05, 0.1])
+    num_samples: int = 1
+    metric: str = "accuracy"
+    mode: str = "max"
+    max_concurrent_trials: int = 1
+    # The trial function only drives; its actors and Ray Train workers ask for
+    # their own CPUs, so the trial itself holds a small fraction (0 is rejected).
+    cpus_per_trial: float = 0.1
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    semantic_query: SemanticQueryConfig = field(default_factory=SemanticQueryConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+    # ----------------------------------------------------------------- I/O
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, for MLflow params."""
+        out: dict[str, Any] = {}
+        for sec, vals in self.to_dict().items():
+            for k, v in vals.items():
+                out[f"{sec}.{k}"] = json.dumps(v) if isinstance(v, (list, dict)) else v
+        return out
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "Config":
+        """A copy with dotted-key overrides applied (e.g. {'generator.preset': 'small'})."""
+        d = self.to_dict()
+        for key, value in overrides.items():
+            sec, _, name = key.partition(".")
+            if sec not in d or name not in d[sec]:
+                raise ConfigError(f"unknown config key '{key}'; use a dotted key such as "
+                                  "'generator.preset' (see configs/quickstart.yaml)")
+            d[sec][name] = value
+        return from_dict(d)
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(key, value, inner[0])
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int)
+                                           or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return int(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    if origin is list:
+        if isinstance(value, (str, int, float)):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return [_check_type(key, v, args[0]) for v in value]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def from_dict(d: dict | None) -> Config:
+    """Build and validate a Config; unknown keys are errors, never ignored."""
+    d = d or {}
+    if not isinstance(d, dict):
+        raise ConfigError("the config must be a mapping of sections (run:, data:, ...)")
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    kwargs = {}
+    for sec, vals in d.items():
+        if sec not in sections:
+            raise ConfigError(f"unknown config section '{sec}'; valid sections: "
+                              f"{', '.join(sections)}")
+        if vals is None:
+            continue
+        if not isinstance(vals, dict):
+            raise ConfigError(f"config section '{sec}' must be a mapping of keys")
+        cls = typing.get_type_hints(Config)[sec]
+        hints = typing.get_type_hints(cls)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        sub = {}
+        for k, v in vals.items():
+            if k not in fields:
+                raise ConfigError(f"unknown config key '{sec}.{k}'; valid keys in '{sec}': "
+                                  f"{', '.join(sorted(fields))}")
+            sub[k] = _check_type(f"{sec}.{k}", v, hints[k])
+        kwargs[sec] = cls(**sub)
+    cfg = Config(**kwargs)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Load a YAML or JSON config file (None: the embedded quickstart defaults)."""
+    if path is None:
+        cfg = from_dict({})
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{path}' does not exist; pass an existing file, "
+                              "e.g. --config configs/quickstart.yaml")
+        text = p.read_text()
+        try:
+            if p.suffix == ".json":
+                data = json.loads(text)
+            else:
+                import yaml
+                data = yaml.safe_load(text)
+        except Exception as e:  # parse errors: say where
+            raise ConfigError(f"config file '{path}' cannot be parsed ({e}); fix its syntax") from e
+        cfg = from_dict(data)
+    if overrides:
+        cfg = cfg.with_overrides(overrides)
+    return cfg
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that need no data. Data-dependent checks (delta < 1/N) run
+    in :func:`validate_against_data` once the sensitive size is known."""
+    p = cfg.privacy
+    _require(p.target_epsilon > 0 and math.isfinite(p.target_epsilon),
+             f"privacy.target_epsilon must be > 0, got {p.target_epsilon}; set e.g. 10")
+    if p.target_delta is not None:
+        _require(0 < p.target_delta < 1,
+                 f"privacy.target_delta must be in (0, 1), got {p.target_delta}; set e.g. 1e-5")
+    _require(p.accountant in ("rdp", "prv"),
+             f"privacy.accountant must be 'rdp' or 'prv', got '{p.accountant}'")
+    s = cfg.selection
+    _require(0 < s.selection_ratio <= 1,
+             f"selection.selection_ratio must be in (0, 1], got {s.selection_ratio}; set e.g. 0.1")
+    _require(s.sigma_q > 0, f"selection.sigma_q must be > 0, got {s.sigma_q}")
+    for k in ("k1", "k2"):
+        v = getattr(s, k)
+        _require(v is None or v >= 1, f"selection.{k} must be >= 1 or null, got {v}")
+    d = cfg.data
+    _require(d.channels in (1, 3), f"data.channels must be 1 or 3, got {d.channels}")
+    _require(8 <= d.image_size <= 256 and d.image_size % 4 == 0,
+             f"data.image_size must be a multiple of 4 in [8, 256], got {d.image_size}")
+    _require(len(d.public) > 0, "data.public must name at least one public source, e.g. [glyphs]")
+    f = cfg.finetune
+    _require(f.steps >= 1 and f.batch_size >= 1 and f.physical_batch_size >= 1,
+             "finetune.steps, batch_size and physical_batch_size must be >= 1")
+    _require(f.max_grad_norm > 0, f"finetune.max_grad_norm must be > 0, got {f.max_grad_norm}")
+    _require(f.noise_multiplier is None or f.noise_multiplier > 0,
+             "finetune.noise_multiplier must be > 0 or null (calibrated)")
+    _require(cfg.pretrain.steps >= 0, "pretrain.steps must be >= 0")
+    for sec in ("pretrain", "finetune"):
+        dec = getattr(cfg, sec).ema_decay
+        _require(0 <= dec < 1, f"{sec}.ema_decay must be in [0, 1), got {dec}")
+    _require(cfg.generator.preset in ("tiny", "small", "base"),
+             f"generator.preset must be tiny, small or base, got '{cfg.generator.preset}'")
+    _require(cfg.sampling.solver in ("euler", "heun"),
+             f"sampling.solver must be 'euler' or 'heun', got '{cfg.sampling.solver}'")
+    _require(cfg.sampling.num_images >= 1 and cfg.sampling.num_steps >= 1,
+             "sampling.num_images and sampling.num_steps must be >= 1")
+    _require(cfg.ray.num_workers >= 0, "ray.num_workers must be >= 0 (0 = in-process)")
+    _require(cfg.ray.cpus_per_worker > 0, "ray.cpus_per_worker must be > 0 (Ray rejects 0 CPUs)")
+    _require(cfg.evaluation.classifier in ("cnn", "mlp", "lr"),
+             "evaluation.classifier must be cnn, mlp or lr")
+    t = cfg.tune
+    _require(all(0 < r <= 1 for r in t.selection_ratios),
+             "tune.selection_ratios must all be in (0, 1]")
+    _require(all(pr in ("tiny", "small", "base") for pr in t.presets),
+             "tune.presets must be among tiny, small, base")
+    _require(t.mode in ("max", "min"), "tune.mode must be 'max' or 'min'")
+
+
+def resolve_delta(cfg: Config, n_sensitive: int) -> float:
+    """The delta used for the run: the configured one, checked against 1/N.
+
+    delta >= 1/N would allow releasing a whole record; we refuse it (Sec. 2.1).
+    """
+    delta = cfg.privacy.target_delta
+    if delta is None:
+        delta = min(1e-5, 1.0 / (10 * n_sensitive))
+    if delta >= 1.0 / n_sensitive:
+        raise ConfigError(f"privacy.target_delta={delta:g} must be < 1/N = {1.0 / n_sensitive:.3g} "
+                          f"for N={n_sensitive} sensitive images; set e.g. {0.1 / n_sensitive:.1g}")
+    return delta
+
+
+def resolve_k(cfg: Config, num_public_labels: int, num_sensitive_classes: int) -> tuple[int, int]:
+    """(k1, k2): k2 from the selection ratio (Table 8), k1 = k2 unless set (App. A)."""
+    s = cfg.selection
+    k2 = s.k2 if s.k2 is not None else max(
+        1, round(s.selection_ratio * num_public_labels / num_sensitive_classes))
+    k1 = s.k1 if s.k1 is not None else k2
+    if k1 > num_public_labels:
+        raise ConfigError(f"selection.k1={k1} exceeds the {num_public_labels} public labels; lower it")
+    if k2 * num_sensitive_classes > num_public_labels:
+        raise ConfigError(f"selection asks for {k2} public labels per class x {num_sensitive_classes} "
+                          f"classes but the public pool has {num_public_labels}; lower "
+                          "selection.selection_ratio or add public sources")
+    return k1, k2

@@ -1,0 +1,61 @@
+"""The in-memory image dataset every stage passes around."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from privimage_core.errors import DataError
+
+
+@dataclass
+class ImageSet:
+    """Images with integer labels.
+
+    images: uint8 array [N, H, W, C] (C = 1 for grayscale, 3 for RGB).
+    labels: int64 array [N], indices into ``class_names``.
+    class_names: the name of each label index (public pools use namespaced
+      names such as ``glyph/7`` or ``fmnist/Bag``).
+    name: a short name of the dataset for messages and manifests.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+    name: str = "dataset"
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.images.ndim == 3:
+            self.images = self.images[..., None]
+        if self.images.ndim != 4 or self.images.dtype != np.uint8:
+            raise DataError(
+                f"{self.name}: images must be uint8 [N,H,W,C], got {self.images.dtype} "
+                f"{self.images.shape}; convert them with np.asarray(x, np.uint8)")
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if len(self.labels) != len(self.images):
+            raise DataError(f"{self.name}: {len(self.images)} images but {len(self.labels)} labels; "
+                            "give one label per image")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of one image."""
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def subset(self, idx: np.ndarray, name: str | None = None) -> "ImageSet":
+        return ImageSet(self.images[idx], self.labels[idx], list(self.class_names),
+                        name or self.name, dict(self.meta))
+
+    def to_tensor(self):
+        """Float tensor [N, C, H, W] in [-1, 1], the scale the models use."""
+        import torch
+
+        x = torch.from_numpy(self.images).permute(0, 3, 1, 2).float()
+        return x / 127.5 - 1.0

@@ -1,0 +1,136 @@
+"""Step 5 (paper Sec. 3.4, Algorithm 1): fine-tune on the SENSITIVE data with
+DP-SGD through stock Opacus.
+
+- Poisson sampling at rate q = logical batch / N (Opacus DPDataLoader).
+- Per-sample gradients (Opacus hooks), clipped to ``max_grad_norm``.
+- Gaussian noise N(0, sigma^2 C^2) added once per logical step by the
+  DPOptimizer; virtual steps (BatchMemoryManager) let the logical batch exceed
+  memory without adding noise per physical batch.
+- Distributed: the caller wraps the model in Opacus's
+  DifferentiallyPrivateDistributedDataParallel; Opacus then uses the
+  DistributedDPOptimizer, where every rank clips its own per-sample gradients
+  and only rank 0 adds the noise before the all-reduce, so the noise of a
+  logical step is added once, at the scale the accountant assumes.
+- Every real optimizer step is recorded in the privacy ledger through the
+  optimizer's step hook; training stops before the ledger's target would be
+  exceeded.
+- Privacy randomness (Poisson sampling, gradient noise) is seeded from OS
+  entropy, never from the logged run seed.
+"""
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from opacus import PrivacyEngine
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from torch.utils.data import DataLoader, TensorDataset
+
+from privimage_core.errors import PrivacyBudgetError
+from privimage_core.privacy_ledger import MechanismRecord, PrivacyLedger
+
+DP_SGD_MECHANISM = "dp_sgd_finetune"
+
+
+def sample_rate_for(n: int, batch_size: int) -> float:
+    """Opacus's sampling rate for a loader of N items and this batch size (1/len(loader))."""
+    return 1.0 / len(DataLoader(range(n), batch_size=batch_size))
+
+
+def plan_noise(ledger: PrivacyLedger, n: int, batch_size: int, steps: int,
+               noise_multiplier: float | None = None) -> tuple[float, float, int]:
+    """(sigma, q, steps allowed). sigma is calibrated after the costs already in
+    the ledger (App. E, Theorem E.3) unless given; steps allowed is capped so
+    that the composition never exceeds the target."""
+    q = sample_rate_for(n, batch_size)
+    prior = next((r for r in ledger.records if r.name == DP_SGD_MECHANISM), None)
+    if prior is not None:  # resumed run: keep the recorded mechanism
+        sigma = prior.noise_multiplier
+        remaining = max(0, steps - prior.steps)
+        return sigma, prior.sample_rate, min(remaining, ledger.max_steps(sigma, prior.sample_rate))
+    sigma = noise_multiplier if noise_multiplier is not None else ledger.calibrate_noise(q, steps)
+    allowed = ledger.max_steps(sigma, q)
+    if allowed == 0:
+        raise PrivacyBudgetError(
+            f"not one DP-SGD step fits the remaining budget at sigma={sigma:.3g}; raise "
+            "privacy.target_epsilon or finetune.noise_multiplier")
+    return sigma, q, min(steps, allowed)
+
+
+@dataclass
+class DPTraining:
+    model: torch.nn.Module  # Opacus GradSampleModule
+    optimizer: torch.optim.Optimizer  # Opacus DPOptimizer (or DistributedDPOptimizer)
+    loader: DataLoader  # Poisson-sampling DPDataLoader
+    record: MechanismRecord
+    sample_rate: float
+    engine: PrivacyEngine
+
+
+def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                 y: torch.Tensor, batch_size: int, noise_multiplier: float, max_grad_norm: float,
+                 ledger: PrivacyLedger, distributed: bool = False) -> DPTraining:
+    """Wrap model, optimizer and the sensitive data with Opacus and attach the
+    ledger to the optimizer. ``module`` is DPDDP-wrapped by the caller when
+    distributed (Opacus then shards the Poisson sampling across ranks)."""
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch_size)
+    q = 1.0 / len(loader)
+    record = ledger.begin_dp_sgd(DP_SGD_MECHANISM, noise_multiplier, q)
+    # The engine's own accountant is not used: the ledger's hook replaces it below.
+    engine = PrivacyEngine(accountant=ledger.accountant_name)
+    noise_gen = torch.Generator().manual_seed(secrets.randbits(63))
+    model, dp_opt, dp_loader = engine.make_private(
+        module=module, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks",
+        noise_generator=noise_gen)
+    dp_opt.attach_step_hook(ledger.step_hook(record, q))
+    return DPTraining(model, dp_opt, dp_loader, record, q, engine)
+
+
+def dp_finetune(dp: DPTraining, ema, inner: torch.nn.Module, total_steps: int,
+                physical_batch_size: int,
+                on_step: Callable[[int, float], None] | None = None,
+                checkpoint_every: int = 0, on_checkpoint: Callable[[int], None] | None = None) -> int:
+    """Run DP-SGD until the DP-SGD record holds ``total_steps`` steps.
+
+    ``inner`` is the unwrapped model (for EMA and checkpoints). Returns the
+    number of DP-SGD steps recorded in the ledger.
+    """
+    from privimage_core.diffusion.edm import edm_loss, sample_training_noise
+
+    # Unpredictable Poisson sampling and diffusion noise for this stage.
+    torch.seed()
+    dp.model.train()
+    record = dp.record
+    # Throughput is reported from the EXPECTED logical batch (q * N), a public
+    # quantity: realised Poisson batch sizes and losses on sensitive batches are
+    # not DP outputs, so neither is reported.
+    expected_batch = dp.sample_rate * len(dp.loader.dataset)
+    while record.steps < total_steps:
+        with BatchMemoryManager(data_loader=dp.loader, max_physical_batch_size=physical_batch_size,
+                                optimizer=dp.optimizer) as loader:
+            t0 = time.time()
+            for xb, yb in loader:
+                sigma, noise = sample_training_noise(xb)
+                per_sample = edm_loss(dp.model, xb, yb, sigma, noise)
+                # mean over the physical batch (Opacus rescales per-sample grads
+                # for loss_reduction='mean'); an empty Poisson batch gives 0.
+                loss = per_sample.sum() / max(len(xb), 1)
+                loss.backward()
+                before = record.steps
+                dp.optimizer.step()
+                dp.optimizer.zero_grad(set_to_none=True)
+                if record.steps > before:  # a logical step ended: noise added once
+                    ema.update(inner)
+                    if on_step is not None:
+                        now = time.time()
+                        on_step(record.steps, expected_batch / max(now - t0, 1e-9))
+                        t0 = now
+                    if checkpoint_every and on_checkpoint and record.steps % checkpoint_every == 0:
+                        on_checkpoint(record.steps)
+                    if record.steps >= total_steps:
+                        break
+    return record.steps

@@ -1,0 +1,111 @@
+"""Step 1 (paper Sec. 3.2, Eq. 4): the semantic query function.
+
+A classifier trained with cross-entropy on the labelled PUBLIC pool only; it
+maps an image to probabilities over the public semantics. The paper uses a
+ResNet50 on ImageNet at 32x32; here a small ResNet sized for 28-32 px images.
+It never sees sensitive data during training.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from privimage_core.data.imageset import ImageSet
+
+
+class _Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.n1 = nn.BatchNorm2d(cout)
+        self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.n2 = nn.BatchNorm2d(cout)
+        self.skip = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                     if stride != 1 or cin != cout else nn.Identity())
+
+    def forward(self, x):
+        h = F.relu(self.n1(self.c1(x)))
+        return F.relu(self.n2(self.c2(h)) + self.skip(x))
+
+
+class SmallResNet(nn.Module):
+    """ResNet with three stages (w, 2w, 4w); BatchNorm is fine here because the
+    query function trains on public data only, never under DP-SGD."""
+
+    def __init__(self, num_classes: int, channels: int = 1, width: int = 32):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(channels, width, 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(width), nn.ReLU())
+        self.layers = nn.Sequential(_Block(width, width, 1), _Block(width, 2 * width, 2),
+                                    _Block(2 * width, 4 * width, 2))
+        self.head = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x):
+        h = self.layers(self.stem(x))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    # Small random translations make the query robust to framing differences
+    # between public and sensitive images (e.g. glyphs vs handwriting).
+    pad = 2
+    xp = F.pad(x, (pad, pad, pad, pad), value=-1.0)
+    i, j = torch.randint(0, 2 * pad + 1, (2,), generator=gen).tolist()
+    return xp[:, :, i:i + x.shape[2], j:j + x.shape[3]]
+
+
+def train_semantic_query(pool: ImageSet, width: int = 32, epochs: int = 2, batch_size: int = 128,
+                         lr: float = 2e-3, val_fraction: float = 0.1, seed: int = 0,
+                         device: str = "cpu", log=None) -> tuple[SmallResNet, dict]:
+    """Train on the public pool; returns the model and public-only metrics
+    (validation accuracy on a held-out public split)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    n = len(pool)
+    perm = torch.randperm(n, generator=g).numpy()
+    n_val = max(1, int(n * val_fraction)) if val_fraction > 0 else 0
+    val_idx, tr_idx = perm[:n_val], perm[n_val:]
+    x_all = pool.to_tensor()
+    y_all = torch.from_numpy(pool.labels)
+    model = SmallResNet(pool.num_classes, pool.shape[2], width).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    steps_per_epoch = max(1, len(tr_idx) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
+    t0 = time.time()
+    model.train()
+    for ep in range(epochs):
+        order = torch.from_numpy(tr_idx)[torch.randperm(len(tr_idx), generator=g)]
+        for s in range(steps_per_epoch):
+            b = order[s * batch_size:(s + 1) * batch_size]
+            xb = _augment(x_all[b], g).to(device)
+            loss = F.cross_entropy(model(xb), y_all[b].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        if log:
+            log(f"semantic query: epoch {ep + 1}/{epochs} loss {loss.item():.3f}")
+    model.eval()
+    metrics = {"train_seconds": time.time() - t0}
+    if n_val:
+        pred = predict_topk(model, x_all[val_idx], k=1, device=device)[:, 0]
+        metrics["public_val_accuracy"] = float((pred == pool.labels[val_idx]).mean())
+    return model, metrics
+
+
+@torch.no_grad()
+def predict_topk(model: nn.Module, x: torch.Tensor, k: int, batch_size: int = 1000,
+                 device: str = "cpu") -> np.ndarray:
+    """Top-k public semantics per image (Sec. 3.2), as label indices [N, k]."""
+    model.eval()
+    out = []
+    for i in range(0, len(x), batch_size):
+        logits = model(x[i:i + batch_size].to(device))
+        out.append(logits.topk(k, dim=1).indices.cpu())
+    if not out:
+        return np.zeros((0, k), dtype=np.int64)
+    return torch.cat(out).numpy().astype(np.int64)
