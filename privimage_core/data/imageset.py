@@ -50,8 +50,12 @@ class ImageSet:
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
     def subset(self, idx: np.ndarray, name: str | None = None) -> "ImageSet":
+        # per-image meta arrays (e.g. the public pool's 'source') follow the rows
+        n = len(self)
+        meta = {k: (v[idx] if isinstance(v, np.ndarray) and len(v) == n else v)
+                for k, v in self.meta.items()}
         return ImageSet(self.images[idx], self.labels[idx], list(self.class_names),
-                        name or self.name, dict(self.meta))
+                        name or self.name, meta)
 
     def to_tensor(self):
         """Float tensor [N, C, H, W] in [-1, 1], the scale the models use."""

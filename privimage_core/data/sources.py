@@ -1,0 +1,154 @@
+"""Named data sources and the concatenated public pool.
+
+A source spec is a string from the config: "mnist", "fashion_mnist",
+"glyphs", "folder:<path>" or "parquet:<path>".
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from privimage_core.data.folders import load_image_folder, load_parquet_images
+from privimage_core.data.glyphs import render_glyphs
+from privimage_core.data.idx import load_fashion_mnist, load_mnist
+from privimage_core.data.imageset import ImageSet
+from privimage_core.errors import DataError
+
+BUILTIN_PREFIX = {"glyphs": "glyph", "fashion_mnist": "fmnist", "mnist": "mnist"}
+SPEC_HELP = "use mnist, fashion_mnist, glyphs, folder:<path> or parquet:<path>"
+_GLYPH_OPTS = {"chars", "max_fonts", "per_font", "augment", "cache_dir", "fonts", "font_dirs"}
+_IDX_OPTS = {"root", "allow_download"}
+_USER_OPTS = {"resize", "image_column", "label_column"}
+
+
+def _parse(spec: str) -> tuple[str, str | None]:
+    kind, _, arg = spec.partition(":")
+    if kind in BUILTIN_PREFIX and not arg:
+        return kind, None
+    if kind in ("folder", "parquet") and arg:
+        return kind, arg
+    raise DataError(f"unknown data source {spec!r}; {SPEC_HELP}")
+
+
+def source_prefix(spec: str) -> str:
+    """Namespace of a source's classes in the public pool: glyph, fmnist,
+    mnist, or the folder / file stem for user data."""
+    kind, arg = _parse(spec)
+    return BUILTIN_PREFIX[kind] if arg is None else Path(arg.rstrip("/")).stem
+
+
+def resize_images(images: np.ndarray, image_size: int) -> np.ndarray:
+    """[N,H,W,C] uint8 -> [N,S,S,C] with PIL bilinear (deterministic)."""
+    if images.shape[1:3] == (image_size, image_size):
+        return images
+    out = np.empty((len(images), image_size, image_size, images.shape[3]), np.uint8)
+    for i, im in enumerate(images):
+        for c in range(images.shape[3]):
+            out[i, :, :, c] = np.asarray(Image.fromarray(im[:, :, c]).resize(
+                (image_size, image_size), Image.Resampling.BILINEAR))
+    return out
+
+
+def convert_channels(images: np.ndarray, channels: int, name: str = "dataset") -> np.ndarray:
+    """Grayscale -> RGB by repeating; RGB -> grayscale with PIL's 'L' weights."""
+    have = images.shape[3]
+    if have == channels:
+        return images
+    if have == 1 and channels == 3:
+        return np.repeat(images, 3, axis=3)
+    if have == 3 and channels == 1:
+        w = np.array([299, 587, 114], np.uint32)
+        return ((images.astype(np.uint32) @ w + 500) // 1000).astype(np.uint8)[..., None]
+    raise DataError(f"{name}: cannot convert {have} channels to {channels}; set channels to 1 or 3")
+
+
+def subsample_per_class(ds: ImageSet, max_per_class: int | None, seed: int = 0) -> ImageSet:
+    """At most ``max_per_class`` images of each class, drawn by a Generator seeded
+    by (seed, class), kept in original order."""
+    if max_per_class is None:
+        return ds
+    if max_per_class < 1:
+        raise DataError(f"{ds.name}: max_per_class={max_per_class}; use a positive number or null")
+    keep = []
+    for c in range(ds.num_classes):
+        idx = np.flatnonzero(ds.labels == c)
+        if len(idx) > max_per_class:
+            idx = np.sort(np.random.default_rng([seed, c]).choice(idx, max_per_class, replace=False))
+        keep.append(idx)
+    return ds.subset(np.sort(np.concatenate(keep)) if keep else np.array([], np.int64))
+
+
+def _pick(opts: dict, allowed: set, spec: str) -> dict:
+    unknown = set(opts) - _GLYPH_OPTS - _IDX_OPTS - _USER_OPTS
+    if unknown:
+        raise DataError(f"source {spec!r}: unknown option(s) {sorted(unknown)}; "
+                        f"allowed: {sorted(_GLYPH_OPTS | _IDX_OPTS | _USER_OPTS)}")
+    return {k: v for k, v in opts.items() if k in allowed}
+
+
+def load_source(spec: str, split: str = "train", image_size: int = 28, channels: int = 1,
+                max_per_class: int | None = None, seed: int = 0, **opts) -> ImageSet:
+    """Load one source at ``image_size`` x ``image_size`` x ``channels``.
+
+    Glyphs have no split (the same fonts serve any split) and are rendered
+    directly at ``image_size``; user folders/Parquet files are used as given.
+    """
+    kind, arg = _parse(spec)
+    if channels not in (1, 3):
+        raise DataError(f"{spec}: channels={channels}; set channels to 1 (grayscale) or 3 (RGB)")
+    if kind == "glyphs":
+        ds = render_glyphs(size=image_size, seed=seed, **_pick(opts, _GLYPH_OPTS, spec))
+    elif kind in ("mnist", "fashion_mnist"):
+        loader = load_mnist if kind == "mnist" else load_fashion_mnist
+        ds = loader(split, **_pick(opts, _IDX_OPTS, spec))
+    elif kind == "folder":
+        ds = load_image_folder(arg, image_size, channels, **_pick(opts, {"resize"}, spec))
+    else:
+        ds = load_parquet_images(arg, image_size, channels, **_pick(opts, _USER_OPTS, spec))
+    ds = subsample_per_class(ds, max_per_class, seed)  # before resizing: less work
+    images = convert_channels(resize_images(ds.images, image_size), channels, ds.name)
+    return ImageSet(images, ds.labels, ds.class_names, ds.name, ds.meta)
+
+
+def build_public_pool(specs: Sequence[str], image_size: int, channels: int,
+                      max_per_class: int | None = None, seed: int = 0,
+                      glyph_opts: dict | None = None) -> ImageSet:
+    """Concatenate public sources; class names become ``<prefix>/<name>`` and
+    ``meta['source']`` holds each image's prefix (np.str_ array)."""
+    if not specs:
+        raise DataError("public pool: no sources given; list at least one, e.g. [glyphs]")
+    prefixes = [source_prefix(s) for s in specs]
+    dup = {p for p in prefixes if prefixes.count(p) > 1}
+    if dup:
+        raise DataError(f"public pool: sources share the prefix {sorted(dup)[0]!r}; "
+                        "list each source once and give user folders/files distinct names")
+    images, labels, names, sources = [], [], [], []
+    for spec, prefix in zip(specs, prefixes):
+        opts = dict(glyph_opts or {}) if spec == "glyphs" else {}
+        ds = load_source(spec, "train", image_size, channels, max_per_class, seed, **opts)
+        images.append(ds.images)
+        labels.append(ds.labels + len(names))
+        names += [f"{prefix}/{n}" for n in ds.class_names]
+        sources.append(np.full(len(ds), prefix))
+    return ImageSet(np.concatenate(images), np.concatenate(labels), names, "public",
+                    {"source": np.concatenate(sources), "sources": prefixes})
+
+
+def validate_sensitive(ds: ImageSet, min_per_class: int = 1) -> np.ndarray:
+    """Check every class of the sensitive set has ``min_per_class`` images;
+    return the per-class counts."""
+    if len(ds) == 0 or ds.num_classes == 0:
+        raise DataError(f"{ds.name}: the sensitive dataset is empty; point the config at a dataset with images")
+    counts = np.bincount(ds.labels, minlength=ds.num_classes)
+    if len(counts) > ds.num_classes:
+        raise DataError(f"{ds.name}: label {len(counts) - 1} has no class name; "
+                        f"give {len(counts)} class names or fix the labels")
+    low = np.flatnonzero(counts < min_per_class)
+    if len(low):
+        c = int(low[0])
+        raise DataError(f"{ds.name}: class {ds.class_names[c]!r} has {counts[c]} images, needs "
+                        f">= {min_per_class}; add images or remove the class")
+    return counts
