@@ -1,0 +1,366 @@
+"""Deployment files stay valid and consistent with the code and the pins.
+
+Offline only: Ray's own launcher schema, YAML/JSON parsing, the live metrics
+registry and the installed ray package's source. Nothing here talks to a
+cloud, a Kubernetes API or Docker.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+LAUNCHER_YAMLS = [ROOT / "ray_cluster.yaml", DEPLOY / "gcp" / "ray_cluster_gcp.yaml"]
+KUBERAY = DEPLOY / "kuberay"
+DASHBOARD = DEPLOY / "grafana" / "privimage-dashboard.json"
+DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
+PINNED = ("ray", "torch", "torchvision", "mlflow", "opacus")
+
+
+def _requirements() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        m = re.match(r"^([A-Za-z0-9_.-]+)(\[[^\]]*\])?==(\S+)$", line)
+        if m:
+            pins[m.group(1).lower().replace("_", "-")] = m.group(3)
+    return pins
+
+
+REQ = _requirements()
+
+
+# ----------------------------------------------------------- launcher YAMLs
+def _prepared(path: Path) -> dict:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = prepare_config(yaml.safe_load(path.read_text()))
+    validate_config(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("path", LAUNCHER_YAMLS, ids=lambda p: p.name)
+def test_launcher_yaml_passes_ray_schema(path):
+    cfg = _prepared(path)
+    assert cfg["cluster_name"] == "privimage"
+    nodes = cfg["available_node_types"]
+    # CPU:0 head: nothing but the driver (and Train's 0-CPU controller) runs there.
+    assert nodes[cfg["head_node_type"]]["resources"] == {"CPU": 0}
+    gpu_types = [n for k, n in nodes.items()
+                 if k != cfg["head_node_type"] and n["resources"].get("GPU", 0) >= 1]
+    assert gpu_types and all(n.get("min_workers", 0) == 0 for n in gpu_types)
+    assert all(n["max_workers"] >= 1 for n in gpu_types)
+
+    head = " ".join(cfg["head_start_ray_commands"])
+    worker = " ".join(cfg["worker_start_ray_commands"])
+    assert "--metrics-export-port=8080" in head and "--metrics-export-port=8080" in worker
+    assert "--dashboard-host=127.0.0.1" in head
+    for cmds in (head, worker):
+        assert "export MLFLOW_TRACKING_URI=" in cmds and "export RAY_AUTH_MODE=token" in cmds
+
+    docker = cfg["docker"]
+    assert docker["image"] == f"rayproject/ray:{REQ['ray']}-py311-gpu"
+    assert any("--shm-size" in o for o in docker["head_run_options"])
+    for n in gpu_types:
+        assert any("--shm-size" in o for o in n["docker"]["worker_run_options"])
+
+    setup = " ".join(cfg["setup_commands"])
+    assert "pip install -q -r requirements.txt" in setup and "--no-deps -e ." in setup
+    assert cfg["file_mounts"]["/home/ray/privimage"] == "."
+    assert ".venv" in cfg["rsync_exclude"]
+
+
+def test_launcher_schema_check_is_not_vacuous():
+    from jsonschema import ValidationError
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+    bad = copy.deepcopy(raw)
+    bad["available_node_types"]["gpu_1x"]["resourcez"] = {"GPU": 1}
+    with pytest.raises(ValidationError):
+        validate_config(prepare_config(bad))
+    bad = copy.deepcopy(raw)
+    bad["available_node_types"]["gpu_1x"]["resources"] = {"GPU": 0.5}  # integers only
+    with pytest.raises(ValidationError):
+        validate_config(prepare_config(bad))
+
+
+def test_aws_security_group_opens_nothing_extra():
+    cfg = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+    # Metrics, dashboard, GCS and MLflow stay intra-cluster (see the comments).
+    assert cfg["provider"]["security_group"]["IpPermissions"] == []
+
+
+# ----------------------------------------------------------------- KubeRay
+def _docs(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((KUBERAY / name).read_text()) if d]
+
+
+def _cluster_spec(name: str) -> dict:
+    (doc,) = _docs(name)
+    assert doc["apiVersion"] == "ray.io/v1"
+    if name == "rayjob.yaml":
+        assert doc["kind"] == "RayJob"
+        return doc["spec"]["rayClusterSpec"]
+    assert doc["kind"] == "RayCluster"
+    return doc["spec"]
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml"])
+def test_kuberay_cluster_spec(name):
+    spec = _cluster_spec(name)
+    assert spec["rayVersion"] == REQ["ray"]
+    assert spec["authOptions"]["mode"] == "token"
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    assert head["rayStartParams"]["metrics-export-port"] == "8080"
+    assert head["rayStartParams"]["dashboard-host"] in {"0.0.0.0", "127.0.0.1"}
+
+    groups = spec["workerGroupSpecs"]
+    gpu = [g for g in groups if any(
+        "nvidia.com/gpu" in c.get("resources", {}).get("limits", {})
+        for c in g["template"]["spec"]["containers"])]
+    assert gpu, "no worker group with nvidia.com/gpu limits"
+    for g in gpu:
+        assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"] and g["maxReplicas"] >= 1
+
+    for tmpl in [head["template"]] + [g["template"] for g in groups]:
+        pod = tmpl["spec"]
+        vols = {v["name"]: v for v in pod["volumes"]}
+        pvc = [n for n, v in vols.items()
+               if v.get("persistentVolumeClaim", {}).get("claimName") == "privimage-checkpoints"]
+        shm = [n for n, v in vols.items() if v.get("emptyDir", {}).get("medium") == "Memory"]
+        assert pvc and shm
+        for c in pod["containers"]:
+            assert c["image"] == "privimage:0.1.0"
+            mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+            assert mounts.get("/mnt/checkpoints") in pvc
+            assert mounts.get("/dev/shm") in shm
+            env = {e["name"]: e for e in c["env"]}
+            uri = env["MLFLOW_TRACKING_URI"]
+            # from a ConfigMap/Secret reference, never a literal in the manifest
+            assert "value" not in uri and set(uri["valueFrom"]) & {"configMapKeyRef",
+                                                                   "secretKeyRef"}
+            for e in c["env"]:
+                if "PASSWORD" in e["name"] or "TOKEN" in e["name"]:
+                    assert "secretKeyRef" in e.get("valueFrom", {}), e["name"]
+
+
+def test_rayjob_entrypoint_and_same_spec_as_raycluster():
+    (job,) = _docs("rayjob.yaml")
+    assert "python -m services.entrypoint" in job["spec"]["entrypoint"]
+    assert "--config /app/configs/cluster.yaml" in job["spec"]["entrypoint"]
+    assert job["spec"]["rayClusterSpec"] == _cluster_spec("raycluster.yaml")
+
+
+def test_pvc_and_configmap():
+    docs = {d["kind"]: d for d in _docs("pvc.yaml")}
+    pvc = docs["PersistentVolumeClaim"]
+    assert pvc["metadata"]["name"] == "privimage-checkpoints"
+    assert "ReadWriteMany" in pvc["spec"]["accessModes"]  # every node writes checkpoints
+    ref = _cluster_spec("raycluster.yaml")["headGroupSpec"]["template"]["spec"][
+        "containers"][0]["env"][0]["valueFrom"]["configMapKeyRef"]
+    cm = docs["ConfigMap"]
+    assert cm["metadata"]["name"] == ref["name"] and ref["key"] in cm["data"]
+
+
+# ------------------------------------------------------ Grafana / Prometheus
+def _dashboard_exprs() -> list[str]:
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    for var in dash.get("templating", {}).get("list", []):
+        if var.get("type") == "query":
+            exprs.append(var["definition"])
+    assert exprs
+    return exprs
+
+
+def _exported_privimage_names() -> set[str]:
+    """Sample names the live registry exposes (after one update of each metric)."""
+    from services import metrics
+
+    m = metrics.PipelineMetrics("deploy-test-names", export_nonprivate_loss=True)
+    m.train_step("pretrain", n_samples=1, loss=1.0, samples_per_second=1.0)
+    m.epsilon(0.0, 1.0)
+    m.selected(0)
+    m.stage_done("pretrain", 0.0)
+    m.eval_metric("fid", 0.0)
+    names = {s.name for fam in metrics.REGISTRY.collect() for s in fam.samples}
+    return {n for n in names if not n.endswith("_created")}
+
+
+def test_metric_name_list_matches_registry():
+    from services import metrics
+
+    assert _exported_privimage_names() == set(metrics.METRIC_NAMES)
+
+
+def test_dashboard_privimage_metrics_exist():
+    used = {n for e in _dashboard_exprs() for n in re.findall(r"\b(privimage_[a-z0-9_]+)", e)}
+    exported = _exported_privimage_names()
+    assert {"privimage_train_steps_total", "privimage_train_samples_per_second",
+            "privimage_epsilon_spent", "privimage_epsilon_target",
+            "privimage_train_loss"} <= used
+    assert used <= exported, f"dashboard uses unknown metrics: {sorted(used - exported)}"
+
+
+def test_dashboard_ray_metrics_exist_in_ray_source():
+    import ray
+
+    used = {n for e in _dashboard_exprs() for n in re.findall(r"\b(ray_[a-z0-9_]+)", e)}
+    assert {"ray_node_cpu_utilization", "ray_node_gpus_utilization"} <= used
+    pkg = Path(ray.__file__).parent
+    # Ray declares gauges without the "ray_" prefix its exporter adds; look
+    # for the quoted declaration in the agent code (not in Ray's dashboards).
+    sources = [p.read_text(errors="ignore")
+               for p in (pkg / "dashboard" / "modules" / "reporter").glob("*.py")]
+    sources += [(pkg / "dashboard" / "consts.py").read_text()]
+    for name in used:
+        short = name[len("ray_"):]
+        assert any(f'"{short}"' in s for s in sources), f"{name} not declared by Ray {ray.__version__}"
+
+
+def test_prometheus_scrapes_ray_service_discovery_and_exporter():
+    from ray._private import ray_constants
+
+    cfg = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
+    files = jobs["ray"]["file_sd_configs"][0]["files"]
+    assert files == [f"/tmp/ray/{ray_constants.PROMETHEUS_SERVICE_DISCOVERY_FILE}"]
+    targets = jobs["privimage"]["static_configs"][0]["targets"]
+    assert all(t.startswith("127.0.0.1:") for t in targets)
+
+
+# -------------------------------------------------------- MLflow compose
+def test_mlflow_compose():
+    comp = yaml.safe_load((DEPLOY / "mlflow" / "docker-compose.yaml").read_text())
+    svc = comp["services"]
+    assert svc["postgres"]["image"] == "postgres:15"
+    assert f"FROM ghcr.io/mlflow/mlflow:v{REQ['mlflow']}" in svc["mlflow"]["build"]["dockerfile_inline"]
+    assert all(str(p).startswith("127.0.0.1:") for p in svc["mlflow"]["ports"])
+    assert "ports" not in svc["postgres"]
+    assert "--allowed-hosts" in svc["mlflow"]["command"]
+    assert svc["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith("${")
+    example = (DEPLOY / "mlflow" / ".env.example").read_text()
+    assert "POSTGRES_PASSWORD=changeme" in example
+
+
+def test_mlflow_env_file_is_git_ignored():
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    r = subprocess.run(["git", "check-ignore", "-q", "deploy/mlflow/.env"], cwd=ROOT)
+    assert r.returncode == 0, "deploy/mlflow/.env would be committable"
+
+
+# --------------------------------------------------------------- Dockerfile
+def test_dockerfile_installs_exact_requirements():
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^COPY .*requirements\.txt", text, re.M)
+    assert re.search(r"pip install [^\n]*-r requirements\.txt", text)
+    assert re.search(r"pip install [^\n]*--no-deps -e \.", text)
+    base = re.search(r"^FROM rayproject/ray:(\S+?)-py311-gpu", text, re.M)
+    assert base and base.group(1) == REQ["ray"]
+    # Packages pinned outside requirements.txt would fight its pins.
+    for m in re.finditer(r"\b([A-Za-z0-9_.-]+)(\[[^\]]*\])?==([0-9][^\s'\"]*)", text):
+        name = m.group(1).lower()
+        if name in REQ:
+            assert m.group(3) == REQ[name], f"Dockerfile pins {name}=={m.group(3)}"
+        assert name not in PINNED or name in REQ
+
+
+def test_dockerfile_has_setup_sh_debian_packages():
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    block = re.search(r"APT_PACKAGES=\(([^)]*)\)", setup).group(1)
+    pkgs = block.split()
+    assert "dataset-fashion-mnist" in pkgs
+    text = DOCKERFILE.read_text()
+    missing = [p for p in pkgs if not re.search(rf"(?<![\w-]){re.escape(p)}(?![\w-])", text)]
+    assert not missing, f"Dockerfile lacks {missing}"
+
+
+def _pin_mentions() -> list[tuple[Path, str, str]]:
+    files = [ROOT / "ray_cluster.yaml", ROOT / "README.md"]
+    files += [p for p in DEPLOY.rglob("*") if p.is_file()]
+    out = []
+    for f in files:
+        if not f.exists():
+            continue
+        for m in re.finditer(r"\b(ray|torch|torchvision|mlflow|opacus)(\[[^\]]*\])?==([0-9][\w.+-]*)",
+                             f.read_text(errors="ignore")):
+            out.append((f, m.group(1), m.group(3)))
+    return out
+
+
+def test_version_mentions_agree_with_requirements():
+    for f, pkg, ver in _pin_mentions():
+        assert ver == REQ[pkg], f"{f.relative_to(ROOT)} says {pkg}=={ver}, requirements.txt {REQ[pkg]}"
+    # image tags that carry versions
+    for f in DEPLOY.rglob("*"):
+        if f.is_file():
+            for ver in re.findall(r"rayproject/ray:([0-9][\w.]*?)-py", f.read_text(errors="ignore")):
+                assert ver == REQ["ray"], f
+            for ver in re.findall(r"ghcr\.io/mlflow/mlflow:v([0-9][\w.]*)", f.read_text(errors="ignore")):
+                assert ver == REQ["mlflow"], f
+
+
+# ------------------------------------------------------------------ secrets
+SECRET_PATTERNS = [
+    re.compile(r"AKIA[0-9A-Z]{16}"),                          # AWS access key id
+    re.compile(r"(?i)aws_secret_access_key\s*[:=]\s*\S+"),
+    re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+    re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,}"),              # GitHub tokens
+    re.compile(r"\bxox[abpr]-[A-Za-z0-9-]{10,}"),              # Slack tokens
+    re.compile(r"\"type\"\s*:\s*\"service_account\""),        # GCP key file
+]
+PLACEHOLDER = re.compile(r"^(\$\{[^}]*\}|\$\$?\{?\w+\}?|changeme|\.\.\.|<[^>]*>|)$")
+# `${NAME:?msg}` is an interpolation, not an assignment: skip keys after "{".
+ASSIGN = re.compile(r"(?i)(?<!\{)\b(\w*(?:password|passwd|secret|token|api_key|apikey)\w*)\s*[:=]\s*['\"]?([^\s'\"#,]*)")
+URL_CRED = re.compile(r"://([^:/@\s]+):([^@\s]+)@")
+
+
+def _scanned_files() -> list[Path]:
+    files = [ROOT / "ray_cluster.yaml"] + [p for p in DEPLOY.rglob("*") if p.is_file()]
+    # A local, git-ignored .env is where real credentials belong.
+    return [f for f in files if f.name != ".env"]
+
+
+def test_no_secrets_in_deploy_files():
+    problems = []
+    for f in _scanned_files():
+        text = f.read_text(errors="ignore")
+        rel = f.relative_to(ROOT)
+        for pat in SECRET_PATTERNS:
+            if pat.search(text):
+                problems.append(f"{rel}: matches {pat.pattern}")
+        for m in ASSIGN.finditer(text):
+            key, val = m.group(1), m.group(2)
+            if key.lower().endswith(("_ref", "keyref")) or val.endswith(":"):
+                continue
+            if val.startswith(("~/", "/")):  # a path to a file kept outside the repo
+                continue
+            if not PLACEHOLDER.match(val) and not val.startswith("${"):
+                problems.append(f"{rel}: {key} = {val!r}")
+        for m in URL_CRED.finditer(text):
+            if not m.group(2).startswith("${"):
+                problems.append(f"{rel}: credentials in URL ({m.group(1)}:***)")
+    assert not problems, "\n".join(problems)
+
+
+def test_secret_scan_catches_examples(tmp_path):
+    """The scanner itself flags the obvious cases."""
+    fake_key = "AKIA" + "ABCDEFGHIJKLMNOP"
+    assert SECRET_PATTERNS[0].search(f"key: {fake_key}")
+    for line in ("POSTGRES_PASSWORD=hunter2", "password: hunter", "api_token: 'abc123'"):
+        m = ASSIGN.search(line)
+        assert m and not PLACEHOLDER.match(m.group(2)), line
+    assert not ASSIGN.search("${POSTGRES_PASSWORD:?set it in .env}")
+    assert PLACEHOLDER.match("changeme") and PLACEHOLDER.match("${POSTGRES_PASSWORD}")
+    assert URL_CRED.search("postgresql://mlflow:hunter2@db:5432/mlflow")
