@@ -1,0 +1,142 @@
+"""Ray actors: the public-data indexer/selector and the evaluator.
+
+The selector owns the public index, the semantic query function and the
+selection; it is the only actor that reads sensitive data outside the DP
+trainer, and only to run the DP histogram query, whose cost it charges to the
+ledger it is handed before releasing anything. It returns DP outputs only.
+
+The evaluator samples the synthetic dataset from the DP generator and scores
+it against the real TEST split (non-private evaluation, labelled as such).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from privimage_core.config import from_dict, resolve_k
+from privimage_core.data.imageset import ImageSet
+from privimage_core.data.sources import build_public_pool
+from privimage_core.privacy_ledger import PrivacyLedger
+from privimage_core.public_index import PublicIndex
+from privimage_core.semantic_distribution import query_semantic_distribution, relabel_selection
+from privimage_core.semantic_query import predict_topk, train_semantic_query
+
+
+def _threads(cfg) -> None:
+    if cfg.run.torch_threads:
+        torch.set_num_threads(cfg.run.torch_threads)
+
+
+class PublicSelector:
+    """Steps 1-3 of Algorithm 2 (plain class; ``SelectorActor`` is its Ray actor)."""
+
+    def __init__(self, cfg_dict: dict, workdir: str):
+        self.cfg = from_dict(cfg_dict)
+        _threads(self.cfg)
+        self.workdir = Path(workdir)
+        self.index: PublicIndex | None = None
+        self.model = None
+
+    def build_index(self) -> dict:
+        c = self.cfg.data
+        t0 = time.time()
+        glyph_opts = {"max_fonts": c.glyph_max_fonts, "per_font": c.glyph_copies_per_font}
+        pool = build_public_pool(c.public, image_size=c.image_size, channels=c.channels,
+                                 max_per_class=c.public_max_per_class, seed=self.cfg.run.seed,
+                                 glyph_opts=glyph_opts)
+        self.index = PublicIndex.build(pool, self.workdir / "public_index")
+        counts = self.index.counts_per_label()
+        return {"num_public_images": int(self.index.num_rows),
+                "num_public_labels": len(self.index.label_names),
+                "label_names": list(self.index.label_names),
+                "public_counts": counts.tolist(), "seconds": time.time() - t0}
+
+    def train_query_function(self) -> dict:
+        q = self.cfg.semantic_query
+        pool = self.index.load()
+        self.model, metrics = train_semantic_query(
+            pool, width=q.width, epochs=q.epochs, batch_size=q.batch_size, lr=q.lr,
+            val_fraction=q.val_fraction, seed=self.cfg.run.seed)
+        torch.save(self.model.state_dict(), self.workdir / "semantic_query.pt")
+        return metrics
+
+    def query(self, ledger_state: dict, sensitive: tuple[np.ndarray, np.ndarray],
+              num_classes: int) -> dict:
+        """The DP semantic distribution query. Returns the noisy histograms,
+        the selection and the charged ledger: DP outputs only."""
+        images, labels = sensitive
+        ledger = PrivacyLedger.from_state_dict(ledger_state)
+        k1, k2 = resolve_k(self.cfg, len(self.index.label_names), num_classes)
+        x = ImageSet(images, labels, [str(i) for i in range(num_classes)]).to_tensor()
+        topk = predict_topk(self.model, x, k=k1)
+        dist = query_semantic_distribution(topk, labels, len(self.index.label_names), num_classes,
+                                           k1, k2, self.cfg.selection.sigma_q, ledger)
+        del x, topk, images, labels
+        return {"noisy_histograms": dist.noisy_histograms, "k1": k1, "k2": k2,
+                "sigma_q": dist.sigma_q, "selection": dist.selection,
+                "ledger": ledger.state_dict()}
+
+    def selected_images(self, selection: dict[int, list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Public images whose labels were selected, relabelled to the sensitive class."""
+        ids = sorted(p for ps in selection.values() for p in ps)
+        pool = self.index.load(self.index.select(ids))
+        idx, new_labels = relabel_selection(pool.labels, selection)
+        return pool.images[idx], new_labels
+
+
+@ray.remote(num_cpus=1)
+class SelectorActor(PublicSelector):
+    pass
+
+
+class Evaluator:
+    def __init__(self, cfg_dict: dict, workdir: str):
+        self.cfg = from_dict(cfg_dict)
+        _threads(self.cfg)
+        self.workdir = Path(workdir)
+
+    def synthesize(self, state: bytes, class_names: list[str], provenance: dict) -> dict:
+        from privimage_core.generator import build_generator, state_from_bytes
+        from privimage_core.synthesize import generate, write_dataset
+
+        c = self.cfg
+        t0 = time.time()
+        precond = build_generator(c.generator, c.data.image_size, c.data.channels, len(class_names))
+        precond.load_state_dict(state_from_bytes(state))
+        precond.eval()
+        ds = generate(precond, c.sampling.num_images, class_names, c.sampling.num_steps,
+                      c.sampling.solver, seed=c.run.seed, batch_size=c.sampling.batch_size)
+        out = write_dataset(ds, self.workdir / "synthetic", provenance)
+        self.synthetic = ds
+        return {"path": str(out), "num_images": len(ds), "seconds": time.time() - t0}
+
+    def evaluate(self, real_test: tuple[np.ndarray, np.ndarray], class_names: list[str]) -> dict:
+        """Non-private evaluation against the real TEST split."""
+        from privimage_core.evaluation.downstream import train_eval_classifier
+
+        c = self.cfg.evaluation
+        test = ImageSet(real_test[0], real_test[1], class_names, name="real_test")
+        res: dict = {}
+        t0 = time.time()
+        res[f"accuracy_{c.classifier}"] = train_eval_classifier(
+            c.classifier, self.synthetic, test, seed=self.cfg.run.seed, epochs=c.classifier_epochs)
+        res["accuracy_seconds"] = time.time() - t0
+        if c.fid:
+            from privimage_core.evaluation.fid import compute_fid
+            t0 = time.time()
+            n = min(c.fid_images, len(self.synthetic), len(test))
+            res["fid"] = compute_fid(self.synthetic.images[:n], test.images[:n],
+                                     cache_dir=str(self.workdir.parent / "fid_cache"),
+                                     weights=c.fid_weights)
+            res["fid_images"] = n
+            res["fid_seconds"] = time.time() - t0
+        return res
+
+
+@ray.remote(num_cpus=1)
+class EvaluatorActor(Evaluator):
+    pass

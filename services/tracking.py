@@ -1,0 +1,94 @@
+"""MLflow tracking: one parent run per pipeline, a nested run per stage.
+
+Only DP outputs and public quantities are logged: the resolved config,
+privacy parameters and epsilon, public-data metrics, the noisy histogram, the
+selected public labels, synthetic samples, evaluation metrics (real test data
+is marked non-private). Never sensitive images, labels or raw counts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from privimage_core.config import Config
+
+
+def tracking_uri(cfg: Config) -> str:
+    if cfg.tracking.mlflow_uri:
+        return cfg.tracking.mlflow_uri
+    # Clusters export MLFLOW_TRACKING_URI to drivers and workers (ray_cluster.yaml, deploy/).
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    # An absolute sqlite path: Tune trials change directory (FIELD_NOTES).
+    out = Path(cfg.run.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{out / 'mlflow.db'}"
+
+
+class Tracker:
+    """Thin wrapper so stages and remote workers log to the right run."""
+
+    def __init__(self, cfg: Config, parent_run_id: str | None = None):
+        self.cfg = cfg
+        self.uri = tracking_uri(cfg)
+        mlflow.set_tracking_uri(self.uri)
+        exp = mlflow.set_experiment(cfg.tracking.experiment)
+        self.experiment_id = exp.experiment_id
+        self.client = MlflowClient(self.uri)
+        self.parent_run_id = parent_run_id
+        self.run_id: str | None = None
+
+    @contextmanager
+    def pipeline_run(self, run_name: str, tags: dict | None = None):
+        tags = dict(tags or {})
+        if self.parent_run_id:
+            tags["mlflow.parentRunId"] = self.parent_run_id
+        with mlflow.start_run(run_name=run_name, experiment_id=self.experiment_id, tags=tags,
+                              nested=bool(self.parent_run_id)) as run:
+            self.run_id = run.info.run_id
+            yield run
+
+    @contextmanager
+    def stage(self, name: str):
+        """A nested run for one pipeline stage."""
+        with mlflow.start_run(run_name=name, nested=True, experiment_id=self.experiment_id,
+                              tags={"mlflow.parentRunId": self.run_id, "stage": name}) as run:
+            yield run
+
+    # plain helpers working on the active run
+    @staticmethod
+    def params(d: dict[str, Any]) -> None:
+        items = list(d.items())
+        for i in range(0, len(items), 90):
+            mlflow.log_params({k: ("null" if v is None else v) for k, v in items[i:i + 90]})
+
+    @staticmethod
+    def metrics(d: dict[str, float], step: int | None = None) -> None:
+        mlflow.log_metrics({k: float(v) for k, v in d.items() if v is not None}, step=step)
+
+    @staticmethod
+    def json_artifact(obj: Any, name: str) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / name
+            p.write_text(json.dumps(obj, indent=2, default=str))
+            mlflow.log_artifact(str(p))
+
+    @staticmethod
+    def file_artifact(path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def log_remote_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
+    """From a Ray worker: log a batch of metrics to an existing run."""
+    from mlflow.entities import Metric
+    import time as _t
+    ts = int(_t.time() * 1000)
+    MlflowClient(uri).log_batch(run_id, metrics=[Metric(k, float(v), ts, step)
+                                                 for k, v in metrics.items()])

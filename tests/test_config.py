@@ -1,0 +1,59 @@
+"""Bad configuration gets a one-line error naming the problem and the fix."""
+import pytest
+
+from privimage_core.config import Config, from_dict, load_config, resolve_delta, resolve_k
+from privimage_core.errors import ConfigError
+
+
+def test_defaults_validate_and_flatten():
+    cfg = from_dict({})
+    flat = cfg.flat()
+    assert flat["privacy.target_epsilon"] == 10.0
+    assert "selection.selection_ratio" in flat
+    assert from_dict(cfg.to_dict()) == cfg  # the resolved config round-trips
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"privacy": {"target_epsilon": 0}}, "target_epsilon must be > 0"),
+    ({"privacy": {"target_epsilon": -1}}, "target_epsilon must be > 0"),
+    ({"selection": {"selection_ratio": 0}}, r"selection_ratio must be in \(0, 1\]"),
+    ({"selection": {"selection_ratio": 1.5}}, r"selection_ratio must be in \(0, 1\]"),
+    ({"privacy": {"target_delta": 1.0}}, "target_delta must be in"),
+    ({"privacy": {"epsilon": 3}}, "unknown config key 'privacy.epsilon'"),
+    ({"privcy": {}}, "unknown config section 'privcy'"),
+    ({"finetune": {"steps": "many"}}, "must be an integer"),
+    ({"generator": {"preset": "huge"}}, "preset must be tiny, small or base"),
+    ({"ray": {"cpus_per_worker": 0}}, "Ray rejects 0 CPUs"),
+])
+def test_bad_values_are_named(bad, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        from_dict(bad)
+    assert "\n" not in str(e.value)
+
+
+def test_delta_must_be_below_one_over_n():
+    cfg = from_dict({"privacy": {"target_delta": 1e-3}})
+    with pytest.raises(ConfigError, match=r"must be < 1/N"):
+        resolve_delta(cfg, 5000)
+    assert resolve_delta(cfg, 500) == 1e-3
+    assert resolve_delta(from_dict({}), 60000) == 1e-5
+
+
+def test_k_from_selection_ratio():
+    cfg = from_dict({"selection": {"selection_ratio": 0.1}})
+    assert resolve_k(cfg, 1000, 10) == (10, 10)  # paper Table 8: CIFAR-10 10% -> 10
+    assert resolve_k(from_dict({"selection": {"selection_ratio": 0.01}}), 1000, 10) == (1, 1)
+    with pytest.raises(ConfigError, match="lower selection.selection_ratio"):
+        resolve_k(from_dict({"selection": {"selection_ratio": 1.0}}), 5, 10)
+
+
+def test_overrides_and_files(tmp_path):
+    cfg = Config().with_overrides({"generator.preset": "small"})
+    assert cfg.generator.preset == "small"
+    with pytest.raises(ConfigError, match="unknown config key 'generator.size'"):
+        Config().with_overrides({"generator.size": 3})
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    p = tmp_path / "c.yaml"
+    p.write_text("privacy:\n  target_epsilon: 5\n")
+    assert load_config(p).privacy.target_epsilon == 5.0
