@@ -24,11 +24,9 @@ from privimage_core.privacy_ledger import PrivacyLedger
 from privimage_core.public_index import PublicIndex
 from privimage_core.semantic_distribution import query_semantic_distribution, relabel_selection
 from privimage_core.semantic_query import predict_topk, train_semantic_query
+from services.process_setup import configure_torch
 
 
-def _threads(cfg) -> None:
-    if cfg.run.torch_threads:
-        torch.set_num_threads(cfg.run.torch_threads)
 
 
 class PublicSelector:
@@ -36,7 +34,7 @@ class PublicSelector:
 
     def __init__(self, cfg_dict: dict, workdir: str):
         self.cfg = from_dict(cfg_dict)
-        _threads(self.cfg)
+        configure_torch(self.cfg)
         self.workdir = Path(workdir)
         self.index: PublicIndex | None = None
         self.model = None
@@ -96,7 +94,7 @@ class SelectorActor(PublicSelector):
 class Evaluator:
     def __init__(self, cfg_dict: dict, workdir: str):
         self.cfg = from_dict(cfg_dict)
-        _threads(self.cfg)
+        configure_torch(self.cfg)
         self.workdir = Path(workdir)
 
     def synthesize(self, state: bytes, class_names: list[str], provenance: dict) -> dict:

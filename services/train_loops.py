@@ -19,6 +19,7 @@ import ray.train
 import torch
 
 from privimage_core.config import from_dict
+from services.process_setup import configure_torch
 from privimage_core.diffusion.ema import EMA
 from privimage_core.generator import build_generator, state_from_bytes
 from privimage_core.privacy_ledger import PrivacyLedger
@@ -35,9 +36,6 @@ def _device(cfg) -> torch.device:
     return torch.device("cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu")
 
 
-def _threads(cfg) -> None:
-    if cfg.run.torch_threads:
-        torch.set_num_threads(cfg.run.torch_threads)
 
 
 def _save(d: Path, inner, ema: EMA, opt, state: dict, ledger: PrivacyLedger | None = None) -> None:
@@ -90,7 +88,7 @@ def pretrain_loop(config: dict) -> None:
     from privimage_core.pretrain import pretrain
 
     cfg = from_dict(config["cfg"])
-    _threads(cfg)
+    configure_torch(cfg)
     rank, world = _ctx()
     dev = _device(cfg)
     images, labels = ray.get(config["data_ref"])
@@ -142,7 +140,7 @@ def finetune_loop(config: dict) -> None:
     from privimage_core.dp_finetune import dp_finetune, make_private
 
     cfg = from_dict(config["cfg"])
-    _threads(cfg)
+    configure_torch(cfg)
     rank, world = _ctx()
     dev = _device(cfg)
     images, labels = ray.get(config["data_ref"])  # sensitive: stays in workers' memory

@@ -57,3 +57,11 @@ def test_overrides_and_files(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("privacy:\n  target_epsilon: 5\n")
     assert load_config(p).privacy.target_epsilon == 5.0
+
+
+def test_shipped_configs_parse_and_quickstart_is_the_default():
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1] / "configs"
+    assert load_config(root / "quickstart.yaml") == from_dict({})
+    for p in root.glob("*.yaml"):
+        load_config(p)  # every shipped config validates

@@ -1,0 +1,33 @@
+"""A real Ray Tune sweep (two tiny trials) with nested MLflow runs and the
+sweep-level privacy composition. Opt-in: `bash scripts/test.sh -m slow`."""
+import mlflow
+import pytest
+
+from privimage_core.config import from_dict
+from tests.test_pipeline_e2e import tiny_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+
+def test_sweep_runs_trials_as_nested_mlflow_runs(tmp_path):
+    import ray
+
+    from services.tune import run_sweep
+    d = tiny_config(tmp_path)
+    d["tune"] = {"presets": ["tiny"], "selection_ratios": [0.1, 0.2], "cpus_per_trial": 0.1}
+    d["ray"]["cpus_per_worker"] = 1
+    try:
+        out = run_sweep(from_dict(d))
+    finally:
+        ray.shutdown()
+    assert len(out["trials"]) == 2 and all("accuracy" in t for t in out["trials"])
+    eps = [t["epsilon"] for t in out["trials"]]
+    # the sweep as a whole spends more than any single trial
+    assert out["sweep_epsilon_composed"] > max(eps)
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("privimage")
+    runs = client.search_runs([exp.experiment_id])
+    sweep = [r for r in runs if r.data.tags.get("kind") == "tune-sweep"]
+    assert len(sweep) == 1
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == sweep[0].info.run_id]
+    assert len(trials) == 2
