@@ -90,7 +90,7 @@ class GeneratorConfig:
 
 @dataclass
 class PretrainConfig:
-    steps: int = 700
+    steps: int = 600
     batch_size: int = 128
     lr: float = 2e-3
     ema_decay: float = 0.995
@@ -116,7 +116,7 @@ class FinetuneConfig:
 @dataclass
 class SamplingConfig:
     num_images: int = 5000
-    num_steps: int = 6
+    num_steps: int = 10
     solver: str = "heun"
     batch_size: int = 500
 
@@ -129,7 +129,7 @@ class EvaluationConfig:
     fid_images: int = 400
     fid_weights: str | None = None
     classifier: str = "cnn"
-    classifier_epochs: int = 5
+    classifier_epochs: int = 8
 
 
 @dataclass

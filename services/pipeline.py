@@ -315,6 +315,9 @@ def run_pipeline(cfg: Config, resume_dir: str | None = None, parent_run_id: str 
         tracker.metrics({"epsilon": eps, "delta": ledger.target_delta,
                          "accuracy": ev.get(acc_key), "fid": ev.get("fid"),
                          **{f"seconds_{k}": v for k, v in stage_seconds.items()}})
+        # The parent run carries the release's headline artifacts too.
+        tracker.file_artifact(run_dir / "ledger.json")
+        tracker.file_artifact(run_dir / "samples.png")
         state["stages"]["done"] = True
         _save_state(run_dir, state)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -36,7 +36,9 @@ def ensure_ray(cfg: RayConfig, num_cpus: int | None = None) -> dict:
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     from ray._private import ray_constants
     ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+    # The dashboard (State API, Jobs) is on: Ray Train's placement-group cleaner
+    # polls the State API. It binds to 127.0.0.1 like everything else here.
+    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
              _node_ip_address="127.0.0.1", log_to_driver=True,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
                  [os.getcwd(), os.environ.get("PYTHONPATH", "")])}})
