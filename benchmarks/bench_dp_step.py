@@ -86,11 +86,16 @@ def main() -> None:
     ap.add_argument("--presets", default="tiny,small")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    import os
+    load0 = os.getloadavg()[0]
     rows = [bench(p, a.batch, a.repeats) for p in a.presets.split(",")]
+    load1 = os.getloadavg()[0]
     date = datetime.date.today().isoformat()
     lines = [f"# DP-SGD step cost vs non-private, {date}",
              f"# machine: {cpu_name()}, {torch.get_num_threads()} torch threads, "
              f"torch {torch.__version__}, batch {a.batch} (28x28x1), median of {a.repeats}",
+             f"# load average (1 min) {load0:.2f} at start, {load1:.2f} at end: above 2 on this"
+             " 2-core machine means other processes shared the CPU; compare ratios, not ms",
              "preset  params   plain ms/sample  DP ms/sample  DP/plain"]
     for r in rows:
         lines.append(f"{r['preset']:<7} {r['params']:>8}  {r['plain_ms_per_sample']:>14.2f}  "
@@ -98,6 +103,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     out = Path(__file__).parent / "results" / f"dp_step-{date}.txt"
+    out.parent.mkdir(exist_ok=True)
     out.write_text(text)
 
 
