@@ -1,10 +1,12 @@
 """EDM (Karras et al. 2022) preconditioning, training loss and deterministic
-sampler, as DPDM uses for DP diffusion models.
+sampler, as DPDM (Dockhorn et al. 2022) uses for DP diffusion models.
 
 Noise levels and noise are drawn OUTSIDE the model's forward
 (``sample_training_noise``), so the per-example loss is a pure function of
-(x, y, sigma, noise): what per-sample-gradient machinery needs.
-Images live in [-1, 1] (``ImageSet.to_tensor``).
+(x, y, sigma, noise): what per-sample-gradient machinery (Opacus hooks,
+``torch.func.vmap``, which refuses random ops inside) needs.
+Images live in [-1, 1] (``ImageSet.to_tensor``); sigma_data = 0.5 is EDM's
+value for data in that range.
 """
 from __future__ import annotations
 
@@ -14,40 +16,53 @@ from torch import nn
 
 
 class EDMPrecond(nn.Module):
-    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise, y)   (EDM, Table 1)."""
+    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise, y)   (EDM, Table 1).
+
+    c_skip, c_out and c_in keep the network's input and training target at
+    unit variance for every sigma; c_noise = ln(sigma) / 4.
+    """
 
     def __init__(self, net: nn.Module, sigma_data: float = 0.5):
         super().__init__()
         self.net = net
-        self.sigma_data = sigma_data
+        self.sigma_data = float(sigma_data)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor):
-        sigma = sigma.reshape(-1, 1, 1, 1).to(x.dtype)
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor,
+                class_labels: torch.Tensor) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1)
+        if sigma.numel() == 1 and x.shape[0] != 1:
+            # one row per sample, so every layer sees batch B (per-sample grads)
+            sigma = sigma.expand(x.shape[0])
+        s = sigma.reshape(-1, 1, 1, 1)
         sd2 = self.sigma_data ** 2
-        c_skip = sd2 / (sigma ** 2 + sd2)
-        c_out = sigma * self.sigma_data / (sigma ** 2 + sd2).sqrt()
-        c_in = 1.0 / (sd2 + sigma ** 2).sqrt()
-        c_noise = sigma.log().flatten() / 4.0
+        c_skip = sd2 / (s ** 2 + sd2)
+        c_out = s * self.sigma_data / (s ** 2 + sd2).sqrt()
+        c_in = 1.0 / (sd2 + s ** 2).sqrt()
+        c_noise = sigma.log() / 4.0
         return c_skip * x + c_out * self.net(c_in * x, c_noise, class_labels)
 
 
 def sample_training_noise(x: torch.Tensor, generator: torch.Generator | None = None,
                           p_mean: float = -1.2, p_std: float = 1.2):
-    """sigma ~ LogNormal(p_mean, p_std) per image, and Gaussian noise like x (EDM Sec. 5)."""
+    """(sigma [B], noise like x): ln(sigma) ~ N(p_mean, p_std^2) per image (EDM
+    Sec. 5, Table 1), and standard Gaussian noise. Drawn on the generator's
+    device (CPU for a CPU generator) and moved to x's device."""
     b = x.shape[0]
-    rnd = torch.randn(b, generator=generator, dtype=x.dtype).to(x.device)
-    sigma = (rnd * p_std + p_mean).exp()
-    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    dev = generator.device if generator is not None else x.device
+    rnd = torch.randn(b, generator=generator, dtype=x.dtype, device=dev)
+    sigma = (rnd * p_std + p_mean).exp().to(x.device)
+    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=dev).to(x.device)
     return sigma, noise
 
 
 def edm_loss(precond: nn.Module, x: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor,
              noise: torch.Tensor) -> torch.Tensor:
     """Per-sample loss [B]: lambda(sigma) * mean_pixels (D(x + sigma n; sigma) - x)^2,
-    lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 (EDM Eq. 8)."""
-    sd = getattr(precond, "sigma_data", None)
-    if sd is None:  # wrapped (Opacus GradSampleModule / DPDDP): find the precond
-        sd = _find_sigma_data(precond)
+    lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 (EDM Eq. 2, Table 1),
+    which makes the effective training target of F unit-weighted at every sigma.
+
+    ``precond`` may be an EDMPrecond or one wrapped by Opacus / DDP."""
+    sd = _find_sigma_data(precond)
     s = sigma.reshape(-1, 1, 1, 1)
     weight = (s ** 2 + sd ** 2) / (s * sd) ** 2
     d = precond(x + s * noise, sigma, y)
@@ -55,7 +70,9 @@ def edm_loss(precond: nn.Module, x: torch.Tensor, y: torch.Tensor, sigma: torch.
 
 
 def _find_sigma_data(m: nn.Module) -> float:
-    for mod in m.modules():
+    if isinstance(m, EDMPrecond):
+        return m.sigma_data
+    for mod in m.modules():  # wrapped (GradSampleModule, DPDDP, DDP)
         if isinstance(mod, EDMPrecond):
             return mod.sigma_data
     raise TypeError("edm_loss needs an EDMPrecond model (possibly wrapped)")
@@ -63,7 +80,10 @@ def _find_sigma_data(m: nn.Module) -> float:
 
 def karras_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
                   rho: float = 7.0) -> torch.Tensor:
-    """EDM Eq. 5 time steps, with a final 0 appended."""
+    """EDM Eq. 5 noise levels (float64, decreasing from sigma_max to sigma_min),
+    with a final 0 appended: ``num_steps + 1`` values."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if num_steps == 1:
         t = torch.tensor([sigma_max], dtype=torch.float64)
     else:
@@ -73,40 +93,104 @@ def karras_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 8
     return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
 
 
-@torch.inference_mode()
-def sample(precond: nn.Module, class_labels: torch.Tensor, num_steps: int = 18, seed: int = 0,
-           batch_size: int = 500, solver: str = "euler", device: str = "cpu",
-           image_shape: tuple[int, int, int] | None = None) -> np.ndarray:
-    """Deterministic EDM sampler (Algorithm 1 of EDM: Heun's 2nd order, or
-    Euler). Returns uint8 [N, H, W, C]; the same seed gives the same images."""
+def _image_shape(precond: nn.Module) -> tuple[int, int, int]:
+    for mod in precond.modules():
+        if hasattr(mod, "image_size") and hasattr(mod, "channels"):
+            return (int(mod.channels), int(mod.image_size), int(mod.image_size))
+    raise ValueError("cannot infer the image shape from the model; pass image_shape=(C, H, W)")
+
+
+class LatentStream:
+    """Standard normal latents, image by image, from one ``torch.Generator``
+    seeded with ``seed``.
+
+    Image i's latents are the i-th per-image draw of the stream, so they do
+    not depend on the batch size, and a shard starting at image ``start``
+    (e.g. one of several Ray actors) gets exactly the images a single run
+    would (the first ``start`` draws are skipped: a few microseconds each).
+    One stream rather than one generator per (seed, image): torch's CPU
+    generator keeps only the low 32 bits of a seed (seeds equal modulo 2**32
+    give the same images), so per-image seeds packed into 64 bits collide."""
+
+    def __init__(self, seed: int, shape: tuple[int, int, int], start: int = 0):
+        self.shape = tuple(shape)
+        self.gen = torch.Generator().manual_seed(int(seed))
+        scratch = torch.empty(self.shape, dtype=torch.float64)
+        for _ in range(int(start)):
+            torch.randn(self.shape, generator=self.gen, dtype=torch.float64, out=scratch)
+
+    def next(self, n: int) -> torch.Tensor:
+        out = torch.empty((n, *self.shape), dtype=torch.float64)
+        for k in range(n):
+            torch.randn(self.shape, generator=self.gen, dtype=torch.float64, out=out[k])
+        return out
+
+
+def sample(precond: nn.Module, class_labels, num_steps: int = 18, seed: int = 0,
+           batch_size: int = 500, solver: str = "heun", device: str | torch.device = "cpu",
+           image_shape: tuple[int, int, int] | None = None, start_index: int = 0,
+           sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+           channels_last: bool | None = None) -> np.ndarray:
+    """Deterministic EDM sampler (EDM Algorithm 1): Heun's 2nd-order method
+    (2 * num_steps - 1 network evaluations) or Euler (num_steps evaluations)
+    on the probability-flow ODE, over ``karras_sigmas``.
+
+    Returns uint8 [N, H, W, C], pixels (x + 1) * 127.5 clamped and rounded.
+    The same seed gives the same images: the latents are drawn per image (see
+    ``LatentStream``), so the batch size changes only float rounding inside
+    the network, and ``start_index`` gives the images of a shard starting
+    there. The model must already be on ``device``; its train/eval mode and
+    memory format are restored afterwards.
+
+    ``channels_last`` (default: on for CPU) runs the convolutions in NHWC,
+    10-20% faster with oneDNN on this project's CPUs. The weights are converted
+    in place (same Parameter objects, so optimisers and Opacus hooks are
+    unaffected) and converted back at the end.
+    """
     if solver not in ("euler", "heun"):
         raise ValueError(f"solver must be 'euler' or 'heun', got '{solver}'")
-    net = precond.net if hasattr(precond, "net") else precond
-    if image_shape is None:
-        c = net.conv_in.in_channels
-        hw = getattr(net, "image_size", None)
-        image_shape = (c, hw, hw) if hw else None
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    shape = tuple(image_shape) if image_shape is not None else _image_shape(precond)
+    labels = torch.as_tensor(np.asarray(class_labels), dtype=torch.long).reshape(-1)
+    t_steps = karras_sigmas(num_steps, sigma_min, sigma_max, rho).to(device)
+    if channels_last is None:
+        channels_last = torch.device(device).type == "cpu"
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    was_training = precond.training
     precond.eval()
-    t_steps = karras_sigmas(num_steps).to(device)
-    gen = torch.Generator().manual_seed(seed)
     outs = []
-    labels = class_labels.long()
-    for i in range(0, len(labels), batch_size):
-        y = labels[i:i + batch_size].to(device)
-        x = torch.randn((len(y), *image_shape), generator=gen, dtype=torch.float64).to(device)
-        x = x * t_steps[0]
-        for j in range(num_steps):
-            t_cur, t_next = t_steps[j], t_steps[j + 1]
-            den = precond(x.float(), t_cur.float().repeat(len(y)), y).double()
-            d_cur = (x - den) / t_cur
-            x_next = x + (t_next - t_cur) * d_cur
-            if solver == "heun" and j < num_steps - 1:
-                den2 = precond(x_next.float(), t_next.float().repeat(len(y)), y).double()
-                d2 = (x_next - den2) / t_next
-                x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d2)
-            x = x_next
-        img = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        outs.append(img.permute(0, 2, 3, 1).cpu().numpy())
+    latents = LatentStream(seed, shape, start_index)
+    try:
+        if channels_last:
+            precond.to(memory_format=fmt)
+        with torch.inference_mode():
+            for i in range(0, len(labels), batch_size):
+                y = labels[i:i + batch_size].to(device)
+                b = len(y)
+                # The ODE state is kept in float64 (as EDM's sampler does); the
+                # network runs in float32.
+                x = latents.next(b).to(device) * t_steps[0]
+                for j in range(num_steps):
+                    t_cur, t_next = t_steps[j], t_steps[j + 1]
+                    den = precond(x.float().contiguous(memory_format=fmt),
+                                  t_cur.float().expand(b), y).double()
+                    d_cur = (x - den) / t_cur
+                    x_next = x + (t_next - t_cur) * d_cur
+                    if solver == "heun" and j < num_steps - 1:
+                        # 2nd-order correction, skipped on the last step to
+                        # sigma = 0 (EDM Algorithm 1, line 9)
+                        den2 = precond(x_next.float().contiguous(memory_format=fmt),
+                                       t_next.float().expand(b), y).double()
+                        d_next = (x_next - den2) / t_next
+                        x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_next)
+                    x = x_next
+                img = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+                outs.append(img.permute(0, 2, 3, 1).contiguous().cpu().numpy())
+    finally:
+        if channels_last:
+            precond.to(memory_format=torch.contiguous_format)
+        precond.train(was_training)
     if not outs:
-        return np.zeros((0, image_shape[1], image_shape[2], image_shape[0]), np.uint8)
+        return np.zeros((0, shape[1], shape[2], shape[0]), np.uint8)
     return np.concatenate(outs)
