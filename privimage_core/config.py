@@ -90,7 +90,7 @@ class GeneratorConfig:
 
 @dataclass
 class PretrainConfig:
-    steps: int = 600
+    steps: int = 900
     batch_size: int = 128
     lr: float = 2e-3
     ema_decay: float = 0.995
@@ -116,8 +116,8 @@ class FinetuneConfig:
 @dataclass
 class SamplingConfig:
     num_images: int = 5000
-    num_steps: int = 10
-    solver: str = "heun"
+    num_steps: int = 18
+    solver: str = "euler"
     batch_size: int = 500
 
 
