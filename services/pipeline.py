@@ -235,7 +235,6 @@ def run_pipeline(cfg: Config, resume_dir: str | None = None, parent_run_id: str 
             res = timed("pretrain", trainer.fit)
             with res.checkpoint.as_directory() as d:
                 import torch
-                from privimage_core.diffusion.ema import EMA  # noqa: F401  (format owner)
                 ema_state = torch.load(Path(d) / "ema.pt", map_location="cpu")
             init_state = _ema_weights(ema_state)
             tracker.metrics({"steps": res.metrics.get("step", 0),

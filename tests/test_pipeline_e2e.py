@@ -50,7 +50,7 @@ def ray_local():
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, ray_local, capfd_module=None):
+def finished_run(tmp_path_factory, ray_local):
     from services.pipeline import run_pipeline
     tmp = tmp_path_factory.mktemp("e2e")
     logs: list[str] = []
@@ -105,7 +105,7 @@ def _used_sensitive(cfg):
 def test_no_sensitive_data_leaves(finished_run):
     """Scan the run's outputs (artifacts, checkpoints, MLflow store, state
     files) and the driver log for sensitive pixels, labels and raw counts."""
-    cfg, s, logs, tmp = finished_run
+    cfg, s, logs, _ = finished_run
     used = _used_sensitive(cfg)
     probe_imgs = [used.images[i].tobytes() for i in range(0, len(used), 50)]
     probe_labels_bin = bytes(used.labels[:48].astype(np.uint8))
