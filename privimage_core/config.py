@@ -400,6 +400,8 @@ def validate(cfg: Config) -> None:
     _require(all(pr in ("tiny", "small", "base") for pr in t.presets),
              "tune.presets must be among tiny, small, base")
     _require(t.mode in ("max", "min"), "tune.mode must be 'max' or 'min'")
+    _require(t.metric in ("accuracy", "fid"),
+             f"tune.metric must be 'accuracy' (mode max) or 'fid' (mode min), got '{t.metric}'")
 
 
 def _validate_evaluation(e: EvaluationConfig) -> None:

@@ -42,15 +42,19 @@ def sample_rate_for(n: int, batch_size: int) -> float:
 
 def plan_noise(ledger: PrivacyLedger, n: int, batch_size: int, steps: int,
                noise_multiplier: float | None = None) -> tuple[float, float, int]:
-    """(sigma, q, steps allowed). sigma is calibrated after the costs already in
-    the ledger (App. E, Theorem E.3) unless given; steps allowed is capped so
-    that the composition never exceeds the target."""
+    """(sigma, q, total): the DP-SGD record may hold ``total`` steps when
+    fine-tuning ends (``dp_finetune`` runs until it does). sigma is calibrated
+    after the costs already in the ledger (App. E, Theorem E.3) unless given;
+    total is capped so that the composition never exceeds the target. A
+    resumed run keeps its recorded (sigma, q) and its steps count toward
+    ``steps``."""
     q = sample_rate_for(n, batch_size)
     prior = next((r for r in ledger.records if r.name == DP_SGD_MECHANISM), None)
     if prior is not None:  # resumed run: keep the recorded mechanism
         sigma = prior.noise_multiplier
         remaining = max(0, steps - prior.steps)
-        return sigma, prior.sample_rate, min(remaining, ledger.max_steps(sigma, prior.sample_rate))
+        further = min(remaining, ledger.max_steps(sigma, prior.sample_rate))
+        return sigma, prior.sample_rate, prior.steps + further
     sigma = noise_multiplier if noise_multiplier is not None else ledger.calibrate_noise(q, steps)
     allowed = ledger.max_steps(sigma, q)
     if allowed == 0:
@@ -58,6 +62,31 @@ def plan_noise(ledger: PrivacyLedger, n: int, batch_size: int, steps: int,
             f"not one DP-SGD step fits the remaining budget at sigma={sigma:.3g}; raise "
             "privacy.target_epsilon or finetune.noise_multiplier")
     return sigma, q, min(steps, allowed)
+
+
+# Opacus's distributed Poisson sampler (DistributedUniformWithReplacementSampler,
+# Opacus 1.6) silently SKIPS an empty per-rank draw instead of yielding an empty
+# batch. The ranks' logical steps then pair draws from different rounds and a
+# rank's batch is conditioned on being non-empty: no longer the Poisson(q)
+# sampling the accountant assumes. With an expected per-rank batch of m the
+# chance of an empty draw is about exp(-m); at m >= 20 it is < 3e-9 per step.
+MIN_EXPECTED_BATCH_PER_WORKER = 20
+
+
+def check_worker_batches(n: int, batch_size: int, num_workers: int) -> None:
+    """Refuse a distributed DP-SGD plan whose per-worker Poisson draws could be empty."""
+    from privimage_core.errors import ConfigError
+
+    if num_workers <= 1:
+        return
+    per_worker = sample_rate_for(n, batch_size) * n / num_workers
+    if per_worker < MIN_EXPECTED_BATCH_PER_WORKER:
+        raise ConfigError(
+            f"finetune.batch_size={batch_size} over ray.num_workers={num_workers} expects "
+            f"{per_worker:.1f} sensitive images per worker and step; Opacus's distributed "
+            f"sampler would skip empty draws, which the accountant does not model; raise "
+            f"finetune.batch_size to >= {MIN_EXPECTED_BATCH_PER_WORKER * num_workers} or use "
+            "fewer workers")
 
 
 @dataclass
@@ -81,7 +110,11 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
     record = ledger.begin_dp_sgd(DP_SGD_MECHANISM, noise_multiplier, q)
     # The engine's own accountant is not used: the ledger's hook replaces it below.
     engine = PrivacyEngine(accountant=ledger.accountant_name)
-    noise_gen = torch.Generator().manual_seed(secrets.randbits(63))
+    # The generator must live where the gradients are: Opacus draws the noise
+    # with torch.normal(device=grad.device, generator=...), which refuses a CPU
+    # generator for CUDA tensors.
+    device = next(module.parameters()).device
+    noise_gen = torch.Generator(device=device).manual_seed(secrets.randbits(63))
     model, dp_opt, dp_loader = engine.make_private(
         module=module, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks",

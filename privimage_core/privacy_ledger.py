@@ -102,7 +102,15 @@ class PrivacyLedger:
 
     def step_hook(self, record: MechanismRecord, sample_rate: float) -> Callable:
         """A DPOptimizer step hook: Opacus calls it once per real (not skipped,
-        i.e. end of logical batch) optimizer step, after clipping and noise."""
+        i.e. end of logical batch) optimizer step, after clipping and noise and
+        BEFORE the parameters are updated (``DPOptimizer.pre_step``).
+
+        The hook is the last line of the budget: it refuses (raises) a step
+        that would take the composition past the target, so the noisy gradient
+        of that step is never applied, whatever the caller's loop planned. The
+        limit is computed once, by the accountant, when the hook is attached:
+        the record's steps so far plus ``max_steps`` further steps."""
+        limit = record.steps + self.max_steps(record.noise_multiplier, record.sample_rate)
 
         def hook(optim) -> None:
             q = sample_rate * getattr(optim, "accumulated_iterations", 1)
@@ -110,6 +118,11 @@ class PrivacyLedger:
                 raise PrivacyBudgetError(
                     f"optimizer step with sigma={optim.noise_multiplier}, q={q} does not match "
                     f"the ledger record ({record.noise_multiplier}, {record.sample_rate})")
+            if record.steps + 1 > limit:
+                raise PrivacyBudgetError(
+                    f"DP-SGD step {record.steps + 1} of '{record.name}' would take epsilon past "
+                    f"the target {self.target_epsilon:g} (at most {limit} steps fit); the step "
+                    "was refused before the update; lower finetune.steps or raise the target")
             record.steps += 1
 
         return hook

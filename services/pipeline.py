@@ -63,6 +63,8 @@ def load_inputs(cfg: Config) -> Inputs:
                         f"sensitive classes {sens.class_names[:5]}...; point data.sensitive_test "
                         "at the matching test split")
     delta = resolve_delta(cfg, len(sens))
+    from privimage_core.dp_finetune import check_worker_batches
+    check_worker_batches(len(sens), cfg.finetune.batch_size, cfg.ray.num_workers)
     return Inputs(sens, test, delta)
 
 
@@ -71,6 +73,80 @@ def _save_state(run_dir: Path, state: dict) -> None:
     tmp.write_text(json.dumps(state, indent=2, default=lambda o: o.tolist()
                               if isinstance(o, np.ndarray) else str(o)))
     tmp.replace(run_dir / STATE_FILE)
+
+
+def _checkpoint_ledgers(storage: str, trainer_name: str) -> list[dict]:
+    """The ledgers saved in a Ray Train run's checkpoints (local or remote storage)."""
+    from pyarrow import fs as pafs
+
+    if "://" in storage:
+        filesystem, root = pafs.FileSystem.from_uri(storage)
+    else:
+        filesystem, root = pafs.LocalFileSystem(), str(Path(storage).resolve())
+    infos = filesystem.get_file_info(pafs.FileSelector(f"{root}/{trainer_name}",
+                                                       allow_not_found=True))
+    out = []
+    for info in infos:
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_"):
+            try:
+                with filesystem.open_input_stream(f"{info.path}/ledger.json") as f:
+                    out.append(json.loads(f.read().decode()))
+            except (FileNotFoundError, OSError, ValueError):
+                continue  # a checkpoint being written when the run died
+    return out
+
+
+def _dp_steps(ledger_state: dict) -> int:
+    from privimage_core.dp_finetune import DP_SGD_MECHANISM
+    return sum(r["steps"] for r in ledger_state["records"] if r["name"] == DP_SGD_MECHANISM)
+
+
+def resume_ledger(state: dict, storage: str, trainer_name: str) -> PrivacyLedger:
+    """The ledger a resumed run continues from.
+
+    Once fine-tuning has started, its checkpoints hold DP-SGD steps that the
+    saved state does not. We read them here instead of relying on Ray Train
+    restoring the trainer by name (a Ray Train default that a storage change
+    or Train V1 would silently break): the ledger with the most DP-SGD steps
+    wins. If fine-tuning started and no checkpoint survived, the steps it took
+    cannot be known, so the run refuses to go on rather than spend them twice.
+    """
+    ledger = PrivacyLedger.from_state_dict(state["ledger"])
+    if "finetune_plan" not in state or "finetune" in state["stages"]:
+        return ledger
+    found = _checkpoint_ledgers(storage, trainer_name)
+    if not found:
+        from privimage_core.errors import PrivacyBudgetError
+        raise PrivacyBudgetError(
+            f"this run's DP fine-tuning started but no checkpoint of '{trainer_name}' is left "
+            f"under {storage}; the DP-SGD steps it took cannot be accounted, so it cannot "
+            "resume; start a new run (and count this one's planned budget as spent)")
+    best = max(found, key=_dp_steps)
+    if _dp_steps(best) > _dp_steps(state["ledger"]):
+        ledger.load_state_dict(best)
+    return ledger
+
+
+def spent_upper_bound(run_dir: Path) -> dict | None:
+    """An upper bound on the budget a (possibly failed) run spent, as a ledger
+    state: the final ledger of a finished run; for a run that failed during
+    fine-tuning, its ledger plus every DP-SGD step it planned; None when the
+    run never touched the sensitive data. Used by sweeps to compose trials."""
+    path = run_dir / STATE_FILE
+    if not path.is_file():
+        return None
+    state = json.loads(path.read_text())
+    if "ledger" not in state:
+        return None
+    if "finetune_plan" not in state or "finetune" in state["stages"]:
+        return state["ledger"]
+    from privimage_core.dp_finetune import DP_SGD_MECHANISM
+    plan = state["finetune_plan"]
+    records = [r for r in state["ledger"]["records"] if r["name"] != DP_SGD_MECHANISM]
+    records.append({"name": DP_SGD_MECHANISM, "noise_multiplier": plan["noise_multiplier"],
+                    "sample_rate": plan["sample_rate"], "steps": plan["total_steps"],
+                    "note": "upper bound: the run failed during fine-tuning"})
+    return {**state["ledger"], "records": records}
 
 
 def _histogram_png(noisy: np.ndarray, class_names: list[str], public_names: list[str],
@@ -129,19 +205,19 @@ def run_pipeline(cfg: Config, resume_dir: str | None = None, parent_run_id: str 
     else:
         run_dir = (Path(cfg.run.output_dir) / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
                    ).resolve()
-        state = {"config": cfg.to_dict(), "stages": {}}
+        state = {"config": cfg.to_dict(), "stages": {}, "parent_run_id": parent_run_id}
     inputs = load_inputs(cfg)
     sens, test = inputs.sensitive, inputs.test
     run_dir.mkdir(parents=True, exist_ok=True)
     class_names = list(sens.class_names)
-    ledger = (PrivacyLedger.from_state_dict(state["ledger"]) if "ledger" in state else
+    storage = cfg.ray.storage_path or str(run_dir / "ray_train")
+    ledger = (resume_ledger(state, storage, f"{run_dir.name}-finetune") if "ledger" in state else
               PrivacyLedger(cfg.privacy.target_epsilon, inputs.delta, cfg.privacy.accountant))
     _save_state(run_dir, state)
 
     ray_info = ray_runtime.ensure_ray(cfg.ray, metrics_port=cfg.metrics.port)
     tracker = Tracker(cfg, parent_run_id=parent_run_id)
     stage_seconds: dict[str, float] = dict(state.get("stage_seconds", {}))
-    storage = cfg.ray.storage_path or str(run_dir / "ray_train")
 
     pm = None
     if cfg.metrics.enabled:
@@ -165,10 +241,13 @@ def run_pipeline(cfg: Config, resume_dir: str | None = None, parent_run_id: str 
         if cfg.metrics.enabled:
             pm = PipelineMetrics(run.info.run_id)
             pm.epsilon(ledger.epsilon(), ledger.target_epsilon)
-        if not resume_dir:
-            tracker.params(cfg.flat())
-            tracker.params({"resolved.delta": inputs.delta, "resolved.n_sensitive": len(sens)})
-            tracker.json_artifact(cfg.to_dict(), "resolved_config.json")
+        # every MLflow run records the full resolved config (a resumed run is a new MLflow run)
+        tracker.params(cfg.flat())
+        tracker.params({"resolved.delta": inputs.delta, "resolved.n_sensitive": len(sens)})
+        tracker.json_artifact(cfg.to_dict(), "resolved_config.json")
+        if resume_dir:
+            import mlflow
+            mlflow.set_tag("resumed_from", str(run_dir))
         from mlflow import set_tag
         set_tag("ray_mode", ray_info["mode"])
         log(f"[privimage] run dir {run_dir}; MLflow run {run.info.run_id}")
@@ -257,8 +336,16 @@ def run_pipeline(cfg: Config, resume_dir: str | None = None, parent_run_id: str 
 
         # ---- line 10: DP-SGD fine-tuning on the sensitive data
         with tracker.stage("finetune") as srun:
+            # `total`: the steps the DP-SGD record holds at the end (a resumed
+            # run's record already holds some)
             sigma, q, total = plan_noise(ledger, len(sens), cfg.finetune.batch_size,
                                          cfg.finetune.steps, cfg.finetune.noise_multiplier)
+            # Saved BEFORE any DP-SGD step: a run that dies from here on is
+            # charged for its whole plan by sweeps (spent_upper_bound), and a
+            # resume reads the checkpoints' ledgers (resume_ledger).
+            state["finetune_plan"] = {"noise_multiplier": sigma, "sample_rate": q,
+                                      "total_steps": total}
+            _save_state(run_dir, state)
             tracker.params({"noise_multiplier": sigma, "sample_rate": q, "planned_steps": total})
             log(f"[privimage] DP-SGD: sigma={sigma:.4f}, q={q:.5f}, {total} steps "
                 f"(target eps={ledger.target_epsilon:g}, delta={ledger.target_delta:.2g})")

@@ -11,6 +11,7 @@ labelled as such.
 """
 from __future__ import annotations
 
+import json
 import os
 
 from privimage_core.config import Config
@@ -30,6 +31,26 @@ def _trial(config: dict) -> None:
     s = run_pipeline(cfg, parent_run_id=config["parent_run_id"])
     tune.report({"accuracy": s.get("accuracy") or 0.0, "fid": s.get("fid") or float("nan"),
                  "epsilon": s["epsilon"], "ledger": s["ledger"], "run_dir": s["run_dir"]})
+
+
+def sweep_ledgers(output_dir: str, sweep_run_id: str) -> list[dict]:
+    """Upper bounds on the budget of every trial of this sweep that touched
+    the sensitive data, finished or failed (``spent_upper_bound``)."""
+    from pathlib import Path
+
+    from services.pipeline import STATE_FILE, spent_upper_bound
+
+    out = []
+    for state_file in sorted(Path(output_dir).glob(f"*/{STATE_FILE}")):
+        try:
+            parent = json.loads(state_file.read_text()).get("parent_run_id")
+        except ValueError:
+            continue
+        if parent == sweep_run_id:
+            spent = spent_upper_bound(state_file.parent)
+            if spent is not None:
+                out.append(spent)
+    return out
 
 
 def run_sweep(cfg: Config) -> dict:
@@ -58,25 +79,30 @@ def run_sweep(cfg: Config) -> dict:
             run_config=tune.RunConfig(name=f"{cfg.run.name}-sweep",
                                       storage_path=os.path.join(cfg.run.output_dir, "ray_tune")))
         results = tuner.fit()
-        rows, ledgers = [], []
+        rows = []
         for r in results:
             if r.error or not r.metrics:
                 rows.append({"config": {k: v for k, v in r.config.items() if k != "base"},
                              "error": str(r.error)})
                 continue
-            ledgers.append(r.metrics["ledger"])
             rows.append({"preset": r.config["generator.preset"],
                          "selection_ratio": r.config["selection.selection_ratio"],
                          "accuracy": r.metrics["accuracy"], "fid": r.metrics["fid"],
                          "epsilon": r.metrics["epsilon"], "run_dir": r.metrics["run_dir"]})
         out = {"trials": rows}
+        # Every trial that read the sensitive data counts, failed ones included
+        # (their run directories carry their ledgers and fine-tuning plans).
+        ledgers = sweep_ledgers(cfg.run.output_dir, run.info.run_id)
         if ledgers:
             delta = ledgers[0]["target_delta"]
             out["sweep_epsilon_composed"] = compose_ledgers(ledgers, delta, cfg.privacy.accountant)
             out["delta"] = delta
+            out["trials_charged"] = len(ledgers)
             mlflow.log_metric("sweep_epsilon_composed", out["sweep_epsilon_composed"])
-            best = max((r for r in rows if "accuracy" in r), key=lambda r: r["accuracy"])
-            out["best"] = best
+        done = [r for r in rows if t.metric in r and r[t.metric] == r[t.metric]]  # not NaN
+        if done:
+            pick = max if t.mode == "max" else min
+            out["best"] = pick(done, key=lambda r: r[t.metric])
             mlflow.set_tag("model_selection", "non-private: best trial chosen on the real test split")
         tracker.json_artifact(out, "sweep_results.json")
         return out

@@ -84,9 +84,15 @@ def test_ledger_roundtrip_and_resume_continues():
     assert r2.steps == 40 and len(led2.records) == 2
     with pytest.raises(PrivacyBudgetError, match="same fine-tuning settings"):
         led2.begin_dp_sgd(DP_SGD_MECHANISM, 2.0, 0.01)
-    # plan on resume keeps the recorded sigma and counts the remaining steps only
-    sigma, q, remaining = plan_noise(led2, n=1000, batch_size=10, steps=100)
-    assert (sigma, q) == (1.0, 0.01) and remaining <= 60
+    # plan on resume keeps the recorded sigma; the 40 steps taken count toward
+    # the 100 asked for, and the total still fits the target
+    sigma, q, total = plan_noise(led2, n=1000, batch_size=10, steps=100)
+    assert (sigma, q) == (1.0, 0.01) and 40 < total <= 100
+    assert led2.epsilon_if([]) <= 8.0
+    r2.steps = total
+    assert led2.epsilon() <= 8.0
+    r2.steps = total + 1
+    assert total == 100 or led2.epsilon() > 8.0  # capped by the budget, not below it
 
 
 def test_compose_ledgers_is_worse_than_each():
@@ -159,7 +165,7 @@ def test_clipping_is_per_sample():
     y = torch.zeros(64, dtype=torch.long)
     model = _Lin()
     w0 = model.fc.weight.detach().clone()
-    led = PrivacyLedger(1e6, 1e-5)
+    led = PrivacyLedger(1e30, 1e-5)  # sigma ~ 0: a huge (but finite) epsilon per step
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     dp = make_private(model, opt, x, y, batch_size=64, noise_multiplier=1e-9, max_grad_norm=0.5,
                       ledger=led)
@@ -175,6 +181,32 @@ def test_clipping_is_per_sample():
     got = w0 - model.fc.weight.detach()
     assert torch.allclose(got, expected, atol=1e-5)
     assert led.records[0].steps == 1  # the step hook recorded it
+
+
+def test_step_hook_refuses_a_step_past_the_target():
+    """Whatever the training loop does, the optimizer cannot apply a DP-SGD
+    step that takes the ledger past its target: the hook raises before the
+    update (Opacus calls it in pre_step), so the weights stay as they were."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 5), torch.zeros(32, dtype=torch.long)
+    model = _Lin()
+    led = PrivacyLedger(3.0, 1e-5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    dp = make_private(model, opt, x, y, batch_size=32, noise_multiplier=1.5, max_grad_norm=1.0,
+                      ledger=led)
+    fits = led.max_steps(1.5, dp.sample_rate)  # q = 1 here: a handful of steps fit
+    assert 1 <= fits < 50
+    for _ in range(fits):
+        dp.model(x).sum(dim=1).mean().backward()
+        dp.optimizer.step()
+        dp.optimizer.zero_grad(set_to_none=True)
+    assert led.records[0].steps == fits and led.epsilon() <= 3.0
+    before = model.fc.weight.detach().clone()
+    dp.model(x).sum(dim=1).mean().backward()
+    with pytest.raises(PrivacyBudgetError, match="refused before the update"):
+        dp.optimizer.step()
+    assert torch.equal(model.fc.weight.detach(), before)
+    assert led.records[0].steps == fits and led.epsilon() <= 3.0
 
 
 def _free_port() -> int:

@@ -1,0 +1,106 @@
+"""A run's privacy ledger survives failures: a resumed run continues from the
+ledgers its fine-tuning checkpoints hold, and a sweep charges every trial that
+touched the sensitive data, failed ones included (services/pipeline.py,
+services/tune.py). No Ray needed: these read run directories."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from privimage_core.dp_finetune import DP_SGD_MECHANISM, check_worker_batches
+from privimage_core.errors import ConfigError, PrivacyBudgetError
+from privimage_core.privacy_ledger import PrivacyLedger, compose_ledgers
+from privimage_core.semantic_distribution import QUERY_MECHANISM
+from services.pipeline import STATE_FILE, resume_ledger, spent_upper_bound
+from services.tune import sweep_ledgers
+
+SIGMA, Q = 1.0, 0.01
+
+
+def _ledger(dp_steps: int | None) -> dict:
+    led = PrivacyLedger(10.0, 1e-5)
+    led.record_gaussian(QUERY_MECHANISM, 20.0)
+    if dp_steps is not None:
+        led.begin_dp_sgd(DP_SGD_MECHANISM, SIGMA, Q).steps = dp_steps
+    return led.state_dict()
+
+
+def _run_dir(root: Path, name: str, *, parent: str | None, started_finetune: bool,
+             finished: bool, planned: int = 200, dp_steps: int = 0) -> Path:
+    d = root / name
+    d.mkdir(parents=True)
+    state = {"config": {}, "stages": {"selection": {}}, "parent_run_id": parent,
+             "ledger": _ledger(dp_steps if finished else None)}
+    if started_finetune:
+        state["finetune_plan"] = {"noise_multiplier": SIGMA, "sample_rate": Q,
+                                  "total_steps": planned}
+    if finished:
+        state["stages"]["finetune"] = {"steps": dp_steps}
+    (d / STATE_FILE).write_text(json.dumps(state))
+    return d
+
+
+def _checkpoint(storage: Path, trainer: str, stamp: str, dp_steps: int | None) -> None:
+    c = storage / trainer / f"checkpoint_{stamp}"
+    c.mkdir(parents=True)
+    if dp_steps is not None:
+        (c / "ledger.json").write_text(json.dumps(_ledger(dp_steps)))
+
+
+def test_resume_continues_the_checkpointed_ledger_not_the_saved_state(tmp_path):
+    run = _run_dir(tmp_path, "r", parent=None, started_finetune=True, finished=False)
+    state = json.loads((run / STATE_FILE).read_text())
+    storage = tmp_path / "ray_train"
+    _checkpoint(storage, "r-finetune", "2026-12-02_07-00-00", 50)
+    _checkpoint(storage, "r-finetune", "2026-12-02_07-05-00", 100)
+    _checkpoint(storage, "r-finetune", "2026-12-02_07-09-00", None)  # died while writing
+    led = resume_ledger(state, str(storage), "r-finetune")
+    dp = next(r for r in led.records if r.name == DP_SGD_MECHANISM)
+    assert dp.steps == 100  # the most steps any checkpoint recorded
+    assert led.epsilon() > PrivacyLedger.from_state_dict(state["ledger"]).epsilon()
+
+
+def test_resume_refuses_when_finetuning_started_but_no_checkpoint_survived(tmp_path):
+    run = _run_dir(tmp_path, "r", parent=None, started_finetune=True, finished=False)
+    state = json.loads((run / STATE_FILE).read_text())
+    with pytest.raises(PrivacyBudgetError, match="cannot be accounted"):
+        resume_ledger(state, str(tmp_path / "ray_train"), "r-finetune")
+
+
+def test_resume_before_finetuning_uses_the_saved_ledger(tmp_path):
+    run = _run_dir(tmp_path, "r", parent=None, started_finetune=False, finished=False)
+    state = json.loads((run / STATE_FILE).read_text())
+    led = resume_ledger(state, str(tmp_path / "nothing"), "r-finetune")
+    assert [r.name for r in led.records] == [QUERY_MECHANISM]
+
+
+def test_spent_upper_bound_charges_a_failed_run_its_whole_plan(tmp_path):
+    done = _run_dir(tmp_path, "done", parent="S", started_finetune=True, finished=True,
+                    dp_steps=120)
+    failed = _run_dir(tmp_path, "failed", parent="S", started_finetune=True, finished=False,
+                      planned=200)
+    early = _run_dir(tmp_path, "early", parent="S", started_finetune=False, finished=False)
+    assert spent_upper_bound(done) == json.loads((done / STATE_FILE).read_text())["ledger"]
+    f = spent_upper_bound(failed)
+    assert [r["steps"] for r in f["records"] if r["name"] == DP_SGD_MECHANISM] == [200]
+    assert [r["name"] for r in spent_upper_bound(early)["records"]] == [QUERY_MECHANISM]
+    assert spent_upper_bound(tmp_path / "absent") is None
+
+
+def test_sweep_composes_every_trial_of_this_sweep_including_failed(tmp_path):
+    _run_dir(tmp_path, "t1", parent="S", started_finetune=True, finished=True, dp_steps=120)
+    _run_dir(tmp_path, "t2", parent="S", started_finetune=True, finished=False, planned=200)
+    _run_dir(tmp_path, "other", parent="X", started_finetune=True, finished=True, dp_steps=120)
+    ledgers = sweep_ledgers(str(tmp_path), "S")
+    assert len(ledgers) == 2
+    only_finished = compose_ledgers(ledgers[:1], 1e-5)
+    assert compose_ledgers(ledgers, 1e-5) > only_finished  # the failed trial is charged
+
+
+def test_distributed_plan_refuses_per_worker_batches_that_can_be_empty():
+    check_worker_batches(60000, 512, 1)  # one worker: Opacus yields empty batches itself
+    check_worker_batches(60000, 512, 4)  # 128 per worker
+    with pytest.raises(ConfigError, match="finetune.batch_size"):
+        check_worker_batches(60000, 30, 2)  # 15 per worker
