@@ -28,8 +28,9 @@ import numpy as np
 
 from privimage_core.config import Config, from_dict, resolve_delta, resolve_k
 from privimage_core.data.imageset import ImageSet
-from privimage_core.data.sources import load_source, validate_sensitive
-from privimage_core.errors import DataError
+from privimage_core.data.sources import (check_public_specs, is_user_source, load_source,
+                                         same_user_dataset, validate_sensitive)
+from privimage_core.errors import ConfigError, DataError
 from privimage_core.privacy_ledger import PrivacyLedger
 
 STATE_FILE = "pipeline_state.json"
@@ -50,6 +51,15 @@ def load_inputs(cfg: Config) -> Inputs:
     if cfg.run.data_dir:
         os.environ["PRIVIMAGE_DATA_DIR"] = str(Path(cfg.run.data_dir).resolve())
     d = cfg.data
+    check_public_specs(d.public, d.sensitive)
+    # folder:/parquet: data has no split: evaluation and the membership audit
+    # need held-out data, never the training images again.
+    if is_user_source(d.sensitive) and not d.sensitive_test:
+        raise ConfigError(f"data.sensitive {d.sensitive!r} has no test split; set "
+                          "data.sensitive_test to held-out data of the same classes")
+    if d.sensitive_test and same_user_dataset(d.sensitive_test, d.sensitive):
+        raise ConfigError("data.sensitive_test names the same files as data.sensitive; point it "
+                          "at held-out data of the same classes")
     sens = load_source(d.sensitive, split="train", image_size=d.image_size, channels=d.channels,
                        resize=d.resize)
     if d.sensitive_max and len(sens) > d.sensitive_max:

@@ -137,6 +137,49 @@ def build_public_pool(specs: Sequence[str], image_size: int, channels: int,
                     {"source": np.concatenate(sources), "sources": prefixes})
 
 
+def check_public_specs(specs: Sequence[str], sensitive: str) -> None:
+    """Cheap checks of the public pool's sources, before any work starts:
+    known kinds, distinct prefixes, user paths that exist, and none of them
+    the sensitive dataset itself (pre-training on it would bypass DP)."""
+    if not specs:
+        raise DataError("data.public is empty; list at least one public source, e.g. [glyphs]")
+    prefixes = []
+    for spec in specs:
+        try:
+            kind, arg = _parse(spec.strip())
+        except DataError as e:
+            raise DataError(f"data.public: {e}") from None
+        if arg is not None and not Path(arg).exists():
+            raise DataError(f"data.public: {spec!r} does not exist; fix the path or remove it "
+                            "from data.public")
+        if _same_dataset(spec, sensitive):
+            raise DataError(f"data.public lists {spec!r}, the sensitive dataset itself; public "
+                            "pre-training data must not contain the sensitive data: remove it")
+        prefixes.append(source_prefix(spec))
+    dup = sorted({p for p in prefixes if prefixes.count(p) > 1})
+    if dup:
+        raise DataError(f"data.public: sources share the prefix {dup[0]!r}; list each source "
+                        "once and give user folders/files distinct names")
+
+
+def is_user_source(spec: str) -> bool:
+    """folder:/parquet: sources have no train/test split of their own."""
+    return _parse(spec.strip())[1] is not None
+
+
+def _same_dataset(a: str, b: str) -> bool:
+    ka, pa = _parse(a.strip())
+    kb, pb = _parse(b.strip())
+    if ka != kb:
+        return False
+    return pa is None or Path(pa).resolve() == Path(pb).resolve()
+
+
+def same_user_dataset(a: str, b: str) -> bool:
+    """True when two user specs (folder:/parquet:) name the same files."""
+    return is_user_source(a) and _same_dataset(a, b)
+
+
 def validate_sensitive(ds: ImageSet, min_per_class: int = 1) -> np.ndarray:
     """Check every class of the sensitive set has ``min_per_class`` images;
     return the per-class counts."""
