@@ -46,7 +46,10 @@ def _print_summary(s: dict) -> None:
     print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in s["stage_seconds"].items())
           + f"; total {s['total_seconds']:.0f}s")
     uri = s["mlflow_uri"]
-    print(f"MLflow UI  : mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    from pathlib import Path
+    mlflow_bin = Path(sys.executable).with_name("mlflow")  # the venv's, even if not on PATH
+    print(f"MLflow UI  : {mlflow_bin if mlflow_bin.exists() else 'mlflow'} ui "
+          f"--backend-store-uri {uri} --host 127.0.0.1 --port 5000")
     print(f"             then open http://127.0.0.1:5000 (run {s['mlflow_run_id']})")
 
 
