@@ -22,6 +22,9 @@ LAUNCHER_YAMLS = [ROOT / "ray_cluster.yaml", DEPLOY / "gcp" / "ray_cluster_gcp.y
 KUBERAY = DEPLOY / "kuberay"
 DASHBOARD = DEPLOY / "grafana" / "privimage-dashboard.json"
 DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
+MLFLOW_DIR = DEPLOY / "mlflow"
+MLFLOW_K8S = MLFLOW_DIR / "k8s"
+PODMONITOR = DEPLOY / "prometheus" / "podmonitor.yaml"
 PINNED = ("ray", "torch", "torchvision", "mlflow", "opacus")
 
 
@@ -256,7 +259,8 @@ def test_mlflow_compose():
     comp = yaml.safe_load((DEPLOY / "mlflow" / "docker-compose.yaml").read_text())
     svc = comp["services"]
     assert svc["postgres"]["image"] == "postgres:15"
-    assert f"FROM ghcr.io/mlflow/mlflow:v{REQ['mlflow']}" in svc["mlflow"]["build"]["dockerfile_inline"]
+    assert svc["mlflow"]["build"] == {"context": ".", "dockerfile": "Dockerfile"}
+    assert svc["mlflow"]["image"] == f"privimage-mlflow:{REQ['mlflow']}"
     assert all(str(p).startswith("127.0.0.1:") for p in svc["mlflow"]["ports"])
     assert "ports" not in svc["postgres"]
     assert "--allowed-hosts" in svc["mlflow"]["command"]
@@ -270,6 +274,288 @@ def test_mlflow_env_file_is_git_ignored():
         pytest.skip("not a git checkout")
     r = subprocess.run(["git", "check-ignore", "-q", "deploy/mlflow/.env"], cwd=ROOT)
     assert r.returncode == 0, "deploy/mlflow/.env would be committable"
+
+
+# ----------------------------------------------------- MLflow on Kubernetes
+def _mlflow_k8s() -> dict[tuple[str, str], dict]:
+    """(kind, name) -> object for every document under deploy/mlflow/k8s/."""
+    objs: dict[tuple[str, str], dict] = {}
+    files = sorted(MLFLOW_K8S.glob("*.yaml"))
+    assert files, "no manifests in deploy/mlflow/k8s/"
+    for f in files:
+        for d in yaml.safe_load_all(f.read_text()):
+            if not d:
+                continue
+            assert {"apiVersion", "kind", "metadata"} <= set(d), f
+            key = (d["kind"], d["metadata"]["name"])
+            assert key not in objs, f"{key} defined twice"
+            objs[key] = d
+    return objs
+
+
+def _tracking_uris() -> set[str]:
+    """MLFLOW_TRACKING_URI of every Ray container, resolved through pvc.yaml's ConfigMap."""
+    cms = {d["metadata"]["name"]: d for d in _docs("pvc.yaml") if d["kind"] == "ConfigMap"}
+    uris = set()
+    for name in ("raycluster.yaml", "rayjob.yaml"):
+        spec = _cluster_spec(name)
+        tmpls = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+        for t in tmpls:
+            for c in t["spec"]["containers"]:
+                ref = {e["name"]: e for e in c["env"]}["MLFLOW_TRACKING_URI"]["valueFrom"]["configMapKeyRef"]
+                uris.add(cms[ref["name"]]["data"][ref["key"]])
+    return uris
+
+
+def _expand_env(env: list[dict], secrets: dict[tuple[str, str], str]) -> dict[str, str]:
+    """A container's environment as Kubernetes builds it: secretKeyRef values
+    from `secrets`, then $(VAR) replaced by variables defined earlier in the list."""
+    out: dict[str, str] = {}
+    for e in env:
+        if "valueFrom" in e:
+            ref = e["valueFrom"]["secretKeyRef"]
+            out[e["name"]] = secrets[(ref["name"], ref["key"])]
+        else:
+            out[e["name"]] = re.sub(r"\$\((\w+)\)",
+                                    lambda m: out.get(m.group(1), m.group(0)), str(e["value"]))
+    return out
+
+
+def _arg(cmd: list[str], flag: str) -> str:
+    assert cmd.count(flag) == 1, f"{flag} in {cmd}"
+    return cmd[cmd.index(flag) + 1]
+
+
+def _pod_spec(obj: dict) -> dict:
+    return obj["spec"]["template"]["spec"]
+
+
+def test_mlflow_k8s_manifests_parse():
+    objs = _mlflow_k8s()
+    assert {("Namespace", "mlflow"), ("Service", "mlflow"), ("Deployment", "mlflow"),
+            ("PersistentVolumeClaim", "mlflow-artifacts"), ("StatefulSet", "postgres"),
+            ("Service", "postgres")} <= set(objs)
+    for (kind, name), d in objs.items():
+        if kind != "Namespace":
+            assert d["metadata"].get("namespace") == "mlflow", (kind, name)
+    # The database password is created with kubectl, never shipped as a Secret.
+    assert not [k for k in objs if k[0] == "Secret"]
+    for kind in ("Deployment", "StatefulSet"):
+        for (k, name), d in objs.items():
+            if k == kind:
+                assert d["spec"]["selector"]["matchLabels"].items() <= \
+                    d["spec"]["template"]["metadata"]["labels"].items(), name
+
+
+def test_mlflow_service_matches_ray_tracking_uri():
+    from urllib.parse import urlsplit
+
+    uris = _tracking_uris()
+    assert uris == {"http://mlflow.mlflow.svc.cluster.local:5000"}
+    (uri,) = uris
+    u = urlsplit(uri)
+    svc_name, namespace, *rest = u.hostname.split(".")
+    assert rest == ["svc", "cluster", "local"]
+    objs = _mlflow_k8s()
+    svc = objs[("Service", svc_name)]
+    assert svc["metadata"]["namespace"] == namespace
+    assert svc["spec"].get("type", "ClusterIP") == "ClusterIP"   # no LoadBalancer/NodePort
+    (port,) = [p for p in svc["spec"]["ports"] if p["port"] == u.port]
+
+    # The Service reaches the server's container port, and that is --port.
+    dep = objs[("Deployment", "mlflow")]
+    assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    (c,) = _pod_spec(dep)["containers"]
+    target = port.get("targetPort", port["port"])
+    (cport,) = [p for p in c["ports"] if target in (p.get("name"), p["containerPort"])]
+    cmd = c.get("command", []) + c.get("args", [])
+    assert int(_arg(cmd, "--port")) == cport["containerPort"]
+    assert _arg(cmd, "--host") == "0.0.0.0"
+
+
+# Importing MLflow's CLI loads its SQLAlchemy store, which warns about its own code.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_mlflow_server_args_hosts_backend_and_artifacts(monkeypatch):
+    import click
+    from mlflow.cli import cli as mlflow_cli
+    from mlflow.server.security_utils import is_allowed_host_header, is_health_endpoint
+
+    objs = _mlflow_k8s()
+    dep = objs[("Deployment", "mlflow")]
+    pod = _pod_spec(dep)
+    (c,) = pod["containers"]
+    cmd = c.get("command", []) + c.get("args", [])
+    assert cmd[:2] == ["mlflow", "server"]
+
+    # Host headers: the in-cluster name the Ray pods use, and port-forward's.
+    allowed = _arg(cmd, "--allowed-hosts").split(",")
+    assert "*" not in allowed
+    (uri,) = _tracking_uris()
+    in_cluster = uri.split("://", 1)[1].rstrip("/")
+    for host in (in_cluster, "127.0.0.1:5000", "localhost:5000"):
+        assert is_allowed_host_header(allowed, host), host
+    assert not is_allowed_host_header(allowed, "attacker.example:5000")
+    # kubelet probes send the pod IP as Host: only MLflow's exempt paths work.
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert is_health_endpoint(c[probe]["httpGet"]["path"]), probe
+
+    # Artifacts served by the server from a PVC: jobs need no cloud credentials.
+    assert "--serve-artifacts" in cmd and "--no-serve-artifacts" not in cmd
+    dest = _arg(cmd, "--artifacts-destination")
+    vols = {v["name"]: v for v in pod["volumes"]}
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == dest]
+    claim = vols[mount["name"]]["persistentVolumeClaim"]["claimName"]
+    assert ("PersistentVolumeClaim", claim) in objs
+    assert dep["spec"]["strategy"]["type"] == "Recreate"   # RWO volume, one writer
+
+    # Backend: PostgreSQL; the password only through a secretKeyRef.
+    env = c["env"]
+    names = [e["name"] for e in env]
+    pw = env[names.index("POSTGRES_PASSWORD")]
+    assert "value" not in pw
+    ref = pw["valueFrom"]["secretKeyRef"]
+    assert (ref["name"], ref["key"]) == ("mlflow-postgres", "password") and not ref.get("optional")
+    raw = env[names.index("MLFLOW_BACKEND_STORE_URI")]["value"]
+    assert raw.startswith("postgresql://") and ":$(POSTGRES_PASSWORD)@" in raw
+    # Kubernetes expands $(VAR) only from variables listed before it.
+    assert names.index("POSTGRES_PASSWORD") < names.index("MLFLOW_BACKEND_STORE_URI")
+    resolved = _expand_env(env, {("mlflow-postgres", "password"): "0123abcd"})
+    backend = resolved["MLFLOW_BACKEND_STORE_URI"]
+    m = re.fullmatch(r"postgresql://(\w+):0123abcd@([\w.-]+):(\d+)/(\w+)", backend)
+    assert m, backend
+    user, host, pg_port, db = m.groups()
+
+    # ... and it points at the PostgreSQL the manifests create, with its user/db/secret.
+    pg_svc_name, pg_ns = host.split(".")[:2]
+    assert (pg_svc_name, pg_ns) == ("postgres", "mlflow")
+    pg_svc = objs[("Service", pg_svc_name)]
+    assert int(pg_port) in [p["port"] for p in pg_svc["spec"]["ports"]]
+    sts = objs[("StatefulSet", "postgres")]
+    assert pg_svc["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+    (pg,) = _pod_spec(sts)["containers"]
+    pg_env = {e["name"]: e for e in pg["env"]}
+    assert pg_env["POSTGRES_USER"]["value"] == user and pg_env["POSTGRES_DB"]["value"] == db
+    assert pg_env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == ref
+    assert sts["spec"]["volumeClaimTemplates"]
+
+    # The pinned MLflow's own CLI accepts the arguments and reads the backend
+    # URI from that variable (parsing only, nothing starts).
+    monkeypatch.setenv("MLFLOW_BACKEND_STORE_URI", backend)
+    ctx = mlflow_cli.commands["server"].make_context("server", list(cmd[2:]))
+    assert ctx.params["backend_store_uri"] == backend
+    assert ctx.params["port"] == 5000 and ctx.params["serve_artifacts"] is True
+    assert ctx.params["artifacts_destination"] == dest
+    # A Service named `mlflow` makes Kubernetes inject MLFLOW_PORT=tcp://...,
+    # which this CLI reads as --port: service links must be off.
+    port_opt = [p for p in mlflow_cli.commands["server"].params if p.name == "port"][0]
+    assert port_opt.envvar == "MLFLOW_PORT" and isinstance(port_opt.type, click.types.IntParamType)
+    assert pod["enableServiceLinks"] is False
+
+
+def test_mlflow_k8s_images_match_pins_and_compose():
+    objs = _mlflow_k8s()
+    comp = yaml.safe_load((MLFLOW_DIR / "docker-compose.yaml").read_text())["services"]
+    (c,) = _pod_spec(objs[("Deployment", "mlflow")])["containers"]
+    assert c["image"] == comp["mlflow"]["image"] == f"privimage-mlflow:{REQ['mlflow']}"
+    dockerfile = (MLFLOW_DIR / "Dockerfile").read_text()
+    assert re.search(rf"^FROM ghcr\.io/mlflow/mlflow:v{re.escape(REQ['mlflow'])}\s*$", dockerfile, re.M)
+    assert re.search(r"pip install [^\n]*psycopg2-binary==\d", dockerfile)
+    # The build context holds .env (real credentials): keep it out.
+    ignore = (MLFLOW_DIR / ".dockerignore").read_text().split()
+    assert "*" in ignore or ".env" in ignore
+    # PostgreSQL: the compose file's major version everywhere.
+    pg_images = {x["image"] for (kind, _), d in objs.items() if kind in ("Deployment", "StatefulSet")
+                 for x in _pod_spec(d)["containers"] + _pod_spec(d).get("initContainers", [])
+                 if x["image"].startswith("postgres")}
+    assert pg_images == {comp["postgres"]["image"]} == {"postgres:15"}
+
+
+# ------------------------------------------------------ PodMonitor (KubeRay)
+def _kuberay_pod_labels(template_labels: dict, node_type: str, cluster: str, group: str) -> dict:
+    """The labels KubeRay puts on a Ray pod (labelPod in KubeRay's
+    ray-operator/controllers/ray/common/pod.go): its own, with the template's
+    labels on top except ray.io/node-type, ray.io/group and ray.io/cluster."""
+    labels = {
+        "ray.io/is-ray-node": "yes",
+        "ray.io/cluster": cluster,
+        "ray.io/node-type": node_type,
+        "ray.io/group": group,
+        "ray.io/identifier": f"{cluster}-{node_type}",
+        "app.kubernetes.io/name": "kuberay",
+        "app.kubernetes.io/created-by": "kuberay-operator",
+    }
+    fixed = {"ray.io/node-type", "ray.io/group", "ray.io/cluster"}
+    labels.update({k: v for k, v in (template_labels or {}).items() if k not in fixed})
+    return labels
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """Kubernetes LabelSelector semantics (matchLabels AND matchExpressions)."""
+    if not selector:
+        return True
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        key, op, vals = e["key"], e["operator"], e.get("values", [])
+        ok = {"In": key in labels and labels[key] in vals,
+              "NotIn": key not in labels or labels[key] not in vals,
+              "Exists": key in labels,
+              "DoesNotExist": key not in labels}[op]
+        if not ok:
+            return False
+    return True
+
+
+def test_label_selector_helper():
+    sel = {"matchLabels": {"a": "1"}, "matchExpressions": [{"key": "t", "operator": "In",
+                                                          "values": ["head", "worker"]}]}
+    assert _selects(sel, {"a": "1", "t": "head"})
+    assert not _selects(sel, {"a": "1"}) and not _selects(sel, {"a": "2", "t": "worker"})
+    assert _kuberay_pod_labels({"ray.io/node-type": "x", "k": "v"}, "head", "c", "headgroup")[
+        "ray.io/node-type"] == "head"
+
+
+def test_podmonitor_selects_kuberay_pods_on_declared_metrics_port():
+    docs = [d for d in yaml.safe_load_all(PODMONITOR.read_text()) if d]
+    (pm,) = docs
+    assert (pm["apiVersion"], pm["kind"]) == ("monitoring.coreos.com/v1", "PodMonitor")
+    # Same namespace as the Ray pods (the KubeRay manifests set none either).
+    assert "namespace" not in pm["metadata"] and "namespaceSelector" not in pm["spec"]
+    sel = pm["spec"]["selector"]
+    keys = set(sel.get("matchLabels", {})) | {e["key"] for e in sel.get("matchExpressions", [])}
+    assert keys & {"ray.io/node-type", "ray.io/cluster"}, "select by KubeRay's labels"
+    endpoints = pm["spec"]["podMetricsEndpoints"]
+    assert endpoints and all(e.get("path", "/metrics") == "/metrics" for e in endpoints)
+
+    # RayCluster `privimage`; a RayJob's cluster is `<rayjob name>-<5 random chars>`.
+    (job,) = _docs("rayjob.yaml")
+    for name, cluster in (("raycluster.yaml", "privimage"),
+                          ("rayjob.yaml", f"{job['metadata']['name']}-x7k2p")):
+        spec = _cluster_spec(name)
+        groups = [("head", "headgroup", spec["headGroupSpec"])] + [
+            ("worker", g["groupName"], g) for g in spec["workerGroupSpecs"]]
+        for node_type, group, g in groups:
+            tmpl = g["template"]
+            labels = _kuberay_pod_labels(tmpl["metadata"].get("labels"), node_type, cluster, group)
+            assert _selects(sel, labels), (name, node_type)
+            metrics_port = int(g["rayStartParams"]["metrics-export-port"])
+            declared = {p.get("name"): p["containerPort"]
+                        for c in tmpl["spec"]["containers"] for p in c.get("ports", [])}
+            for e in endpoints:
+                port = e.get("port", e.get("targetPort"))
+                number = declared.get(port) if isinstance(port, str) else port
+                assert number == metrics_port == 8080, (name, node_type, port)
+
+    # Not the MLflow/PostgreSQL pods, not the RayJob submitter (no node type),
+    # not Ray pods of some other KubeRay cluster.
+    for (kind, _), d in _mlflow_k8s().items():
+        if kind in ("Deployment", "StatefulSet"):
+            assert not _selects(sel, d["spec"]["template"]["metadata"]["labels"])
+    assert not _selects(sel, {"app.kubernetes.io/name": "privimage", "batch.kubernetes.io/job-name": "x"})
+    assert not _selects(sel, _kuberay_pod_labels({}, "worker", "other", "gpu"))
+
+    relabel = {r["targetLabel"]: r["sourceLabels"] for e in endpoints for r in e.get("relabelings", [])}
+    assert relabel.get("ray_io_cluster") == ["__meta_kubernetes_pod_label_ray_io_cluster"]
 
 
 # --------------------------------------------------------------- Dockerfile
@@ -321,6 +607,8 @@ def test_version_mentions_agree_with_requirements():
                 assert ver == REQ["ray"], f
             for ver in re.findall(r"ghcr\.io/mlflow/mlflow:v([0-9][\w.]*)", f.read_text(errors="ignore")):
                 assert ver == REQ["mlflow"], f
+            for ver in re.findall(r"privimage-mlflow:([0-9][\w.]*[0-9])", f.read_text(errors="ignore")):
+                assert ver == REQ["mlflow"], f
 
 
 # ------------------------------------------------------------------ secrets
@@ -332,7 +620,8 @@ SECRET_PATTERNS = [
     re.compile(r"\bxox[abpr]-[A-Za-z0-9-]{10,}"),              # Slack tokens
     re.compile(r"\"type\"\s*:\s*\"service_account\""),        # GCP key file
 ]
-PLACEHOLDER = re.compile(r"^(\$\{[^}]*\}|\$\$?\{?\w+\}?|changeme|\.\.\.|<[^>]*>|)$")
+# `$(...)`: a shell command substitution or a Kubernetes $(VAR) reference.
+PLACEHOLDER = re.compile(r"^(\$\{[^}]*\}|\$\$?\{?\w+\}?|\$\(.*|changeme|\.\.\.|<[^>]*>|)$")
 # `${NAME:?msg}` is an interpolation, not an assignment: skip keys after "{".
 ASSIGN = re.compile(r"(?i)(?<!\{)\b(\w*(?:password|passwd|secret|token|api_key|apikey)\w*)\s*[:=]\s*['\"]?([^\s'\"#,]*)")
 URL_CRED = re.compile(r"://([^:/@\s]+):([^@\s]+)@")
@@ -358,10 +647,12 @@ def test_no_secrets_in_deploy_files():
                 continue
             if val.startswith(("~/", "/")):  # a path to a file kept outside the repo
                 continue
+            if val.lower() in {"true", "false"}:  # a switch (automountServiceAccountToken: false)
+                continue
             if not PLACEHOLDER.match(val) and not val.startswith("${"):
                 problems.append(f"{rel}: {key} = {val!r}")
         for m in URL_CRED.finditer(text):
-            if not m.group(2).startswith("${"):
+            if not m.group(2).startswith(("${", "$(")):
                 problems.append(f"{rel}: credentials in URL ({m.group(1)}:***)")
     assert not problems, "\n".join(problems)
 
@@ -376,3 +667,4 @@ def test_secret_scan_catches_examples(tmp_path):
     assert not ASSIGN.search("${POSTGRES_PASSWORD:?set it in .env}")
     assert PLACEHOLDER.match("changeme") and PLACEHOLDER.match("${POSTGRES_PASSWORD}")
     assert URL_CRED.search("postgresql://mlflow:hunter2@db:5432/mlflow")
+    assert PLACEHOLDER.match("$(POSTGRES_PASSWORD)") and not PLACEHOLDER.match("hunter2$(X)")
