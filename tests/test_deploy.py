@@ -231,7 +231,8 @@ def test_dashboard_ray_metrics_exist_in_ray_source():
     import ray
 
     used = {n for e in _dashboard_exprs() for n in _RAYS.findall(e)}
-    assert {"ray_node_cpu_utilization", "ray_node_gpus_utilization"} <= used
+    assert {"ray_node_cpu_utilization", "ray_node_gpus_utilization",  # per node
+            "ray_component_cpu_percentage", "ray_component_gpu_percentage"} <= used  # per worker
     pkg = Path(ray.__file__).parent
     # Ray declares gauges without the "ray_" prefix its exporter adds; look
     # for the quoted declaration in the agent code (not in Ray's dashboards).
