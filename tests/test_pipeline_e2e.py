@@ -49,6 +49,28 @@ def ray_local():
     ray.shutdown()
 
 
+def test_local_ray_binds_loopback_only(ray_local):
+    """The default route (a local Ray started by the program, no address):
+    every server of that Ray session listens on loopback only."""
+    import os
+
+    import psutil
+
+    procs = psutil.Process(os.getpid()).children(recursive=True)
+    listening = []
+    for p in procs:
+        try:
+            listening += [(p.name(), c.laddr.ip, c.laddr.port)
+                          for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    names = {n for n, _, _ in listening}
+    assert {"gcs_server", "raylet"} <= names, names  # we really looked at Ray's servers
+    loopback = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
+    public = [x for x in listening if x[1] not in loopback]
+    assert not public, f"bound beyond loopback: {public}"
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, ray_local):
     from services.pipeline import run_pipeline
