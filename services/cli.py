@@ -81,6 +81,7 @@ def cmd_tune(a) -> int:
 def cmd_evaluate(a) -> int:
     from services.evaluate_cli import evaluate_dataset
     res = evaluate_dataset(a.synthetic, a.real, config=a.config, generator=a.generator,
+                           real_test=a.real_test,
                            out_dir=a.out, log=lambda s: print(s, file=sys.stderr))
     print(json.dumps(res, indent=2, default=str))
     print(f"report written to {res['report']}")
@@ -100,8 +101,14 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--resume", default=None, metavar="RUN_DIR", help="resume a run directory")
         s.set_defaults(fn=fn)
     e = sub.add_parser("evaluate", help="evaluate a synthetic dataset against real data")
-    e.add_argument("--synthetic", required=True, help="directory with images.parquet + manifest.json")
+    e.add_argument("--synthetic", required=True,
+                   help="a run's synthetic directory (manifest.json + images.parquet), "
+                        "folder:<ImageFolder>, parquet:<path>, or an .npz (images, labels"
+                        "[, class_names])")
     e.add_argument("--real", required=True, help="real dataset spec, e.g. mnist or folder:/path")
+    e.add_argument("--real-test", default=None, metavar="SPEC",
+                   help="held-out real data for the test split (required when --real is "
+                        "folder:/parquet:, which have no train/test split of their own)")
     e.add_argument("--config", default=None, help="the run's config (evaluation settings, "
                    "generator preset, data.sensitive_max / run.seed for the audit's members)")
     e.add_argument("--generator", default=None, metavar="DP_GENERATOR_PT",

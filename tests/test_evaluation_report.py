@@ -23,10 +23,12 @@ from privimage_core.config import EvaluationConfig, from_dict
 from privimage_core.data.imageset import ImageSet
 from privimage_core.diffusion.edm import EDMPrecond, edm_loss, sample_training_noise
 from privimage_core.diffusion.unet import build_unet
-from privimage_core.errors import ConfigError
+from privimage_core.errors import ConfigError, DataError
 from privimage_core.evaluation import fid
-from privimage_core.evaluation.diffusion_mia import (audit_check, diffusion_mia,
-                                                     max_detectable_epsilon)
+from privimage_core.evaluation.diffusion_mia import (audit_check, denoising_loss_fn,
+                                                     diffusion_mia, max_detectable_epsilon)
+from privimage_core.evaluation.membership import (empirical_epsilon_lower_bound,
+                                                  loss_threshold_scores, roc_metrics)
 from privimage_core.evaluation.report import class_strips, render_html
 from privimage_core.evaluation.suite import EvaluationResult, run_evaluation
 from tests.test_evaluation import _FakeInception, noised, shapes
@@ -122,10 +124,17 @@ def test_attack_catches_memorisation_but_not_dp(audit_data, memorising_model):
 
 def test_scores_use_identical_noise_for_members_and_nonmembers(audit_data):
     """Common random numbers: scoring the same images as 'members' and as
-    'non-members' gives identical scores, so AUC is exactly 0.5 and no bound."""
+    'non-members' gives identical scores, so AUC is exactly 0.5 and no bound.
+    (diffusion_mia itself refuses such a pair: non-members must be held out.)"""
     members, _ = audit_data
-    r = diffusion_mia(tiny_edm(), members, members)
-    assert r["auc"] == 0.5 and r["eps_lb"] == 0.0 and r["score_gap"] == 0.0
+    fn = denoising_loss_fn(tiny_edm().eval())
+    kw = dict(noise_levels=(0.1, 0.3, 1.0), seed=0)
+    s_m, s_n = loss_threshold_scores(fn, members, **kw), loss_threshold_scores(fn, members, **kw)
+    assert np.array_equal(s_m, s_n)
+    assert roc_metrics(s_m, s_n)["auc"] == 0.5
+    assert empirical_epsilon_lower_bound(s_m, s_n, delta=1e-5)["eps_lb"] == 0.0
+    with pytest.raises(DataError, match="non-members must be held-out data"):
+        diffusion_mia(tiny_edm(), members, members)
 
 
 def test_audit_flags_ledger_below_empirical_bound(audit_data, memorising_model):

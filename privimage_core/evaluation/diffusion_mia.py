@@ -11,7 +11,8 @@ statistical lower bound on the epsilon any DP guarantee of the model can have.
 Members must be images the model was trained on (for the pipeline: a random
 subset of the sensitive training set, all of which DP fine-tuning reads);
 non-members held-out images of the same distribution the model never saw
-(the pipeline uses part of the real test split). Reading either is a
+(the pipeline uses part of the real test split); a non-member identical to
+a member (same uint8 pixels) is refused. Reading either is a
 non-private evaluation: its numbers describe the release, nothing is
 trained on them and no image leaves this function.
 
@@ -24,6 +25,7 @@ be refuted by this audit, however much the model leaks.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Sequence
 
 import numpy as np
@@ -81,6 +83,18 @@ def _check_pair(members: ImageSet, nonmembers: ImageSet) -> None:
     if members.shape != nonmembers.shape:
         raise DataError(f"members are {members.shape} but non-members are {nonmembers.shape} "
                         "(H,W,C); load both at the model's resolution")
+    shared = image_digests(members) & image_digests(nonmembers)
+    if shared:
+        raise DataError(f"{len(shared)} non-member image(s) are identical to member images; "
+                        "non-members must be held-out data the model never saw (a real test "
+                        "split; for folder:/parquet: data a separate --real-test / "
+                        "data.sensitive_test)")
+
+
+def image_digests(ds: ImageSet) -> set[bytes]:
+    """Content hashes of the uint8 images (shape-checked by the caller)."""
+    return {hashlib.blake2b(np.ascontiguousarray(im).tobytes(), digest_size=16).digest()
+            for im in ds.images}
 
 
 def diffusion_mia(precond: torch.nn.Module, members: ImageSet, nonmembers: ImageSet,
