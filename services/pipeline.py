@@ -85,14 +85,17 @@ def _save_state(run_dir: Path, state: dict) -> None:
     tmp.replace(run_dir / STATE_FILE)
 
 
-def _checkpoint_ledgers(storage: str, trainer_name: str) -> list[dict]:
-    """The ledgers saved in a Ray Train run's checkpoints (local or remote storage)."""
+def _checkpoint_ledgers(storage: str, trainer_name: str) -> list[tuple[str, dict]]:
+    """(checkpoint path or URI, ledger) of every checkpoint of a Ray Train run
+    that holds a readable ledger (local or remote storage)."""
     from pyarrow import fs as pafs
 
     if "://" in storage:
         filesystem, root = pafs.FileSystem.from_uri(storage)
+        scheme = storage.split("://", 1)[0] + "://"
     else:
         filesystem, root = pafs.LocalFileSystem(), str(Path(storage).resolve())
+        scheme = ""
     infos = filesystem.get_file_info(pafs.FileSelector(f"{root}/{trainer_name}",
                                                        allow_not_found=True))
     out = []
@@ -100,7 +103,7 @@ def _checkpoint_ledgers(storage: str, trainer_name: str) -> list[dict]:
         if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_"):
             try:
                 with filesystem.open_input_stream(f"{info.path}/ledger.json") as f:
-                    out.append(json.loads(f.read().decode()))
+                    out.append((scheme + info.path, json.loads(f.read().decode())))
             except (FileNotFoundError, OSError, ValueError):
                 continue  # a checkpoint being written when the run died
     return out
@@ -111,30 +114,35 @@ def _dp_steps(ledger_state: dict) -> int:
     return sum(r["steps"] for r in ledger_state["records"] if r["name"] == DP_SGD_MECHANISM)
 
 
-def resume_ledger(state: dict, storage: str, trainer_name: str) -> PrivacyLedger:
-    """The ledger a resumed run continues from.
+def resume_ledger(state: dict, storage: str, trainer_name: str
+                  ) -> tuple[PrivacyLedger, str | None]:
+    """The ledger a resumed run continues from, and the fine-tuning
+    checkpoint (path or URI) that holds it, if any.
 
     Once fine-tuning has started, its checkpoints hold DP-SGD steps that the
     saved state does not. We read them here instead of relying on Ray Train
     restoring the trainer by name (a Ray Train default that a storage change
-    or Train V1 would silently break): the ledger with the most DP-SGD steps
-    wins. If fine-tuning started and no checkpoint survived, the steps it took
-    cannot be known, so the run refuses to go on rather than spend them twice.
+    or Train V1 would silently break): the checkpoint with the most DP-SGD
+    steps wins, and the fine-tuning loop restarts from it. If fine-tuning
+    started and no checkpoint survived, the steps it took cannot be known, so
+    the run refuses to go on rather than spend them twice.
     """
     ledger = PrivacyLedger.from_state_dict(state["ledger"])
-    if "finetune_plan" not in state or "finetune" in state["stages"]:
-        return ledger
+    if "finetune_plan" not in state:
+        return ledger, None
     found = _checkpoint_ledgers(storage, trainer_name)
     if not found:
+        if "finetune" in state["stages"]:  # finished: its ledger is in the state
+            return ledger, None
         from privimage_core.errors import PrivacyBudgetError
         raise PrivacyBudgetError(
             f"this run's DP fine-tuning started but no checkpoint of '{trainer_name}' is left "
             f"under {storage}; the DP-SGD steps it took cannot be accounted, so it cannot "
             "resume; start a new run (and count this one's planned budget as spent)")
-    best = max(found, key=_dp_steps)
-    if _dp_steps(best) > _dp_steps(state["ledger"]):
+    path, best = max(found, key=lambda pl: _dp_steps(pl[1]))
+    if _dp_steps(best) >= _dp_steps(state["ledger"]):
         ledger.load_state_dict(best)
-    return ledger
+    return ledger, path
 
 
 def spent_upper_bound(run_dir: Path) -> dict | None:
@@ -221,8 +229,11 @@ def run_pipeline(cfg: Config, resume_dir: str | None = None, parent_run_id: str 
     run_dir.mkdir(parents=True, exist_ok=True)
     class_names = list(sens.class_names)
     storage = cfg.ray.storage_path or str(run_dir / "ray_train")
-    ledger = (resume_ledger(state, storage, f"{run_dir.name}-finetune") if "ledger" in state else
-              PrivacyLedger(cfg.privacy.target_epsilon, inputs.delta, cfg.privacy.accountant))
+    resume_ckpt = None
+    if "ledger" in state:
+        ledger, resume_ckpt = resume_ledger(state, storage, f"{run_dir.name}-finetune")
+    else:
+        ledger = PrivacyLedger(cfg.privacy.target_epsilon, inputs.delta, cfg.privacy.accountant)
     _save_state(run_dir, state)
 
     ray_info = ray_runtime.ensure_ray(cfg.ray, metrics_port=cfg.metrics.port)
@@ -364,6 +375,7 @@ def run_pipeline(cfg: Config, resume_dir: str | None = None, parent_run_id: str 
                 train_loop_config={**common, "data_ref": sens_ref, "ledger": ledger.state_dict(),
                                    "init_ref": ray.put(state_bytes(init_state)),
                                    "noise_multiplier": sigma, "total_steps": total,
+                                   "resume_checkpoint": resume_ckpt,
                                    "mlflow_run_id": srun.info.run_id,
                                    "checkpoint_every": max(1, total // 4)},
                 run_config=RunConfig(name=f"{run_dir.name}-finetune", storage_path=storage,

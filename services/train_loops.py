@@ -145,7 +145,11 @@ def finetune_loop(config: dict) -> None:
     precond = build_generator(cfg.generator, cfg.data.image_size, cfg.data.channels,
                               config["num_classes"]).to(dev)
     ledger = PrivacyLedger.from_state_dict(config["ledger"])
+    # Ray Train's own restore (a failed worker group) first; else the
+    # checkpoint the driver found when the pipeline was resumed.
     ckpt = ray.train.get_checkpoint()
+    if ckpt is None and config.get("resume_checkpoint"):
+        ckpt = ray.train.Checkpoint(config["resume_checkpoint"])
     opt_state = None
     if ckpt:  # resume: weights AND ledger come from the checkpoint
         with ckpt.as_directory() as d:
@@ -188,9 +192,12 @@ def finetune_loop(config: dict) -> None:
 
     ck_every = config.get("checkpoint_every", 0)
     t0 = time.time()
+    start = dp.record.steps
     steps = dp_finetune(dp, ema, precond, total, cfg.finetune.physical_batch_size, on_step=on_step,
                         checkpoint_every=ck_every,
                         on_checkpoint=lambda s: _report({"step": s, "epsilon": ledger.epsilon()},
                                                         rank, save))
-    if not ck_every or steps % ck_every != 0:
+    # the last state is always a reported checkpoint (also when a resumed run
+    # had no step left to take)
+    if not ck_every or steps % ck_every != 0 or steps == start:
         _report({"step": steps, "epsilon": ledger.epsilon(), "seconds": time.time() - t0}, rank, save)

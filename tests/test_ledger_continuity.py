@@ -56,9 +56,10 @@ def test_resume_continues_the_checkpointed_ledger_not_the_saved_state(tmp_path):
     _checkpoint(storage, "r-finetune", "2026-12-02_07-00-00", 50)
     _checkpoint(storage, "r-finetune", "2026-12-02_07-05-00", 100)
     _checkpoint(storage, "r-finetune", "2026-12-02_07-09-00", None)  # died while writing
-    led = resume_ledger(state, str(storage), "r-finetune")
+    led, path = resume_ledger(state, str(storage), "r-finetune")
     dp = next(r for r in led.records if r.name == DP_SGD_MECHANISM)
     assert dp.steps == 100  # the most steps any checkpoint recorded
+    assert path.endswith("checkpoint_2026-12-02_07-05-00")  # the loop restarts from it
     assert led.epsilon() > PrivacyLedger.from_state_dict(state["ledger"]).epsilon()
 
 
@@ -72,8 +73,8 @@ def test_resume_refuses_when_finetuning_started_but_no_checkpoint_survived(tmp_p
 def test_resume_before_finetuning_uses_the_saved_ledger(tmp_path):
     run = _run_dir(tmp_path, "r", parent=None, started_finetune=False, finished=False)
     state = json.loads((run / STATE_FILE).read_text())
-    led = resume_ledger(state, str(tmp_path / "nothing"), "r-finetune")
-    assert [r.name for r in led.records] == [QUERY_MECHANISM]
+    led, path = resume_ledger(state, str(tmp_path / "nothing"), "r-finetune")
+    assert [r.name for r in led.records] == [QUERY_MECHANISM] and path is None
 
 
 def test_spent_upper_bound_charges_a_failed_run_its_whole_plan(tmp_path):

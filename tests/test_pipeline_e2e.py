@@ -159,3 +159,40 @@ def test_no_sensitive_data_leaves(finished_run):
     assert keys and not any(k.startswith(("sensitive", "class_count", "label_count")) for k in keys)
     text = "\n".join(logs)
     assert sizes_txt.decode() not in text and probe_labels_txt.decode() not in text
+
+
+def test_resume_during_finetuning_continues_the_ledger(finished_run):
+    """A driver that died after DP fine-tuning had checkpointed, resumed with
+    ``--resume``: the saved state still says 'fine-tuning started' (its plan
+    is saved, its ledger holds only the query), the checkpoints hold the DP
+    steps. The resumed run continues the checkpoints' ledger: it takes no
+    step twice and reports the same epsilon, not a restarted ledger, and
+    releases the same DP model. Ray Train's own restore-by-name is disabled
+    (its snapshot removed), so the driver's checkpoint lookup is what counts.
+    (Runs last in this module: it rewrites the finished run's state.)"""
+    import torch
+
+    from services.pipeline import run_pipeline
+
+    cfg, s, _, _ = finished_run
+    run_dir = Path(s["run_dir"])
+    released = torch.load(run_dir / "dp_generator.pt", map_location="cpu")
+    snapshots = list((run_dir / "ray_train").glob("*-finetune/checkpoint_manager_snapshot.json"))
+    assert len(snapshots) == 1
+    snapshots[0].unlink()
+    state_path = run_dir / "pipeline_state.json"
+    state = json.loads(state_path.read_text())
+    assert state["finetune_plan"]["total_steps"] == 4
+    for stage in ("finetune", "done"):
+        state["stages"].pop(stage, None)
+    state["ledger"]["records"] = [r for r in state["ledger"]["records"]
+                                  if r["name"] != "dp_sgd_finetune"]
+    state_path.write_text(json.dumps(state))
+    logs: list[str] = []
+    resumed = run_pipeline(cfg, resume_dir=s["run_dir"], log=logs.append)
+    assert [r["steps"] for r in resumed["ledger"]["records"]] == [1, 4]
+    assert resumed["epsilon"] == pytest.approx(s["epsilon"], rel=1e-12)
+    assert any("DP-SGD:" in line and "4 steps" in line for line in logs), logs
+    again = torch.load(run_dir / "dp_generator.pt", map_location="cpu")
+    assert released.keys() == again.keys()
+    assert all(torch.equal(released[k], again[k]) for k in released)  # no step retaken
