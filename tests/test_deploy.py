@@ -105,6 +105,35 @@ def test_aws_security_group_opens_nothing_extra():
     assert cfg["provider"]["security_group"]["IpPermissions"] == []
 
 
+def test_aws_strict_groups_open_metrics_to_the_head_only():
+    """deploy/aws/security_groups.sh: the workers group never opens 8080 to
+    anything but the head group; the head group takes SSH from SSH_CIDR only."""
+    import re
+
+    script = (DEPLOY / "aws" / "security_groups.sh").read_text()
+    rules = {}
+    for group, body in re.findall(r'--group-id "\$(\w+)" --ip-permissions((?:\s*\\?\s*"[^"]+")+)',
+                                  script):
+        rules[group] = re.findall(r'"([^"]+)"', body)
+    assert set(rules) == {"HEAD", "WORKERS"}
+
+    def opens_8080(rule: str) -> bool:
+        if "IpProtocol=-1" in rule:
+            return True
+        m = re.search(r"IpProtocol=tcp,FromPort=(\d+),ToPort=(\d+)", rule)
+        return bool(m) and int(m[1]) <= 8080 <= int(m[2])
+
+    to_8080 = [r for r in rules["WORKERS"] if opens_8080(r)]
+    assert to_8080 and all(re.search(r"UserIdGroupPairs=\[\{GroupId=\$HEAD\}\]$", r)
+                           for r in to_8080), to_8080
+    assert not any("0.0.0.0/0" in r for rs in rules.values() for r in rs)
+    assert any("FromPort=22" in r and "$SSH_CIDR" in r for r in rules["HEAD"])
+    # the launcher config points at the script where the groups go
+    launcher = (ROOT / "ray_cluster.yaml").read_text()
+    assert launcher.count("# SecurityGroupIds: [sg-HEAD]") == 1
+    assert launcher.count("# SecurityGroupIds: [sg-WORKERS]") == 2
+
+
 # ----------------------------------------------------------------- KubeRay
 def _docs(name: str) -> list[dict]:
     return [d for d in yaml.safe_load_all((KUBERAY / name).read_text()) if d]
