@@ -78,6 +78,22 @@ def load_inputs(cfg: Config) -> Inputs:
     return Inputs(sens, test, delta)
 
 
+def _new_run_dir(output_dir: Path, name: str) -> Path:
+    """A fresh run directory, created atomically: concurrent runs (Tune
+    trials with the same overrides) started in the same second get distinct
+    directories, and so distinct Ray Train names, ledgers and states."""
+    base = output_dir.resolve() / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for i in range(10_000):
+        d = base if i == 0 else base.with_name(f"{base.name}-{i}")
+        try:
+            d.mkdir()
+            return d
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a run directory next to {base}")
+
+
 def _save_state(run_dir: Path, state: dict) -> None:
     tmp = run_dir / (STATE_FILE + ".tmp")
     tmp.write_text(json.dumps(state, indent=2, default=lambda o: o.tolist()
@@ -85,28 +101,43 @@ def _save_state(run_dir: Path, state: dict) -> None:
     tmp.replace(run_dir / STATE_FILE)
 
 
-def _checkpoint_ledgers(storage: str, trainer_name: str) -> list[tuple[str, dict]]:
-    """(checkpoint path or URI, ledger) of every checkpoint of a Ray Train run
-    that holds a readable ledger (local or remote storage)."""
+def _storage_fs(storage: str):
+    """(pyarrow filesystem, root path) of a Ray Train storage path or URI; the
+    URI's options (endpoint, region, host) stay in the filesystem object."""
     from pyarrow import fs as pafs
 
     if "://" in storage:
-        filesystem, root = pafs.FileSystem.from_uri(storage)
-        scheme = storage.split("://", 1)[0] + "://"
-    else:
-        filesystem, root = pafs.LocalFileSystem(), str(Path(storage).resolve())
-        scheme = ""
+        return pafs.FileSystem.from_uri(storage)
+    return pafs.LocalFileSystem(), str(Path(storage).resolve())
+
+
+def _checkpoint_ledgers(storage: str, trainer_name: str) -> list[tuple[str, dict]]:
+    """(checkpoint path relative to ``storage``, ledger) of every checkpoint
+    of a Ray Train run that holds a readable ledger. Recursive: Train V2 puts
+    checkpoints in <name>/checkpoint_*, Train V1 in <name>/<trial>/checkpoint_*."""
+    from pyarrow import fs as pafs
+
+    filesystem, root = _storage_fs(storage)
     infos = filesystem.get_file_info(pafs.FileSelector(f"{root}/{trainer_name}",
-                                                       allow_not_found=True))
+                                                       allow_not_found=True, recursive=True))
     out = []
     for info in infos:
         if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_"):
             try:
                 with filesystem.open_input_stream(f"{info.path}/ledger.json") as f:
-                    out.append((scheme + info.path, json.loads(f.read().decode())))
+                    ledger = json.loads(f.read().decode())
             except (FileNotFoundError, OSError, ValueError):
                 continue  # a checkpoint being written when the run died
+            out.append((info.path[len(root):].lstrip("/"), ledger))
     return out
+
+
+def open_checkpoint(storage: str, relpath: str):
+    """The ray.train.Checkpoint at ``relpath`` under ``storage`` (local or remote)."""
+    import ray.train
+
+    filesystem, root = _storage_fs(storage)
+    return ray.train.Checkpoint(f"{root}/{relpath}", filesystem=filesystem)
 
 
 def _dp_steps(ledger_state: dict) -> int:
@@ -117,31 +148,36 @@ def _dp_steps(ledger_state: dict) -> int:
 def resume_ledger(state: dict, storage: str, trainer_name: str
                   ) -> tuple[PrivacyLedger, str | None]:
     """The ledger a resumed run continues from, and the fine-tuning
-    checkpoint (path or URI) that holds it, if any.
+    checkpoint (path relative to ``storage``) that holds it, if any.
 
     Once fine-tuning has started, its checkpoints hold DP-SGD steps that the
     saved state does not. We read them here instead of relying on Ray Train
     restoring the trainer by name (a Ray Train default that a storage change
-    or Train V1 would silently break): the checkpoint with the most DP-SGD
-    steps wins, and the fine-tuning loop restarts from it. If fine-tuning
-    started and no checkpoint survived, the steps it took cannot be known, so
-    the run refuses to go on rather than spend them twice.
+    or a lost snapshot would silently break): the checkpoint with the most
+    DP-SGD steps wins, and the fine-tuning loop restarts from it. Refused:
+    fine-tuning started and no checkpoint survived (the steps it took cannot
+    be known), or the surviving checkpoints hold fewer steps than the saved
+    ledger (the weights of the later steps are gone); either way going on
+    would release a model the ledger does not describe or spend steps twice.
     """
+    from privimage_core.errors import PrivacyBudgetError
+
     ledger = PrivacyLedger.from_state_dict(state["ledger"])
     if "finetune_plan" not in state:
         return ledger, None
     found = _checkpoint_ledgers(storage, trainer_name)
     if not found:
-        if "finetune" in state["stages"]:  # finished: its ledger is in the state
-            return ledger, None
-        from privimage_core.errors import PrivacyBudgetError
         raise PrivacyBudgetError(
             f"this run's DP fine-tuning started but no checkpoint of '{trainer_name}' is left "
-            f"under {storage}; the DP-SGD steps it took cannot be accounted, so it cannot "
-            "resume; start a new run (and count this one's planned budget as spent)")
+            f"under {storage}; its DP-SGD steps cannot be accounted or its weights restored, "
+            "so it cannot resume; start a new run (and count this one's planned budget as spent)")
     path, best = max(found, key=lambda pl: _dp_steps(pl[1]))
-    if _dp_steps(best) >= _dp_steps(state["ledger"]):
-        ledger.load_state_dict(best)
+    if _dp_steps(best) < _dp_steps(state["ledger"]):
+        raise PrivacyBudgetError(
+            f"the saved ledger holds {_dp_steps(state['ledger'])} DP-SGD steps but the newest "
+            f"surviving checkpoint of '{trainer_name}' only {_dp_steps(best)}; the later weights "
+            "are gone, so the run cannot resume; start a new run")
+    ledger.load_state_dict(best)
     return ledger, path
 
 
@@ -221,11 +257,12 @@ def run_pipeline(cfg: Config, resume_dir: str | None = None, parent_run_id: str 
         cfg = from_dict(state["config"])
         log(f"[privimage] resuming {run_dir} (stages done: {', '.join(state['stages']) or 'none'})")
     else:
-        run_dir = (Path(cfg.run.output_dir) / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-                   ).resolve()
+        run_dir = None
         state = {"config": cfg.to_dict(), "stages": {}, "parent_run_id": parent_run_id}
     inputs = load_inputs(cfg)
     sens, test = inputs.sensitive, inputs.test
+    if run_dir is None:  # only now: bad input leaves no directory behind
+        run_dir = _new_run_dir(Path(cfg.run.output_dir), cfg.run.name)
     run_dir.mkdir(parents=True, exist_ok=True)
     class_names = list(sens.class_names)
     storage = cfg.ray.storage_path or str(run_dir / "ray_train")
@@ -375,7 +412,8 @@ def run_pipeline(cfg: Config, resume_dir: str | None = None, parent_run_id: str 
                 train_loop_config={**common, "data_ref": sens_ref, "ledger": ledger.state_dict(),
                                    "init_ref": ray.put(state_bytes(init_state)),
                                    "noise_multiplier": sigma, "total_steps": total,
-                                   "resume_checkpoint": resume_ckpt,
+                                   "resume_checkpoint": resume_ckpt and {
+                                       "storage": storage, "relpath": resume_ckpt},
                                    "mlflow_run_id": srun.info.run_id,
                                    "checkpoint_every": max(1, total // 4)},
                 run_config=RunConfig(name=f"{run_dir.name}-finetune", storage_path=storage,

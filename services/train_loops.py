@@ -133,7 +133,8 @@ def finetune_loop(config: dict) -> None:
     """DP-SGD fine-tuning on the SENSITIVE data (Opacus, Poisson sampling)."""
     from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 
-    from privimage_core.dp_finetune import dp_finetune, make_private
+    from privimage_core.dp_finetune import DP_SGD_MECHANISM, dp_finetune, make_private
+    from privimage_core.errors import PrivacyBudgetError
 
     cfg = from_dict(config["cfg"])
     configure_torch(cfg)
@@ -149,7 +150,15 @@ def finetune_loop(config: dict) -> None:
     # checkpoint the driver found when the pipeline was resumed.
     ckpt = ray.train.get_checkpoint()
     if ckpt is None and config.get("resume_checkpoint"):
-        ckpt = ray.train.Checkpoint(config["resume_checkpoint"])
+        from services.pipeline import open_checkpoint
+        ckpt = open_checkpoint(**config["resume_checkpoint"])
+    prior_steps = sum(r.steps for r in ledger.records if r.name == DP_SGD_MECHANISM)
+    if ckpt is None and prior_steps:
+        # DP steps were taken but their weights are not here: starting again
+        # from the pre-trained weights would release a model the ledger does
+        # not describe.
+        raise PrivacyBudgetError(f"the ledger holds {prior_steps} DP-SGD steps but no "
+                                 "fine-tuning checkpoint was found to continue from")
     opt_state = None
     if ckpt:  # resume: weights AND ledger come from the checkpoint
         with ckpt.as_directory() as d:
@@ -157,7 +166,11 @@ def finetune_loop(config: dict) -> None:
             precond.load_state_dict(torch.load(d / "model.pt", map_location=dev))
             ema_state = torch.load(d / "ema.pt", map_location=dev)
             opt_state = torch.load(d / "optimizer.pt", map_location=dev)
-            ledger.load_state_dict(json.loads((d / "ledger.json").read_text()))
+            saved = PrivacyLedger.from_state_dict(json.loads((d / "ledger.json").read_text()))
+            if sum(r.steps for r in saved.records if r.name == DP_SGD_MECHANISM) < prior_steps:
+                raise PrivacyBudgetError("the fine-tuning checkpoint holds fewer DP-SGD steps "
+                                         "than the ledger the driver passed; refusing to undercount")
+            ledger.load_state_dict(saved.state_dict())
     else:  # start from the pre-trained (EMA) weights: Algorithm 2, line 10
         precond.load_state_dict(state_from_bytes(ray.get(config["init_ref"])))
     ema = EMA(precond, decay=cfg.finetune.ema_decay)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 from privimage_core.config import Config
 from privimage_core.privacy_ledger import compose_ledgers
@@ -33,24 +34,40 @@ def _trial(config: dict) -> None:
                  "epsilon": s["epsilon"], "ledger": s["ledger"], "run_dir": s["run_dir"]})
 
 
-def sweep_ledgers(output_dir: str, sweep_run_id: str) -> list[dict]:
-    """Upper bounds on the budget of every trial of this sweep that touched
-    the sensitive data, finished or failed (``spent_upper_bound``)."""
+def sweep_ledgers(output_dir: str, sweep_run_id: str) -> dict[str, dict | None]:
+    """run_dir -> upper bound on the budget (``spent_upper_bound``; None if it
+    never touched the sensitive data) of every trial of this sweep whose run
+    directory this machine can see, finished or failed."""
     from pathlib import Path
 
     from services.pipeline import STATE_FILE, spent_upper_bound
 
-    out = []
+    out = {}
     for state_file in sorted(Path(output_dir).glob(f"*/{STATE_FILE}")):
         try:
             parent = json.loads(state_file.read_text()).get("parent_run_id")
         except ValueError:
             continue
         if parent == sweep_run_id:
-            spent = spent_upper_bound(state_file.parent)
-            if spent is not None:
-                out.append(spent)
+            out[str(state_file.parent.resolve())] = spent_upper_bound(state_file.parent)
     return out
+
+
+def compose_sweep(results, output_dir: str, sweep_run_id: str) -> tuple[list[dict], bool]:
+    """The ledgers to compose for a sweep and whether the result is complete.
+
+    Run directories (which also hold failed trials' plans) come first; a
+    finished trial whose directory this machine cannot see (no shared
+    ``run.output_dir`` on a multi-node cluster) is charged the ledger it
+    reported. A failed trial whose directory is not visible cannot be
+    charged: the composition is then only a lower bound, and says so."""
+    ledgers = sweep_ledgers(output_dir, sweep_run_id)
+    results = list(results)
+    for r in results:
+        if r.metrics and "ledger" in r.metrics:
+            ledgers.setdefault(str(Path(r.metrics["run_dir"]).resolve()), r.metrics["ledger"])
+    complete = len(ledgers) >= len(results)  # every trial's spend is known
+    return [v for v in ledgers.values() if v is not None], complete
 
 
 def run_sweep(cfg: Config) -> dict:
@@ -92,13 +109,17 @@ def run_sweep(cfg: Config) -> dict:
         out = {"trials": rows}
         # Every trial that read the sensitive data counts, failed ones included
         # (their run directories carry their ledgers and fine-tuning plans).
-        ledgers = sweep_ledgers(cfg.run.output_dir, run.info.run_id)
+        ledgers, complete = compose_sweep(results, cfg.run.output_dir, run.info.run_id)
         if ledgers:
             delta = ledgers[0]["target_delta"]
             out["sweep_epsilon_composed"] = compose_ledgers(ledgers, delta, cfg.privacy.accountant)
             out["delta"] = delta
             out["trials_charged"] = len(ledgers)
+            out["sweep_epsilon_complete"] = complete
             mlflow.log_metric("sweep_epsilon_composed", out["sweep_epsilon_composed"])
+            mlflow.set_tag("sweep_epsilon", "complete" if complete else
+                           "LOWER BOUND: some trials' run directories are not visible here; "
+                           "put run.output_dir on shared storage")
         done = [r for r in rows if t.metric in r and r[t.metric] == r[t.metric]]  # not NaN
         if done:
             pick = max if t.mode == "max" else min

@@ -99,6 +99,27 @@ def test_bad_public_sources(tmp_path, public, problem):
     assert problem in _one_line(e)
 
 
+def test_public_pool_may_not_contain_the_sensitive_files(tmp_path):
+    """A public folder that holds the sensitive folder (it would become a public
+    class, pre-trained on without DP) is refused, whichever contains which;
+    specs are compared after stripping whitespace."""
+    root = tmp_path / "data"
+    sens = _folder(root / "private", {"a": 3, "b": 3})
+    (sens / "x.parquet").write_bytes(b"")  # only its path matters here
+    held_out = _folder(tmp_path / "t", {"a": 1, "b": 1})
+    for public in ([f" folder:{root} "], [f"parquet:{sens}/x.parquet"], [f"folder:{sens}/a"]):
+        cfg = from_dict({"data": {"sensitive": f"folder:{sens}", "public": public,
+                                  "sensitive_test": f"folder:{held_out}"}})
+        with pytest.raises(DataError) as e:
+            load_inputs(cfg)
+        assert "the sensitive dataset itself" in _one_line(e), public
+
+
+def test_glyphs_have_no_test_split_either():
+    with pytest.raises(ConfigError, match="no test split"):
+        load_inputs(from_dict({"data": {"sensitive": "glyphs", "public": ["fashion_mnist"]}}))
+
+
 def test_bad_input_fails_before_ray_starts(tmp_path):
     """Through the pipeline entry point: the error comes before any Ray or
     training work (no local Ray is started, no run directory is written)."""

@@ -59,7 +59,7 @@ def test_resume_continues_the_checkpointed_ledger_not_the_saved_state(tmp_path):
     led, path = resume_ledger(state, str(storage), "r-finetune")
     dp = next(r for r in led.records if r.name == DP_SGD_MECHANISM)
     assert dp.steps == 100  # the most steps any checkpoint recorded
-    assert path.endswith("checkpoint_2026-12-02_07-05-00")  # the loop restarts from it
+    assert path == "r-finetune/checkpoint_2026-12-02_07-05-00"  # the loop restarts from it
     assert led.epsilon() > PrivacyLedger.from_state_dict(state["ledger"]).epsilon()
 
 
@@ -68,6 +68,30 @@ def test_resume_refuses_when_finetuning_started_but_no_checkpoint_survived(tmp_p
     state = json.loads((run / STATE_FILE).read_text())
     with pytest.raises(PrivacyBudgetError, match="cannot be accounted"):
         resume_ledger(state, str(tmp_path / "ray_train"), "r-finetune")
+    # a finished run whose checkpoints were deleted: its weights cannot be
+    # restored, so re-running fine-tuning would release the pre-trained model
+    done = _run_dir(tmp_path, "d", parent=None, started_finetune=True, finished=True,
+                    dp_steps=100)
+    with pytest.raises(PrivacyBudgetError, match="cannot resume"):
+        resume_ledger(json.loads((done / STATE_FILE).read_text()), str(tmp_path / "x"),
+                      "d-finetune")
+    # surviving checkpoints older than the saved ledger: refused, not undercounted
+    _checkpoint(tmp_path / "ray_train", "d-finetune", "2026-12-02_07-00-00", 50)
+    with pytest.raises(PrivacyBudgetError, match="later weights"):
+        resume_ledger(json.loads((done / STATE_FILE).read_text()), str(tmp_path / "ray_train"),
+                      "d-finetune")
+
+
+def test_checkpoints_found_in_train_v1_layout_and_opened_with_their_filesystem(tmp_path):
+    from services.pipeline import _checkpoint_ledgers, open_checkpoint
+
+    # Train V1 nests checkpoints in a trial directory
+    _checkpoint(tmp_path / "ray_train", "r-finetune/TorchTrainer_0_x", "000003", 30)
+    found = _checkpoint_ledgers(str(tmp_path / "ray_train"), "r-finetune")
+    assert [p for p, _ in found] == ["r-finetune/TorchTrainer_0_x/checkpoint_000003"]
+    ck = open_checkpoint(str(tmp_path / "ray_train"), found[0][0])
+    with ck.as_directory() as d:
+        assert json.loads((Path(d) / "ledger.json").read_text())["records"][1]["steps"] == 30
 
 
 def test_resume_before_finetuning_uses_the_saved_ledger(tmp_path):
@@ -94,10 +118,36 @@ def test_sweep_composes_every_trial_of_this_sweep_including_failed(tmp_path):
     _run_dir(tmp_path, "t1", parent="S", started_finetune=True, finished=True, dp_steps=120)
     _run_dir(tmp_path, "t2", parent="S", started_finetune=True, finished=False, planned=200)
     _run_dir(tmp_path, "other", parent="X", started_finetune=True, finished=True, dp_steps=120)
-    ledgers = sweep_ledgers(str(tmp_path), "S")
-    assert len(ledgers) == 2
+    by_dir = sweep_ledgers(str(tmp_path), "S")
+    assert sorted(Path(d).name for d in by_dir) == ["t1", "t2"]
+    ledgers = [by_dir[str((tmp_path / n).resolve())] for n in ("t1", "t2")]
     only_finished = compose_ledgers(ledgers[:1], 1e-5)
     assert compose_ledgers(ledgers, 1e-5) > only_finished  # the failed trial is charged
+
+
+def test_sweep_without_shared_storage_uses_reports_and_says_when_incomplete(tmp_path):
+    """Trials on other nodes: their directories are not visible to the driver.
+    A finished one is charged the ledger it reported; a failed invisible one
+    makes the composition a lower bound, flagged as such."""
+    from types import SimpleNamespace
+
+    from services.tune import compose_sweep
+
+    local = _run_dir(tmp_path, "t1", parent="S", started_finetune=True, finished=True,
+                     dp_steps=120)
+    never = _run_dir(tmp_path, "t0", parent="S", started_finetune=False, finished=False)
+    state = json.loads((never / STATE_FILE).read_text())
+    del state["ledger"]  # failed before the query: spent nothing
+    (never / STATE_FILE).write_text(json.dumps(state))
+    remote = {"run_dir": "/elsewhere/t2", "ledger": _ledger(120)}
+    results = [SimpleNamespace(metrics={"run_dir": str(local), "ledger": _ledger(120)}),
+               SimpleNamespace(metrics={}),  # t0, failed, but its directory is here
+               SimpleNamespace(metrics=remote)]
+    ledgers, complete = compose_sweep(results, str(tmp_path), "S")
+    assert len(ledgers) == 2 and complete  # t1 once (not twice), t2 from its report
+    results.append(SimpleNamespace(metrics={}))  # a failed trial on another node
+    ledgers, complete = compose_sweep(results, str(tmp_path), "S")
+    assert len(ledgers) == 2 and not complete
 
 
 def test_distributed_plan_refuses_per_worker_batches_that_can_be_empty():

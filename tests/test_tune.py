@@ -25,7 +25,7 @@ def test_sweep_runs_trials_as_nested_mlflow_runs(tmp_path):
     # the sweep as a whole spends more than any single trial
     assert out["sweep_epsilon_composed"] > max(eps)
     # composed from the trials' run directories (services.tune.sweep_ledgers)
-    assert out["trials_charged"] == 2
+    assert out["trials_charged"] == 2 and out["sweep_epsilon_complete"] is True
     assert out["best"]["accuracy"] == max(t["accuracy"] for t in out["trials"])  # tune.mode max
     client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("privimage")

@@ -25,7 +25,7 @@ _USER_OPTS = {"resize", "image_column", "label_column"}
 
 
 def _parse(spec: str) -> tuple[str, str | None]:
-    kind, _, arg = spec.partition(":")
+    kind, _, arg = spec.strip().partition(":")
     if kind in BUILTIN_PREFIX and not arg:
         return kind, None
     if kind in ("folder", "parquet") and arg:
@@ -146,7 +146,7 @@ def check_public_specs(specs: Sequence[str], sensitive: str) -> None:
     prefixes = []
     for spec in specs:
         try:
-            kind, arg = _parse(spec.strip())
+            kind, arg = _parse(spec)
         except DataError as e:
             raise DataError(f"data.public: {e}") from None
         if arg is not None and not Path(arg).exists():
@@ -163,21 +163,28 @@ def check_public_specs(specs: Sequence[str], sensitive: str) -> None:
 
 
 def is_user_source(spec: str) -> bool:
-    """folder:/parquet: sources have no train/test split of their own."""
-    return _parse(spec.strip())[1] is not None
+    """Sources without a train/test split of their own: user folder:/parquet:
+    data (used as given) and glyphs (rendered the same for any split)."""
+    kind, arg = _parse(spec)
+    return arg is not None or kind == "glyphs"
 
 
 def _same_dataset(a: str, b: str) -> bool:
-    ka, pa = _parse(a.strip())
-    kb, pb = _parse(b.strip())
-    if ka != kb:
+    """Same built-in source, or user paths where one contains the other (a
+    public folder:/data must not hold a sensitive folder:/data/private)."""
+    ka, pa = _parse(a)
+    kb, pb = _parse(b)
+    if (pa is None) != (pb is None):
         return False
-    return pa is None or Path(pa).resolve() == Path(pb).resolve()
+    if pa is None:
+        return ka == kb
+    ra, rb = Path(pa).resolve(), Path(pb).resolve()
+    return ra == rb or ra.is_relative_to(rb) or rb.is_relative_to(ra)
 
 
 def same_user_dataset(a: str, b: str) -> bool:
-    """True when two user specs (folder:/parquet:) name the same files."""
-    return is_user_source(a) and _same_dataset(a, b)
+    """True when two split-less specs (see is_user_source) share files."""
+    return is_user_source(a) and is_user_source(b) and _same_dataset(a, b)
 
 
 def validate_sensitive(ds: ImageSet, min_per_class: int = 1) -> np.ndarray:
