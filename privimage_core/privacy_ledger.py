@@ -69,6 +69,10 @@ class PrivacyLedger:
         """Epsilon spent so far at the target delta (composition of all records)."""
         return self._epsilon_of(self.records)
 
+    def steps_of(self, name: str) -> int:
+        """Steps recorded so far for the mechanism ``name`` (0 if none)."""
+        return sum(r.steps for r in self.records if r.name == name)
+
     def epsilon_if(self, extra: list[MechanismRecord]) -> float:
         return self._epsilon_of(self.records + extra)
 

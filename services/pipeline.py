@@ -142,7 +142,7 @@ def open_checkpoint(storage: str, relpath: str):
 
 def _dp_steps(ledger_state: dict) -> int:
     from privimage_core.dp_finetune import DP_SGD_MECHANISM
-    return sum(r["steps"] for r in ledger_state["records"] if r["name"] == DP_SGD_MECHANISM)
+    return PrivacyLedger.from_state_dict(ledger_state).steps_of(DP_SGD_MECHANISM)
 
 
 def resume_ledger(state: dict, storage: str, trainer_name: str
@@ -303,10 +303,9 @@ def run_pipeline(cfg: Config, resume_dir: str | None = None, parent_run_id: str 
         tracker.params(cfg.flat())
         tracker.params({"resolved.delta": inputs.delta, "resolved.n_sensitive": len(sens)})
         tracker.json_artifact(cfg.to_dict(), "resolved_config.json")
-        if resume_dir:
-            import mlflow
-            mlflow.set_tag("resumed_from", str(run_dir))
         from mlflow import set_tag
+        if resume_dir:
+            set_tag("resumed_from", str(run_dir))
         set_tag("ray_mode", ray_info["mode"])
         log(f"[privimage] run dir {run_dir}; MLflow run {run.info.run_id}")
 

@@ -152,7 +152,7 @@ def finetune_loop(config: dict) -> None:
     if ckpt is None and config.get("resume_checkpoint"):
         from services.pipeline import open_checkpoint
         ckpt = open_checkpoint(**config["resume_checkpoint"])
-    prior_steps = sum(r.steps for r in ledger.records if r.name == DP_SGD_MECHANISM)
+    prior_steps = ledger.steps_of(DP_SGD_MECHANISM)
     if ckpt is None and prior_steps:
         # DP steps were taken but their weights are not here: starting again
         # from the pre-trained weights would release a model the ledger does
@@ -167,7 +167,7 @@ def finetune_loop(config: dict) -> None:
             ema_state = torch.load(d / "ema.pt", map_location=dev)
             opt_state = torch.load(d / "optimizer.pt", map_location=dev)
             saved = PrivacyLedger.from_state_dict(json.loads((d / "ledger.json").read_text()))
-            if sum(r.steps for r in saved.records if r.name == DP_SGD_MECHANISM) < prior_steps:
+            if saved.steps_of(DP_SGD_MECHANISM) < prior_steps:
                 raise PrivacyBudgetError("the fine-tuning checkpoint holds fewer DP-SGD steps "
                                          "than the ledger the driver passed; refusing to undercount")
             ledger.load_state_dict(saved.state_dict())

@@ -120,11 +120,7 @@ def build_public_pool(specs: Sequence[str], image_size: int, channels: int,
     ``meta['source']`` holds each image's prefix (np.str_ array)."""
     if not specs:
         raise DataError("public pool: no sources given; list at least one, e.g. [glyphs]")
-    prefixes = [source_prefix(s) for s in specs]
-    dup = {p for p in prefixes if prefixes.count(p) > 1}
-    if dup:
-        raise DataError(f"public pool: sources share the prefix {sorted(dup)[0]!r}; "
-                        "list each source once and give user folders/files distinct names")
+    prefixes = _distinct_prefixes(specs)
     images, labels, names, sources = [], [], [], []
     for spec, prefix in zip(specs, prefixes):
         opts = dict(glyph_opts or {}) if spec == "glyphs" else {}
@@ -137,13 +133,21 @@ def build_public_pool(specs: Sequence[str], image_size: int, channels: int,
                     {"source": np.concatenate(sources), "sources": prefixes})
 
 
+def _distinct_prefixes(specs: Sequence[str]) -> list[str]:
+    """Each source's class namespace; refused when two sources share one."""
+    prefixes = [source_prefix(s) for s in specs]
+    dup = sorted({p for p in prefixes if prefixes.count(p) > 1})
+    if dup:
+        raise DataError(f"public pool: sources share the prefix {dup[0]!r}; "
+                        "list each source once and give user folders/files distinct names")
+    return prefixes
+
+
 def check_public_specs(specs: Sequence[str], sensitive: str) -> None:
     """Cheap checks of the public pool's sources, before any work starts:
     known kinds, distinct prefixes, user paths that exist, and none of them
-    the sensitive dataset itself (pre-training on it would bypass DP)."""
-    if not specs:
-        raise DataError("data.public is empty; list at least one public source, e.g. [glyphs]")
-    prefixes = []
+    the sensitive dataset itself (pre-training on it would bypass DP).
+    An empty pool is refused by the config validation already."""
     for spec in specs:
         try:
             kind, arg = _parse(spec)
@@ -155,11 +159,7 @@ def check_public_specs(specs: Sequence[str], sensitive: str) -> None:
         if _same_dataset(spec, sensitive):
             raise DataError(f"data.public lists {spec!r}, the sensitive dataset itself; public "
                             "pre-training data must not contain the sensitive data: remove it")
-        prefixes.append(source_prefix(spec))
-    dup = sorted({p for p in prefixes if prefixes.count(p) > 1})
-    if dup:
-        raise DataError(f"data.public: sources share the prefix {dup[0]!r}; list each source "
-                        "once and give user folders/files distinct names")
+    _distinct_prefixes(specs)
 
 
 def is_user_source(spec: str) -> bool:
