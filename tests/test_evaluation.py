@@ -104,7 +104,7 @@ def test_noised_set_scores_worse(fid_feats):
 def test_frechet_formulas_agree(fid_feats):
     """Our factorised FID vs pytorch-fid's sqrtm formula vs an independent
     eigen-decomposition, on a 96-d slice of real Inception features (the full
-    2048-d sqrtm takes about a minute on these CPUs)."""
+    2048-d comparison is test_full_fid_matches_pytorch_fid)."""
     import scipy.linalg
 
     f1, f2 = fid_feats["a"][:, :96], fid_feats["c"][:, :96]
