@@ -95,11 +95,10 @@ def read_dataset(path: str | Path) -> ImageSet:
     without class_names, Parquet with bare integer labels; the caller names
     them, e.g. after the real dataset). Every failure is a one-line DataError.
     """
-    from privimage_core.data.sources import BUILTIN_PREFIX
+    from privimage_core.data.sources import parse_spec
 
     spec = str(path).strip()
-    kind, _, arg = spec.partition(":")
-    if (kind in ("folder", "parquet") and arg) or (kind in BUILTIN_PREFIX and not arg):
+    if parse_spec(spec) is not None:
         return _read_spec(spec)
     p = Path(spec)
     if p.suffix.lower() == ".npz":
@@ -199,10 +198,10 @@ def _peek_image(kind: str, arg: str) -> tuple[int, int] | None:
 
 
 def _read_spec(spec: str) -> ImageSet:
-    from privimage_core.data.sources import load_source
+    from privimage_core.data.sources import load_source, parse_spec
 
-    kind, _, arg = spec.partition(":")
-    if not arg:  # built-in dataset: its own size (28x28 grayscale)
+    kind, arg = parse_spec(spec)
+    if arg is None:  # built-in dataset: its own size (28x28 grayscale)
         ds = load_source(spec, split="train")
         return ImageSet(ds.images, ds.labels, ds.class_names, spec,
                         {"manifest": None, "format": spec, "named": True})

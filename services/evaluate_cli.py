@@ -29,7 +29,8 @@ import numpy as np
 
 from privimage_core.config import load_config
 from privimage_core.data.imageset import ImageSet
-from privimage_core.data.sources import is_user_source, load_source, same_user_dataset
+from privimage_core.data.sources import (is_user_source, load_source, parse_spec,
+                                         same_user_dataset, subsample_sensitive)
 from privimage_core.errors import DataError
 
 
@@ -99,8 +100,8 @@ def _default_out(synthetic: str, syn: ImageSet, cfg) -> Path:
     <name>_evaluation beside the synthetic data (or under run.output_dir)."""
     if syn.meta.get("format") == "privimage":
         return Path(syn.name).resolve().parent / "evaluation"
-    kind, _, arg = synthetic.partition(":")
-    if kind in ("folder", "parquet") and arg:
+    _, arg = parse_spec(synthetic) or (None, None)
+    if arg is not None:  # folder: / parquet:
         src = Path(arg)
     elif syn.meta.get("format") in ("npz", "parquet"):  # a bare .npz / .parquet path
         src = Path(synthetic)
@@ -146,10 +147,7 @@ def evaluate_dataset(synthetic: str, real: str, config: str | None = None,
             raise DataError(f"--real-test {test_spec}'s classes {test.class_names[:5]}... differ "
                             f"from --real {real}'s {train.class_names[:5]}...; point --real-test at "
                             "held-out data of the same classes")
-        n_max = cfg.data.sensitive_max
-        if n_max and len(train) > n_max:  # the pipeline's subsample (load_inputs)
-            rng = np.random.default_rng(cfg.run.seed)
-            train = train.subset(np.sort(rng.choice(len(train), n_max, replace=False)))
+        train = subsample_sensitive(train, cfg.data.sensitive_max, cfg.run.seed)
         from privimage_core.evaluation.diffusion_mia import image_digests
         seen = image_digests(train)
         shared = sum(d in seen for d in image_digests(test))

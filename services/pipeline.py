@@ -29,7 +29,8 @@ import numpy as np
 from privimage_core.config import Config, from_dict, resolve_delta, resolve_k
 from privimage_core.data.imageset import ImageSet
 from privimage_core.data.sources import (check_public_specs, is_user_source, load_source,
-                                         same_user_dataset, validate_sensitive)
+                                         same_user_dataset, subsample_sensitive,
+                                         validate_sensitive)
 from privimage_core.errors import ConfigError, DataError
 from privimage_core.privacy_ledger import PrivacyLedger
 
@@ -62,9 +63,7 @@ def load_inputs(cfg: Config) -> Inputs:
                           "at held-out data of the same classes")
     sens = load_source(d.sensitive, split="train", image_size=d.image_size, channels=d.channels,
                        resize=d.resize)
-    if d.sensitive_max and len(sens) > d.sensitive_max:
-        rng = np.random.default_rng(cfg.run.seed)
-        sens = sens.subset(np.sort(rng.choice(len(sens), d.sensitive_max, replace=False)))
+    sens = subsample_sensitive(sens, d.sensitive_max, cfg.run.seed)
     validate_sensitive(sens)
     test = load_source(d.sensitive_test or d.sensitive, split="test", image_size=d.image_size,
                        channels=d.channels, resize=d.resize)

@@ -24,13 +24,22 @@ _IDX_OPTS = {"root", "allow_download"}
 _USER_OPTS = {"resize", "image_column", "label_column"}
 
 
-def _parse(spec: str) -> tuple[str, str | None]:
+def parse_spec(spec: str) -> tuple[str, str | None] | None:
+    """(kind, path) of a source spec ((kind, None) for a built-in dataset);
+    None when ``spec`` is not one (e.g. a plain file path)."""
     kind, _, arg = spec.strip().partition(":")
     if kind in BUILTIN_PREFIX and not arg:
         return kind, None
     if kind in ("folder", "parquet") and arg:
         return kind, arg
-    raise DataError(f"unknown data source {spec!r}; {SPEC_HELP}")
+    return None
+
+
+def _parse(spec: str) -> tuple[str, str | None]:
+    parsed = parse_spec(spec)
+    if parsed is None:
+        raise DataError(f"unknown data source {spec!r}; {SPEC_HELP}")
+    return parsed
 
 
 def source_prefix(spec: str) -> str:
@@ -185,6 +194,16 @@ def _same_dataset(a: str, b: str) -> bool:
 def same_user_dataset(a: str, b: str) -> bool:
     """True when two split-less specs (see is_user_source) share files."""
     return is_user_source(a) and is_user_source(b) and _same_dataset(a, b)
+
+
+def subsample_sensitive(ds: ImageSet, max_images: int | None, seed: int) -> ImageSet:
+    """The sensitive training set the pipeline uses (``data.sensitive_max``
+    images drawn with ``run.seed``, in their original order). The evaluator's
+    membership audit calls it too, so its members are exactly these images."""
+    if not max_images or len(ds) <= max_images:
+        return ds
+    rng = np.random.default_rng(seed)
+    return ds.subset(np.sort(rng.choice(len(ds), max_images, replace=False)))
 
 
 def validate_sensitive(ds: ImageSet, min_per_class: int = 1) -> np.ndarray:
