@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from privimage_core.config_evaluation import EvaluationConfig, validate_evaluation
+from privimage_core.config_tune import TuneConfig, validate_tune
 from privimage_core.errors import ConfigError
 
 
@@ -122,56 +124,6 @@ class SamplingConfig:
 
 
 @dataclass
-class EvaluationConfig:
-    """What the evaluator measures (privimage_core/evaluation/suite.py). All of
-    it is non-private evaluation (real test split; the ceiling and the
-    membership audit also read the sensitive training set). Defaults keep the
-    quickstart's evaluation under about 3 minutes on 2 CPU cores: FID-Inception
-    (~3-5 images/s there) dominates; the real side's features are cached."""
-    # Semantic distribution similarity (paper Eq. 5) of the sensitive classes
-    # to the selected public data and to the whole public pool, computed by
-    # the selector from the noisy histograms (a DP output) and public counts:
-    # the one metric here that is private (evaluation/semantic_similarity.py).
-    sds: bool = True
-    fid: bool = True
-    # Images per side for FID and precision/recall (one Inception pass serves
-    # both). FID is biased upward at small N: compare runs only at equal N;
-    # the paper uses 5,000 (configs/cluster.yaml).
-    fid_images: int = 200
-    fid_weights: str | None = None
-    # Precision/recall in the FID features (computed only when fid is on).
-    precision_recall: bool = True
-    pr_k: int = 3
-    # The headline classifier (summary "accuracy", utility matrix).
-    classifier: str = "cnn"
-    # Classifiers trained on synthetic data, tested on the real test split.
-    classifiers: list[str] = field(default_factory=lambda: ["lr", "mlp", "cnn"])
-    classifier_epochs: int = 8
-    # LR / MLP train on at most this many images, with these iteration caps.
-    sklearn_max_images: int = 2000
-    lr_max_iter: int = 50
-    mlp_max_iter: int = 15
-    # "Train on real" ceiling on a subset of the SENSITIVE training set (non-private).
-    real_ceiling: bool = True
-    ceiling_images: int = 1000
-    # Real/synthetic utility matrix; synthetic images held out as its synthetic test set.
-    utility_matrix: bool = True
-    utility_holdout: int = 500
-    # Detector attack (real vs synthetic classifier) on this many images per side.
-    detector: bool = True
-    detector_images: int = 400
-    detector_kind: str = "cnn"
-    detector_min_steps: int = 100
-    # Loss-threshold membership inference on the DP generator.
-    mia: bool = True
-    mia_members: int = 500
-    mia_nonmembers: int = 500
-    mia_noise_levels: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0])
-    mia_repeats: int = 1
-    mia_confidence: float = 0.95
-
-
-@dataclass
 class RayConfig:
     # None: start a local Ray bound to 127.0.0.1 (or join the job's cluster
     # when running under `ray job submit`).
@@ -202,20 +154,9 @@ class MetricsConfig:
 
 
 @dataclass
-class TuneConfig:
-    presets: list[str] = field(default_factory=lambda: ["tiny", "small"])
-    selection_ratios: list[float] = field(default_factory=lambda: [0.05, 0.1])
-    num_samples: int = 1
-    metric: str = "accuracy"
-    mode: str = "max"
-    max_concurrent_trials: int = 1
-    # The trial function only drives; its actors and Ray Train workers ask for
-    # their own CPUs, so the trial itself holds a small fraction (0 is rejected).
-    cpus_per_trial: float = 0.1
-
-
-@dataclass
 class Config:
+    # The method: a list of stages and a model family (privimage_core/methods.py).
+    method: str = "privimage"
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     semantic_query: SemanticQueryConfig = field(default_factory=SemanticQueryConfig)
@@ -237,8 +178,10 @@ class Config:
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys -> values, for MLflow params."""
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = {"method": self.method}
         for sec, vals in self.to_dict().items():
+            if sec in SCALAR_KEYS:
+                continue
             for k, v in vals.items():
                 out[f"{sec}.{k}"] = json.dumps(v) if isinstance(v, (list, dict)) else v
         return out
@@ -247,12 +190,19 @@ class Config:
         """A copy with dotted-key overrides applied (e.g. {'generator.preset': 'small'})."""
         d = self.to_dict()
         for key, value in overrides.items():
+            if key in SCALAR_KEYS:
+                d[key] = value
+                continue
             sec, _, name = key.partition(".")
             if sec not in d or name not in d[sec]:
                 raise ConfigError(f"unknown config key '{key}'; use a dotted key such as "
                                   "'generator.preset' (see configs/quickstart.yaml)")
             d[sec][name] = value
         return from_dict(d)
+
+
+# Top-level keys that are values, not sections.
+SCALAR_KEYS: dict[str, type] = {"method": str}
 
 
 def _check_type(key: str, value: Any, tp: Any) -> Any:
@@ -301,6 +251,9 @@ def from_dict(d: dict | None) -> Config:
     sections = {f.name: f for f in dataclasses.fields(Config)}
     kwargs = {}
     for sec, vals in d.items():
+        if sec in SCALAR_KEYS:
+            kwargs[sec] = _check_type(sec, vals, SCALAR_KEYS[sec])
+            continue
         if sec not in sections:
             raise ConfigError(f"unknown config section '{sec}'; valid sections: "
                               f"{', '.join(sections)}")
@@ -385,47 +338,16 @@ def validate(cfg: Config) -> None:
     for sec in ("pretrain", "finetune"):
         dec = getattr(cfg, sec).ema_decay
         _require(0 <= dec < 1, f"{sec}.ema_decay must be in [0, 1), got {dec}")
-    _require(cfg.generator.preset in ("tiny", "small", "base"),
-             f"generator.preset must be tiny, small or base, got '{cfg.generator.preset}'")
+    from privimage_core.methods import check_method
+    check_method(cfg.method, cfg.generator.preset, cfg.pretrain.steps)
     _require(cfg.sampling.solver in ("euler", "heun"),
              f"sampling.solver must be 'euler' or 'heun', got '{cfg.sampling.solver}'")
     _require(cfg.sampling.num_images >= 1 and cfg.sampling.num_steps >= 1,
              "sampling.num_images and sampling.num_steps must be >= 1")
     _require(cfg.ray.num_workers >= 0, "ray.num_workers must be >= 0 (0 = in-process)")
     _require(cfg.ray.cpus_per_worker > 0, "ray.cpus_per_worker must be > 0 (Ray rejects 0 CPUs)")
-    _validate_evaluation(cfg.evaluation)
-    t = cfg.tune
-    _require(all(0 < r <= 1 for r in t.selection_ratios),
-             "tune.selection_ratios must all be in (0, 1]")
-    _require(all(pr in ("tiny", "small", "base") for pr in t.presets),
-             "tune.presets must be among tiny, small, base")
-    _require(t.mode in ("max", "min"), "tune.mode must be 'max' or 'min'")
-    _require(t.metric in ("accuracy", "fid"),
-             f"tune.metric must be 'accuracy' (mode max) or 'fid' (mode min), got '{t.metric}'")
-
-
-def _validate_evaluation(e: EvaluationConfig) -> None:
-    kinds = ("cnn", "mlp", "lr")
-    _require(e.classifier in kinds, "evaluation.classifier must be cnn, mlp or lr")
-    _require(all(k in kinds for k in e.classifiers),
-             f"evaluation.classifiers must be among cnn, mlp, lr, got {e.classifiers}")
-    _require(e.detector_kind in kinds, "evaluation.detector_kind must be cnn, mlp or lr")
-    _require(e.pr_k >= 1, f"evaluation.pr_k must be >= 1, got {e.pr_k}")
-    _require(e.fid_images > e.pr_k and e.fid_images >= 2,
-             f"evaluation.fid_images must be >= 2 and > evaluation.pr_k, got {e.fid_images}; set e.g. 200")
-    for k in ("classifier_epochs", "sklearn_max_images", "lr_max_iter", "mlp_max_iter",
-              "ceiling_images", "utility_holdout", "detector_min_steps", "mia_repeats"):
-        _require(getattr(e, k) >= 1, f"evaluation.{k} must be >= 1, got {getattr(e, k)}")
-    _require(e.detector_images >= 4,
-             f"evaluation.detector_images must be >= 4, got {e.detector_images}; set e.g. 400")
-    for k in ("mia_members", "mia_nonmembers"):
-        _require(getattr(e, k) >= 2, f"evaluation.{k} must be >= 2, got {getattr(e, k)}; set e.g. 500")
-    _require(len(e.mia_noise_levels) >= 1 and all(
-        0 < s < 1000 and math.isfinite(s) for s in e.mia_noise_levels),
-        f"evaluation.mia_noise_levels must be a non-empty list of sigmas in (0, 1000), "
-        f"got {e.mia_noise_levels}; set e.g. [0.1, 0.3, 1.0]")
-    _require(0 < e.mia_confidence < 1,
-             f"evaluation.mia_confidence must be in (0, 1), got {e.mia_confidence}; set e.g. 0.95")
+    validate_evaluation(cfg.evaluation)
+    validate_tune(cfg.tune)
 
 
 def resolve_delta(cfg: Config, n_sensitive: int) -> float:

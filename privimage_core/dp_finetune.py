@@ -41,7 +41,8 @@ def sample_rate_for(n: int, batch_size: int) -> float:
 
 
 def plan_noise(ledger: PrivacyLedger, n: int, batch_size: int, steps: int,
-               noise_multiplier: float | None = None) -> tuple[float, float, int]:
+               noise_multiplier: float | None = None,
+               mechanism: str = DP_SGD_MECHANISM) -> tuple[float, float, int]:
     """(sigma, q, total): the DP-SGD record may hold ``total`` steps when
     fine-tuning ends (``dp_finetune`` runs until it does). sigma is calibrated
     after the costs already in the ledger (App. E, Theorem E.3) unless given;
@@ -49,7 +50,7 @@ def plan_noise(ledger: PrivacyLedger, n: int, batch_size: int, steps: int,
     resumed run keeps its recorded (sigma, q) and its steps count toward
     ``steps``."""
     q = sample_rate_for(n, batch_size)
-    prior = next((r for r in ledger.records if r.name == DP_SGD_MECHANISM), None)
+    prior = next((r for r in ledger.records if r.name == mechanism), None)
     if prior is not None:  # resumed run: keep the recorded mechanism
         sigma = prior.noise_multiplier
         remaining = max(0, steps - prior.steps)
@@ -101,13 +102,14 @@ class DPTraining:
 
 def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                  y: torch.Tensor, batch_size: int, noise_multiplier: float, max_grad_norm: float,
-                 ledger: PrivacyLedger, distributed: bool = False) -> DPTraining:
+                 ledger: PrivacyLedger, distributed: bool = False,
+                 mechanism: str = DP_SGD_MECHANISM) -> DPTraining:
     """Wrap model, optimizer and the sensitive data with Opacus and attach the
     ledger to the optimizer. ``module`` is DPDDP-wrapped by the caller when
     distributed (Opacus then shards the Poisson sampling across ranks)."""
     loader = DataLoader(TensorDataset(x, y), batch_size=batch_size)
     q = 1.0 / len(loader)
-    record = ledger.begin_dp_sgd(DP_SGD_MECHANISM, noise_multiplier, q)
+    record = ledger.begin_dp_sgd(mechanism, noise_multiplier, q)
     # The engine's own accountant is not used: the ledger's hook replaces it below.
     engine = PrivacyEngine(accountant=ledger.accountant_name)
     # The generator must live where the gradients are: Opacus draws the noise

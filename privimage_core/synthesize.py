@@ -19,7 +19,6 @@ import torch
 from PIL import Image
 
 from privimage_core.data.imageset import ImageSet
-from privimage_core.diffusion.edm import sample
 from privimage_core.errors import DataError
 
 
@@ -27,12 +26,13 @@ def balanced_labels(num_images: int, num_classes: int) -> np.ndarray:
     return np.arange(num_images, dtype=np.int64) % num_classes
 
 
-def generate(precond: torch.nn.Module, num_images: int, class_names: list[str], num_steps: int,
-             solver: str = "euler", seed: int = 0, batch_size: int = 500,
-             device: str = "cpu") -> ImageSet:
+def generate(family, release: torch.nn.Module, num_images: int, class_names: list[str],
+             num_steps: int, solver: str = "euler", seed: int = 0,
+             batch_size: int = 500) -> ImageSet:
+    """``num_images`` class-balanced samples of a model family's released module."""
     labels = balanced_labels(num_images, len(class_names))
-    images = sample(precond, torch.from_numpy(labels), num_steps=num_steps, seed=seed,
-                    batch_size=batch_size, solver=solver, device=device)
+    images = family.sample(release, labels, num_steps=num_steps, solver=solver, seed=seed,
+                           batch_size=batch_size)
     return ImageSet(images, labels, list(class_names), name="synthetic")
 
 

@@ -93,6 +93,13 @@ class PublicSelector:
         out["sds_seconds"] = time.time() - t0
         return out
 
+    def pool_images(self, num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every public image, with a sensitive class id drawn uniformly from
+        ``seed`` (public): PDP-Diffusion's pre-training on the whole pool."""
+        pool = self.index.load()
+        labels = np.random.default_rng(seed).integers(0, num_classes, len(pool.labels))
+        return pool.images, labels.astype(np.int64)
+
     def selected_images(self, selection: dict[int, list[int]]) -> tuple[np.ndarray, np.ndarray]:
         """Public images whose labels were selected, relabelled to the sensitive class."""
         ids = sorted(p for ps in selection.values() for p in ps)
@@ -130,19 +137,26 @@ class Evaluator:
         self.precond = None
         self.provenance: dict = {}
 
-    def synthesize(self, state: bytes, class_names: list[str], provenance: dict) -> dict:
-        from privimage_core.generator import build_generator, state_from_bytes
+    def synthesize(self, state: bytes, class_names: list[str], provenance: dict,
+                   family: str = "diffusion") -> dict:
+        from privimage_core.generator import state_from_bytes
+        from privimage_core.models import get_family
         from privimage_core.synthesize import generate, write_dataset
 
         c = self.cfg
         t0 = time.time()
-        precond = build_generator(c.generator, c.data.image_size, c.data.channels, len(class_names))
-        precond.load_state_dict(state_from_bytes(state))
-        precond.eval()
-        ds = generate(precond, c.sampling.num_images, class_names, c.sampling.num_steps,
+        fam = get_family(family)
+        model = fam.make(c.generator.preset, c.generator.overrides, c.data.image_size,
+                         c.data.channels, len(class_names))
+        model.load_state_dict(state_from_bytes(state))
+        release = fam.release_module(model).eval()
+        ds = generate(fam, release, c.sampling.num_images, class_names, c.sampling.num_steps,
                       c.sampling.solver, seed=c.run.seed, batch_size=c.sampling.batch_size)
         out = write_dataset(ds, self.workdir / "synthetic", provenance)
-        self.synthetic, self.precond, self.provenance = ds, precond, dict(provenance)
+        # The loss-threshold audit scores an EDM denoiser; other families are
+        # audited through their own audit_loss (canary audit).
+        self.precond = release if family == "diffusion" else None
+        self.synthetic, self.provenance = ds, dict(provenance)
         if self.pm:
             self.pm.eval_metric("synthetic_images", len(ds))
         return {"path": str(out), "num_images": len(ds), "seconds": time.time() - t0}
@@ -187,3 +201,13 @@ class Evaluator:
 @ray.remote(num_cpus=1)
 class EvaluatorActor(Evaluator):
     pass
+
+
+def outside_trial(actor_cls):
+    """Schedule an actor on the cluster's free resources, not in the caller's
+    placement group: a Tune trial's group holds only the trial function's
+    own (fractional) CPU, and Ray would otherwise capture child actors into it
+    and refuse them. Outside Tune this changes nothing."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    return actor_cls.options(
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))

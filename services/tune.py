@@ -38,7 +38,7 @@ def sweep_ledgers(output_dir: str, sweep_run_id: str) -> dict[str, dict | None]:
     """run_dir -> upper bound on the budget (``spent_upper_bound``; None if it
     never touched the sensitive data) of every trial of this sweep whose run
     directory this machine can see, finished or failed."""
-    from services.pipeline import STATE_FILE, spent_upper_bound
+    from services.run_store import STATE_FILE, spent_upper_bound
 
     out = {}
     for state_file in sorted(Path(output_dir).glob(f"*/{STATE_FILE}")):

@@ -22,7 +22,9 @@ def test_defaults_validate_and_flatten():
     ({"privacy": {"epsilon": 3}}, "unknown config key 'privacy.epsilon'"),
     ({"privcy": {}}, "unknown config section 'privcy'"),
     ({"finetune": {"steps": "many"}}, "must be an integer"),
-    ({"generator": {"preset": "huge"}}, "preset must be tiny, small or base"),
+    ({"generator": {"preset": "huge"}}, "not a preset of the diffusion family"),
+        ({"method": "dpgann"}, "method .dpgann. is unknown; use one of privimage"),
+        ({"method": "pdp_diffusion", "pretrain": {"steps": 0}}, "use method dpdm"),
     ({"ray": {"cpus_per_worker": 0}}, "Ray rejects 0 CPUs"),
 ])
 def test_bad_values_are_named(bad, match):

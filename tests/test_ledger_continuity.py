@@ -13,7 +13,7 @@ from privimage_core.dp_finetune import DP_SGD_MECHANISM, check_worker_batches
 from privimage_core.errors import ConfigError, PrivacyBudgetError
 from privimage_core.privacy_ledger import PrivacyLedger, compose_ledgers
 from privimage_core.semantic_distribution import QUERY_MECHANISM
-from services.pipeline import STATE_FILE, resume_ledger, spent_upper_bound
+from services.run_store import STATE_FILE, resume_ledger, spent_upper_bound
 from services.tune import sweep_ledgers
 
 SIGMA, Q = 1.0, 0.01
@@ -34,8 +34,9 @@ def _run_dir(root: Path, name: str, *, parent: str | None, started_finetune: boo
     state = {"config": {}, "stages": {"selection": {}}, "parent_run_id": parent,
              "ledger": _ledger(dp_steps if finished else None)}
     if started_finetune:
-        state["finetune_plan"] = {"noise_multiplier": SIGMA, "sample_rate": Q,
-                                  "total_steps": planned}
+        state["dp_plans"] = {"finetune": {"mechanism": DP_SGD_MECHANISM,
+                                          "noise_multiplier": SIGMA, "sample_rate": Q,
+                                          "total_steps": planned}}
     if finished:
         state["stages"]["finetune"] = {"steps": dp_steps}
     (d / STATE_FILE).write_text(json.dumps(state))
@@ -56,10 +57,10 @@ def test_resume_continues_the_checkpointed_ledger_not_the_saved_state(tmp_path):
     _checkpoint(storage, "r-finetune", "2026-12-02_07-00-00", 50)
     _checkpoint(storage, "r-finetune", "2026-12-02_07-05-00", 100)
     _checkpoint(storage, "r-finetune", "2026-12-02_07-09-00", None)  # died while writing
-    led, path = resume_ledger(state, str(storage), "r-finetune")
+    led, path = resume_ledger(state, str(storage), run)
     dp = next(r for r in led.records if r.name == DP_SGD_MECHANISM)
     assert dp.steps == 100  # the most steps any checkpoint recorded
-    assert path == "r-finetune/checkpoint_2026-12-02_07-05-00"  # the loop restarts from it
+    assert path == {"finetune": "r-finetune/checkpoint_2026-12-02_07-05-00"}  # restarts from it
     assert led.epsilon() > PrivacyLedger.from_state_dict(state["ledger"]).epsilon()
 
 
@@ -67,27 +68,26 @@ def test_resume_refuses_when_finetuning_started_but_no_checkpoint_survived(tmp_p
     run = _run_dir(tmp_path, "r", parent=None, started_finetune=True, finished=False)
     state = json.loads((run / STATE_FILE).read_text())
     with pytest.raises(PrivacyBudgetError, match="cannot be accounted"):
-        resume_ledger(state, str(tmp_path / "ray_train"), "r-finetune")
-    # a finished run whose checkpoints were deleted: its weights cannot be
-    # restored, so re-running fine-tuning would release the pre-trained model
+        resume_ledger(state, str(tmp_path / "ray_train"), run)
+    # surviving checkpoints older than the saved ledger: refused, not undercounted
+    state["ledger"] = _ledger(80)
+    _checkpoint(tmp_path / "ray_train", "r-finetune", "2026-12-02_07-00-00", 50)
+    with pytest.raises(PrivacyBudgetError, match="later weights"):
+        resume_ledger(state, str(tmp_path / "ray_train"), run)
+    # a finished DP stage needs no checkpoint: its release and ledger are saved
     done = _run_dir(tmp_path, "d", parent=None, started_finetune=True, finished=True,
                     dp_steps=100)
-    with pytest.raises(PrivacyBudgetError, match="cannot resume"):
-        resume_ledger(json.loads((done / STATE_FILE).read_text()), str(tmp_path / "x"),
-                      "d-finetune")
-    # surviving checkpoints older than the saved ledger: refused, not undercounted
-    _checkpoint(tmp_path / "ray_train", "d-finetune", "2026-12-02_07-00-00", 50)
-    with pytest.raises(PrivacyBudgetError, match="later weights"):
-        resume_ledger(json.loads((done / STATE_FILE).read_text()), str(tmp_path / "ray_train"),
-                      "d-finetune")
+    led, path = resume_ledger(json.loads((done / STATE_FILE).read_text()), str(tmp_path / "x"),
+                              done)
+    assert path == {} and led.steps_of(DP_SGD_MECHANISM) == 100
 
 
 def test_checkpoints_found_in_train_v1_layout_and_opened_with_their_filesystem(tmp_path):
-    from services.pipeline import _checkpoint_ledgers, open_checkpoint
+    from services.run_store import checkpoint_ledgers, open_checkpoint
 
     # Train V1 nests checkpoints in a trial directory
     _checkpoint(tmp_path / "ray_train", "r-finetune/TorchTrainer_0_x", "000003", 30)
-    found = _checkpoint_ledgers(str(tmp_path / "ray_train"), "r-finetune")
+    found = checkpoint_ledgers(str(tmp_path / "ray_train"), "r-finetune")
     assert [p for p, _ in found] == ["r-finetune/TorchTrainer_0_x/checkpoint_000003"]
     ck = open_checkpoint(str(tmp_path / "ray_train"), found[0][0])
     with ck.as_directory() as d:
@@ -97,8 +97,8 @@ def test_checkpoints_found_in_train_v1_layout_and_opened_with_their_filesystem(t
 def test_resume_before_finetuning_uses_the_saved_ledger(tmp_path):
     run = _run_dir(tmp_path, "r", parent=None, started_finetune=False, finished=False)
     state = json.loads((run / STATE_FILE).read_text())
-    led, path = resume_ledger(state, str(tmp_path / "nothing"), "r-finetune")
-    assert [r.name for r in led.records] == [QUERY_MECHANISM] and path is None
+    led, path = resume_ledger(state, str(tmp_path / "nothing"), run)
+    assert [r.name for r in led.records] == [QUERY_MECHANISM] and path == {}
 
 
 def test_spent_upper_bound_charges_a_failed_run_its_whole_plan(tmp_path):

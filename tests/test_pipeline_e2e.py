@@ -182,7 +182,7 @@ def test_resume_during_finetuning_continues_the_ledger(finished_run):
     snapshots[0].unlink()
     state_path = run_dir / "pipeline_state.json"
     state = json.loads(state_path.read_text())
-    assert state["finetune_plan"]["total_steps"] == 4
+    assert state["dp_plans"]["finetune"]["total_steps"] == 4
     for stage in ("finetune", "done"):
         state["stages"].pop(stage, None)
     state["ledger"]["records"] = [r for r in state["ledger"]["records"]
@@ -192,7 +192,7 @@ def test_resume_during_finetuning_continues_the_ledger(finished_run):
     resumed = run_pipeline(cfg, resume_dir=s["run_dir"], log=logs.append)
     assert [r["steps"] for r in resumed["ledger"]["records"]] == [1, 4]
     assert resumed["epsilon"] == pytest.approx(s["epsilon"], rel=1e-12)
-    assert any("DP-SGD:" in line and "4 steps" in line for line in logs), logs
+    assert any("DP-SGD (finetune):" in line and "4 steps" in line for line in logs), logs
     again = torch.load(run_dir / "dp_generator.pt", map_location="cpu")
     assert released.keys() == again.keys()
     assert all(torch.equal(released[k], again[k]) for k in released)  # no step retaken

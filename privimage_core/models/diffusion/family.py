@@ -35,7 +35,7 @@ class EDMObjective:
 
 class _EDMTrainer(PublicTrainer):
     def __init__(self, model: nn.Module, lr: float):
-        self.model = model
+        self.model = model.train()
         self.opt = torch.optim.Adam(model.parameters(), lr=lr)
 
     def step(self, x, y, generator):

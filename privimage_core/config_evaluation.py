@@ -1,0 +1,87 @@
+"""The evaluation section of the config (``evaluation:``) and its checks;
+re-exported by privimage_core.config, the one place settings are defined."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from privimage_core.errors import ConfigError
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class EvaluationConfig:
+    """What the evaluator measures (privimage_core/evaluation/suite.py). All of
+    it is non-private evaluation (real test split; the ceiling and the
+    membership audit also read the sensitive training set). Defaults keep the
+    quickstart's evaluation under about 3 minutes on 2 CPU cores: FID-Inception
+    (~3-5 images/s there) dominates; the real side's features are cached."""
+    # Semantic distribution similarity (paper Eq. 5) of the sensitive classes
+    # to the selected public data and to the whole public pool, computed by
+    # the selector from the noisy histograms (a DP output) and public counts:
+    # the one metric here that is private (evaluation/semantic_similarity.py).
+    sds: bool = True
+    fid: bool = True
+    # Images per side for FID and precision/recall (one Inception pass serves
+    # both). FID is biased upward at small N: compare runs only at equal N;
+    # the paper uses 5,000 (configs/cluster.yaml).
+    fid_images: int = 200
+    fid_weights: str | None = None
+    # Precision/recall in the FID features (computed only when fid is on).
+    precision_recall: bool = True
+    pr_k: int = 3
+    # The headline classifier (summary "accuracy", utility matrix).
+    classifier: str = "cnn"
+    # Classifiers trained on synthetic data, tested on the real test split.
+    classifiers: list[str] = field(default_factory=lambda: ["lr", "mlp", "cnn"])
+    classifier_epochs: int = 8
+    # LR / MLP train on at most this many images, with these iteration caps.
+    sklearn_max_images: int = 2000
+    lr_max_iter: int = 50
+    mlp_max_iter: int = 15
+    # "Train on real" ceiling on a subset of the SENSITIVE training set (non-private).
+    real_ceiling: bool = True
+    ceiling_images: int = 1000
+    # Real/synthetic utility matrix; synthetic images held out as its synthetic test set.
+    utility_matrix: bool = True
+    utility_holdout: int = 500
+    # Detector attack (real vs synthetic classifier) on this many images per side.
+    detector: bool = True
+    detector_images: int = 400
+    detector_kind: str = "cnn"
+    detector_min_steps: int = 100
+    # Loss-threshold membership inference on the DP generator.
+    mia: bool = True
+    mia_members: int = 500
+    mia_nonmembers: int = 500
+    mia_noise_levels: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0])
+    mia_repeats: int = 1
+    mia_confidence: float = 0.95
+
+
+def validate_evaluation(e: EvaluationConfig) -> None:
+    kinds = ("cnn", "mlp", "lr")
+    _require(e.classifier in kinds, "evaluation.classifier must be cnn, mlp or lr")
+    _require(all(k in kinds for k in e.classifiers),
+             f"evaluation.classifiers must be among cnn, mlp, lr, got {e.classifiers}")
+    _require(e.detector_kind in kinds, "evaluation.detector_kind must be cnn, mlp or lr")
+    _require(e.pr_k >= 1, f"evaluation.pr_k must be >= 1, got {e.pr_k}")
+    _require(e.fid_images > e.pr_k and e.fid_images >= 2,
+             f"evaluation.fid_images must be >= 2 and > evaluation.pr_k, got {e.fid_images}; set e.g. 200")
+    for k in ("classifier_epochs", "sklearn_max_images", "lr_max_iter", "mlp_max_iter",
+              "ceiling_images", "utility_holdout", "detector_min_steps", "mia_repeats"):
+        _require(getattr(e, k) >= 1, f"evaluation.{k} must be >= 1, got {getattr(e, k)}")
+    _require(e.detector_images >= 4,
+             f"evaluation.detector_images must be >= 4, got {e.detector_images}; set e.g. 400")
+    for k in ("mia_members", "mia_nonmembers"):
+        _require(getattr(e, k) >= 2, f"evaluation.{k} must be >= 2, got {getattr(e, k)}; set e.g. 500")
+    _require(len(e.mia_noise_levels) >= 1 and all(
+        0 < s < 1000 and math.isfinite(s) for s in e.mia_noise_levels),
+        f"evaluation.mia_noise_levels must be a non-empty list of sigmas in (0, 1000), "
+        f"got {e.mia_noise_levels}; set e.g. [0.1, 0.3, 1.0]")
+    _require(0 < e.mia_confidence < 1,
+             f"evaluation.mia_confidence must be in (0, 1), got {e.mia_confidence}; set e.g. 0.95")

@@ -1,0 +1,118 @@
+"""The method registry: each method is plain data, a model family and a list
+of stages (in the spirit of jax_privacy's method configs). The driver runs
+the stages in order; adding a method is one entry here, no driver change.
+
+Stage kinds (what each does lives in ``services/stages/``):
+  public_index     build the Parquet index of the public pool        (public)
+  query_function   train the semantic query function on it           (public, Sec. 3.2)
+  semantic_query   DP histogram of the sensitive data's semantics,
+                   then the top-k2 selection                          (DP, Sec. 3.3)
+  pretrain         train the generator on public data without DP      (public, Sec. 3.4)
+                   option data: "selection" (PrivImage) or "public_pool"
+                   (PDP-Diffusion: the whole pool, no query)
+  dp_finetune      DP-SGD on the sensitive data                       (DP, Algorithm 1)
+  synthesize       sample the synthetic dataset from the DP model     (post-processing)
+  evaluate         fidelity, utility, privacy audit                   (non-private)
+
+Every DP stage is its own ledger mechanism; the ledger composes them all.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from privimage_core.errors import ConfigError
+
+STAGE_KINDS = ("public_index", "query_function", "semantic_query", "pretrain", "dp_finetune",
+               "synthesize", "evaluate")
+# Stages that read the sensitive data through a DP mechanism.
+DP_STAGE_KINDS = ("semantic_query", "dp_finetune")
+PRETRAIN_DATA = ("selection", "public_pool")
+
+
+@dataclass(frozen=True)
+class Stage:
+    kind: str
+    # Unique within a method: names the MLflow stage run, the state entry,
+    # the Ray Train run and (for DP stages) the ledger mechanism.
+    name: str
+    options: dict = field(default_factory=dict, hash=False, compare=False)
+
+    def __post_init__(self):
+        if self.kind not in STAGE_KINDS:
+            raise ValueError(f"unknown stage kind '{self.kind}'")
+        data = self.options.get("data")
+        if self.kind == "pretrain" and data not in PRETRAIN_DATA:
+            raise ValueError(f"pretrain stage needs options data in {PRETRAIN_DATA}")
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    family: str
+    stages: tuple[Stage, ...]
+    summary: str
+
+    def has(self, kind: str) -> bool:
+        return any(s.kind == kind for s in self.stages)
+
+
+_RELEASE = (Stage("synthesize", "synthesize"), Stage("evaluate", "evaluate"))
+
+
+def _privimage(family: str) -> tuple[Stage, ...]:
+    return (Stage("public_index", "index"), Stage("query_function", "semantic_query"),
+            Stage("semantic_query", "selection"),
+            Stage("pretrain", "pretrain", {"data": "selection"}),
+            Stage("dp_finetune", "finetune")) + _RELEASE
+
+
+def _pdp() -> tuple[Stage, ...]:
+    return (Stage("public_index", "index"),
+            Stage("pretrain", "pretrain", {"data": "public_pool"}),
+            Stage("dp_finetune", "finetune")) + _RELEASE
+
+
+def _from_scratch() -> tuple[Stage, ...]:
+    return (Stage("dp_finetune", "finetune"),) + _RELEASE
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("privimage", "diffusion", _privimage("diffusion"),
+           "Privimage+D: DP semantic query, pre-train on the selected public semantics, "
+           "DP-SGD fine-tuning (Li et al. 2024)"),
+    Method("pdp_diffusion", "diffusion", _pdp(),
+           "PDP-Diffusion: pre-train on the whole public pool, all of epsilon to DP-SGD "
+           "(Sehwag et al. / Ghalebikesabi et al. 2023)"),
+    Method("dpdm", "diffusion", _from_scratch(),
+           "DPDM: DP-SGD from random initialisation, no public data (Dockhorn et al. 2022)"),
+    Method("privimage_g", "gan", _privimage("gan"),
+           "Privimage+G: the PrivImage selection with a GAN (paper App. C)"),
+    Method("dpgan", "gan", _from_scratch(),
+           "DPGAN: a GAN whose discriminator is trained with DP-SGD from scratch"),
+)}
+METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ConfigError(f"method '{name}' is unknown; use one of {', '.join(METHOD_NAMES)}")
+    return METHODS[name]
+
+
+def check_method(name: str, preset: str, pretrain_steps: int) -> Method:
+    """The method, or one clear error for combinations it cannot run."""
+    from privimage_core.models import FAMILY_NAMES, get_family
+
+    m = get_method(name)
+    if m.family not in FAMILY_NAMES:
+        raise ConfigError(f"method '{name}' needs the '{m.family}' model family, which this "
+                          f"installation does not have (known: {', '.join(FAMILY_NAMES)}); "
+                          "choose another method")
+    fam = get_family(m.family)
+    if preset not in fam.presets:
+        raise ConfigError(f"generator.preset '{preset}' is not a preset of the {m.family} family "
+                          f"(method '{name}'); use one of {', '.join(fam.presets)}")
+    if m.has("pretrain") and pretrain_steps < 1:
+        raise ConfigError(f"method '{name}' pre-trains but pretrain.steps is {pretrain_steps}; "
+                          "set pretrain.steps >= 1, or use method dpdm / dpgan for no pre-training")
+    return m

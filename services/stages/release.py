@@ -1,0 +1,84 @@
+"""Synthesis from the DP model (post-processing, Algorithm 2 line 11) and
+the evaluation (non-private: it reads the real test split, and the ceiling
+and the membership audit read the sensitive training set), by the
+evaluator actor."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from privimage_core.generator import state_bytes
+from privimage_core.methods import Stage
+from services.stage_engine import RunContext
+
+
+def _evaluator(ctx: RunContext):
+    from services.actors import EvaluatorActor
+    return ctx.actor("evaluator", EvaluatorActor)
+
+
+def synthesize(ctx: RunContext, stage: Stage) -> dict:
+    import ray
+
+    from privimage_core.synthesize import read_dataset
+
+    led = ctx.ledger
+    provenance = {"epsilon": led.epsilon(), "delta": led.target_delta,
+                  "accountant": led.accountant_name, "mlflow_run_id": ctx.mlflow_run_id,
+                  "method": ctx.method.name, "generator_preset": ctx.cfg.generator.preset,
+                  **{k: round(v, 4) for k, v in (ctx.values.get("sds") or {}).items()
+                     if k != "sds_seconds"}}
+    syn = ray.get(_evaluator(ctx).synthesize.remote(
+        state_bytes(ctx.values["release_state"]), ctx.class_names, provenance,
+        ctx.method.family))
+    ctx.values["synthetic"] = syn
+    sample_grid_png(read_dataset(syn["path"]), ctx.run_dir / "samples.png")
+    ctx.tracker.file_artifact(ctx.run_dir / "samples.png")
+    ctx.tracker.file_artifact(Path(syn["path"]) / "manifest.json", "synthetic")
+    return {"num_images": syn["num_images"]}
+
+
+def evaluate(ctx: RunContext, stage: Stage) -> dict:
+    import ray
+    from mlflow import set_tag
+
+    from services.actors import Evaluator
+
+    set_tag("evaluation", "non-private: uses the real test split; the ceiling and the "
+            "membership audit also read the sensitive training set")
+    test = ctx.inputs.test
+    # sens_ref: the audit's members and the ceiling's training data (never written)
+    ev = ray.get(_evaluator(ctx).evaluate.remote((test.images, test.labels), ctx.class_names,
+                                                 ctx.sens_ref, ctx.ledger.epsilon()))
+    ctx.kill_actors("evaluator")
+    report = ctx.run_dir / "evaluation_report.html"
+    report.write_text(ev.pop("report_html"))
+    ctx.tracker.file_artifact(report)
+    for line in ev.pop("log", []):
+        ctx.log(line)
+    if ev.get("audit_ok") == 0:
+        ctx.log("[privimage] " + "!" * 72 + f"\n[privimage] {ev['audit_message']}\n"
+                "[privimage] " + "!" * 72)
+    if ctx.pm:
+        for k in Evaluator.LIVE_METRICS:
+            if isinstance(ev.get(k), (int, float)):
+                ctx.pm.eval_metric(k, ev[k])
+    ev["report_path"] = str(report)
+    ctx.values["evaluation"] = ev
+    return {k: v for k, v in ev.items() if isinstance(v, (int, float))}
+
+
+def sample_grid_png(ds, path: Path, per_class: int = 10) -> None:
+    from PIL import Image
+    h, w, c = ds.shape
+    rows = []
+    for k in range(ds.num_classes):
+        idx = np.nonzero(ds.labels == k)[0][:per_class]
+        row = np.zeros((h, w * per_class, c), np.uint8)
+        for j, i in enumerate(idx):
+            row[:, j * w:(j + 1) * w] = ds.images[i]
+        rows.append(row)
+    grid = np.concatenate(rows, 0)
+    Image.fromarray(grid[..., 0] if c == 1 else grid).resize(
+        (grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)

@@ -1,0 +1,158 @@
+"""Training stages on Ray Train: pre-training on public data (Algorithm 2,
+line 9) and DP-SGD fine-tuning on the sensitive data (line 10)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from privimage_core.dp_finetune import DP_SGD_MECHANISM, plan_noise
+from privimage_core.errors import PrivacyBudgetError
+from privimage_core.generator import state_bytes
+from privimage_core.methods import Stage
+from privimage_core.privacy_ledger import PrivacyLedger
+from services.run_store import trainer_name
+from services.stage_engine import RunContext
+from services.train_job import TrainJob
+
+PRETRAINED_FILE = "pretrained_generator.pt"   # public-only weights
+RELEASE_FILE = "dp_generator.pt"              # the DP release
+
+
+def mechanism_of(stage: Stage) -> str:
+    """Each DP stage is its own ledger mechanism."""
+    return DP_SGD_MECHANISM if stage.name == "finetune" else f"dp_sgd_{stage.name}"
+
+
+def _fit(ctx: RunContext, stage: Stage, loop, job: TrainJob):
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    r = ctx.cfg.ray
+    trainer = TorchTrainer(
+        loop, train_loop_config={"job": job},
+        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
+                                     resources_per_worker={"CPU": r.cpus_per_worker}),
+        run_config=RunConfig(name=trainer_name(ctx.run_dir, stage.name), storage_path=ctx.storage,
+                             failure_config=FailureConfig(max_failures=r.max_failures)))
+    return trainer.fit()
+
+
+def _job(ctx: RunContext, stage: Stage, data_ref, mlflow_run_id, **kw) -> TrainJob:
+    return TrainJob(cfg=ctx.cfg.to_dict(), family=ctx.method.family, stage=stage.name,
+                    num_classes=len(ctx.class_names), data_ref=data_ref,
+                    run_id=ctx.mlflow_run_id, mlflow_uri=ctx.tracker.uri,
+                    mlflow_run_id=mlflow_run_id, metrics_enabled=ctx.cfg.metrics.enabled, **kw)
+
+
+def _model_state(result) -> tuple[dict, dict]:
+    """(full model state, EMA state of the released part) of a Train result."""
+    with result.checkpoint.as_directory() as d:
+        model = torch.load(Path(d) / "model.pt", map_location="cpu")
+        ema = torch.load(Path(d) / "ema.pt", map_location="cpu")
+    return model, ema["shadow"] if "shadow" in ema else ema
+
+
+def _with_ema(model_state: dict, ema_shadow: dict, release_prefix: str) -> dict:
+    """The model state with the released part replaced by its EMA weights."""
+    out = dict(model_state)
+    for k, v in ema_shadow.items():
+        out[release_prefix + k] = v
+    return out
+
+
+def _release_prefix(ctx: RunContext) -> str:
+    from privimage_core.models import get_family
+    fam = get_family(ctx.method.family)
+    g = ctx.cfg.generator
+    m = fam.make(g.preset, g.overrides, ctx.cfg.data.image_size, ctx.cfg.data.channels,
+                 len(ctx.class_names))
+    rel = fam.release_module(m)
+    for name, mod in m.named_modules():
+        if mod is rel:
+            return f"{name}." if name else ""
+    raise RuntimeError("release_module must be a submodule of the family's model")
+
+
+def pretrain(ctx: RunContext, stage: Stage) -> dict:
+    import mlflow
+    import ray
+
+    from services.stages.public import pretrain_images
+    from services.train_loops import pretrain_loop
+
+    images, labels = pretrain_images(ctx, stage)
+    job = _job(ctx, stage, ray.put((images, labels)), mlflow.active_run().info.run_id,
+               checkpoint_every=max(1, ctx.cfg.pretrain.steps // 4))
+    res = _fit(ctx, stage, pretrain_loop, job)
+    model, ema = _model_state(res)
+    init = _with_ema(model, ema, _release_prefix(ctx))
+    torch.save(init, ctx.run_dir / PRETRAINED_FILE)
+    ctx.values["init_state"] = init
+    steps = res.metrics.get("step", 0)
+    ctx.finish(stage, {"steps": steps, "images": len(labels), "data": stage.options["data"]})
+    ctx.log(f"[privimage] pre-training on {len(labels)} public images "
+            f"({stage.options['data']}): {steps} steps")
+    return {"steps": steps, "num_pretrain_images": len(labels)}
+
+
+def restore_pretrain(ctx: RunContext, stage: Stage, saved: dict) -> None:
+    ctx.values["init_state"] = torch.load(ctx.run_dir / PRETRAINED_FILE, map_location="cpu")
+
+
+def dp_finetune(ctx: RunContext, stage: Stage) -> dict:
+    import mlflow
+    import ray
+
+    from services.train_loops import finetune_loop
+
+    f, n, mech = ctx.cfg.finetune, len(ctx.inputs.sensitive), mechanism_of(stage)
+    # `total`: the steps this stage's record holds at the end (a resumed run's
+    # record already holds some)
+    sigma, q, total = plan_noise(ctx.ledger, n, f.batch_size, f.steps, f.noise_multiplier,
+                                 mechanism=mech)
+    # Saved BEFORE any DP-SGD step: a run that dies from here on is charged
+    # its whole plan by sweeps (spent_upper_bound), and a resume reads the
+    # checkpoints' ledgers (resume_ledger).
+    ctx.state.setdefault("dp_plans", {})[stage.name] = {
+        "mechanism": mech, "noise_multiplier": sigma, "sample_rate": q, "total_steps": total}
+    ctx.state["ledger"] = ctx.ledger.state_dict()  # also for methods with no query before
+    ctx.save()
+    ctx.tracker.params({"noise_multiplier": sigma, "sample_rate": q, "planned_steps": total})
+    ctx.log(f"[privimage] DP-SGD ({stage.name}): sigma={sigma:.4f}, q={q:.5f}, {total} steps "
+            f"(target eps={ctx.ledger.target_epsilon:g}, delta={ctx.ledger.target_delta:.2g})")
+    init = ctx.values.get("init_state")
+    resume = ctx.resume_checkpoints.get(stage.name)
+    job = _job(ctx, stage, ctx.sens_ref, mlflow.active_run().info.run_id,
+               checkpoint_every=max(1, total // 4),
+               init_ref=ray.put(state_bytes(init)) if init is not None else None,
+               ledger=ctx.ledger.state_dict(), mechanism=mech, noise_multiplier=sigma,
+               total_steps=total,
+               resume_checkpoint=resume and {"storage": ctx.storage, "relpath": resume})
+    res = _fit(ctx, stage, finetune_loop, job)
+    with res.checkpoint.as_directory() as d:
+        ledger = PrivacyLedger.from_state_dict(json.loads((Path(d) / "ledger.json").read_text()))
+    model, ema = _model_state(res)
+    eps = ledger.epsilon()
+    if eps > ledger.target_epsilon + 1e-9:  # the step hook refuses this; never release past it
+        raise PrivacyBudgetError(f"the ledger reached epsilon {eps:.4g} > target "
+                                 f"{ledger.target_epsilon:g}; nothing was released")
+    ctx.ledger = ledger
+    ctx.state["ledger"] = ledger.state_dict()
+    release = _with_ema(model, ema, _release_prefix(ctx))  # EMA of DP iterates: post-processing
+    torch.save(release, ctx.run_dir / RELEASE_FILE)
+    (ctx.run_dir / "ledger.json").write_text(ledger.to_json())
+    ctx.values["release_state"] = release
+    steps = ledger.steps_of(mech)
+    ctx.finish(stage, {"steps": steps})
+    if ctx.pm:
+        ctx.pm.epsilon(eps, ledger.target_epsilon)
+    ctx.tracker.file_artifact(ctx.run_dir / "ledger.json")
+    ctx.log(f"[privimage] DP fine-tuning done: epsilon={eps:.4f} at "
+            f"delta={ledger.target_delta:.2g} ({steps} steps)")
+    return {"epsilon": eps, "delta": ledger.target_delta, "steps": steps}
+
+
+def restore_dp_finetune(ctx: RunContext, stage: Stage, saved: dict) -> None:
+    ctx.values["release_state"] = torch.load(ctx.run_dir / RELEASE_FILE, map_location="cpu")

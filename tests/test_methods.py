@@ -1,0 +1,126 @@
+"""The method registry and the model-family interface (privimage_core/methods.py,
+privimage_core/models/): plain data, no Ray, and the driver's structure."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from privimage_core.config import from_dict
+from privimage_core.errors import ConfigError
+from privimage_core.methods import DP_STAGE_KINDS, METHODS, Method, Stage, get_method
+from privimage_core.models import get_family
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_methods_are_stage_lists_with_the_paper_baselines():
+    assert set(METHODS) == {"privimage", "pdp_diffusion", "dpdm", "privimage_g", "dpgan"}
+    kinds = {n: [s.kind for s in m.stages] for n, m in METHODS.items()}
+    # PDP-Diffusion: no semantic query (all of epsilon to DP-SGD), whole-pool pre-training
+    assert "semantic_query" not in kinds["pdp_diffusion"]
+    assert [s.options for s in METHODS["pdp_diffusion"].stages if s.kind == "pretrain"] == [
+        {"data": "public_pool"}]
+    # DPDM / DPGAN: no public data at all
+    for m in ("dpdm", "dpgan"):
+        assert kinds[m] == ["dp_finetune", "synthesize", "evaluate"]
+    assert kinds["privimage"] == kinds["privimage_g"]
+    for m in METHODS.values():
+        names = [s.name for s in m.stages]
+        assert len(names) == len(set(names)), f"{m.name}: stage names must be unique"
+        assert any(s.kind in DP_STAGE_KINDS for s in m.stages)
+
+
+def test_bad_methods_and_stages_are_refused_in_one_line():
+    with pytest.raises(ConfigError, match="unknown; use one of privimage"):
+        get_method("privimage_d")
+    with pytest.raises(ValueError, match="unknown stage kind"):
+        Stage("pretrainn", "x")
+    with pytest.raises(ValueError, match="options data"):
+        Stage("pretrain", "p", {"data": "everything"})
+    with pytest.raises(ConfigError, match="pretrain.steps"):
+        from_dict({"method": "privimage", "pretrain": {"steps": 0}})
+    assert from_dict({"method": "dpdm", "pretrain": {"steps": 0}}).method == "dpdm"
+
+
+def test_method_is_recorded_in_the_resolved_config():
+    cfg = from_dict({"method": "dpdm"})
+    assert cfg.to_dict()["method"] == "dpdm" and cfg.flat()["method"] == "dpdm"
+    assert from_dict(cfg.to_dict()).method == "dpdm"
+    assert cfg.with_overrides({"method": "pdp_diffusion"}).method == "pdp_diffusion"
+
+
+def test_diffusion_family_objective_averages_k_draws_inside_the_example():
+    fam = get_family("diffusion")
+    model = fam.make("tiny", {}, 28, 1, 10)
+    x, y = torch.randn(3, 1, 28, 28), torch.tensor([0, 4, 9])
+    obj = fam.dp_objective(model)
+    rnd = obj.draw(x, 4)
+    assert rnd["sigma"].shape == (3, 4) and rnd["noise"].shape == (3, 4, 1, 28, 28)
+    per = obj.loss(model, x, y, rnd)
+    # the same as averaging 4 separate single-draw losses per example
+    from privimage_core.diffusion.edm import edm_loss
+    ref = torch.stack([edm_loss(model, x, y, rnd["sigma"][:, j], rnd["noise"][:, j])
+                       for j in range(4)], 1).mean(1)
+    torch.testing.assert_close(per, ref, rtol=1e-5, atol=1e-6)
+    # a broken objective (only the first draw) does not match
+    assert not torch.allclose(edm_loss(model, x, y, rnd["sigma"][:, 0], rnd["noise"][:, 0]), ref)
+
+
+def _core_modules() -> list[str]:
+    return sorted(".".join(p.relative_to(ROOT).with_suffix("").parts)
+                  for p in (ROOT / "privimage_core").rglob("*.py") if p.name != "__init__.py")
+
+
+def test_no_core_module_imports_ray():
+    mods = _core_modules()
+    assert len(mods) > 20
+    code = ("import sys, importlib\n"
+            f"for m in {mods!r}: importlib.import_module(m)\n"
+            "sys.exit(3 if 'ray' in sys.modules else 0)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:] or "a privimage_core module imports ray"
+
+
+def _top_level_imports(path: Path, known: set[str]) -> set[str]:
+    """Modules a file imports at import time (not inside functions)."""
+    out = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            subs = {f"{node.module}.{a.name}" for a in node.names} & known
+            out.update(subs or {node.module})
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+    return out
+
+
+def test_services_have_no_import_cycle_and_no_file_over_400_lines():
+    files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+             for d in ("services", "privimage_core") for p in (ROOT / d).rglob("*.py")}
+    graph = {m: {i for i in _top_level_imports(p, set(files)) if i in files}
+             for m, p in files.items()}
+
+    def reach(start, node, seen):
+        for nxt in graph.get(node, ()):
+            if nxt == start:
+                return True
+            if nxt not in seen:
+                seen.add(nxt)
+                if reach(start, nxt, seen):
+                    return True
+        return False
+
+    cycles = [m for m in graph if reach(m, m, set())]
+    assert not cycles, f"import cycles through {cycles}"
+    long = {m: n for m, p in files.items() if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, f"files over 400 lines: {long}"
+
+
+def test_a_new_method_is_data_only():
+    m = Method("custom", "diffusion", (Stage("dp_finetune", "finetune"),
+                                       Stage("synthesize", "synthesize")), "test")
+    assert m.has("dp_finetune") and not m.has("pretrain")
