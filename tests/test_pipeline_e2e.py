@@ -161,6 +161,34 @@ def test_no_sensitive_data_leaves(finished_run):
     assert sizes_txt.decode() not in text and probe_labels_txt.decode() not in text
 
 
+@pytest.mark.parametrize("method", ["dpdm", "pdp_diffusion"])
+def test_baselines_run_their_own_stages_and_spend_only_dp_sgd(ray_local, tmp_path, method):
+    """DPDM (no public data) and PDP-Diffusion (whole pool, no query): no
+    semantic-query mechanism in the ledger, all of epsilon to DP-SGD, and
+    only their own stages as nested MLflow runs."""
+    from mlflow.tracking import MlflowClient
+
+    from privimage_core.config import from_dict
+    from services.pipeline import run_pipeline
+
+    cfg = from_dict({**tiny_config(tmp_path), "method": method})
+    s = run_pipeline(cfg, log=lambda _: None)
+    assert [r["name"] for r in s["ledger"]["records"]] == ["dp_sgd_finetune"]
+    assert 0 < s["epsilon"] <= cfg.privacy.target_epsilon
+    expected = {"dpdm": {"finetune", "synthesize", "evaluate"},
+                "pdp_diffusion": {"index", "pretrain", "finetune", "synthesize", "evaluate"}}
+    assert set(s["stage_seconds"]) == expected[method]
+    client = MlflowClient(s["mlflow_uri"])
+    runs = client.search_runs([client.get_run(s["mlflow_run_id"]).info.experiment_id],
+                              f"tags.mlflow.parentRunId = '{s['mlflow_run_id']}'")
+    assert {r.data.tags["stage"] for r in runs} == expected[method]
+    assert client.get_run(s["mlflow_run_id"]).data.params["method"] == method
+    state = json.loads((Path(s["run_dir"]) / "pipeline_state.json").read_text())
+    if method == "pdp_diffusion":  # the whole public pool, not a selection
+        assert state["stages"]["pretrain"]["data"] == "public_pool"
+        assert state["stages"]["pretrain"]["images"] > 20 * 10
+
+
 def test_resume_during_finetuning_continues_the_ledger(finished_run):
     """A driver that died after DP fine-tuning had checkpointed, resumed with
     ``--resume``: the saved state still says 'fine-tuning started' (its plan
