@@ -347,7 +347,7 @@ def validate(cfg: Config) -> None:
     _require(cfg.ray.num_workers >= 0, "ray.num_workers must be >= 0 (0 = in-process)")
     _require(cfg.ray.cpus_per_worker > 0, "ray.cpus_per_worker must be > 0 (Ray rejects 0 CPUs)")
     validate_evaluation(cfg.evaluation)
-    validate_tune(cfg.tune)
+    validate_tune(cfg.tune, set(cfg.flat()))
 
 
 def resolve_delta(cfg: Config, n_sensitive: int) -> float:

@@ -1,4 +1,4 @@
-"""The ``privimage`` command: run, tune, evaluate, validate.
+"""The ``privimage`` command: run, tune, compare, evaluate, validate.
 
 Errors a user can fix (bad config, missing data, budget) print one line that
 names the problem and the fix, and exit with status 2.
@@ -78,6 +78,15 @@ def cmd_tune(a) -> int:
     return 0
 
 
+def cmd_compare(a) -> int:
+    from services.compare import run_compare
+    cfg = load_config(a.config, _overrides(a.set))
+    res = run_compare(cfg)
+    print(res["table"])
+    print(f"table written to {res['table_path']} and {res['html_path']}")
+    return 0
+
+
 def cmd_evaluate(a) -> int:
     from services.evaluate_cli import evaluate_dataset
     res = evaluate_dataset(a.synthetic, a.real, config=a.config, generator=a.generator,
@@ -93,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, fn, hlp in (("run", cmd_run, "run the pipeline (local Ray or the job's cluster)"),
                           ("validate", cmd_validate, "check config and data, run nothing"),
-                          ("tune", cmd_tune, "Ray Tune sweep over model size and selection ratio")):
+                          ("tune", cmd_tune, "Ray Tune sweep over tune.search_space"),
+                          ("compare", cmd_compare, "methods x budgets x seeds: a comparison table")):
         s = sub.add_parser(name, help=hlp)
         s.add_argument("--config", default=None, help="YAML/JSON config (default: embedded quickstart)")
         s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")

@@ -1,37 +1,80 @@
-"""Ray Tune sweep over generator size and selection ratio.
+"""Ray Tune sweeps over any set of config keys (``tune.search_space``), and
+``privimage compare`` on top of them (services/compare.py).
 
-Each trial runs the whole pipeline as a nested MLflow run under one sweep run,
-so the MLflow UI compares trials side by side.
+Each trial runs the whole pipeline as a nested MLflow run under one sweep
+run, so the MLflow UI compares trials side by side. The grid is expanded
+here, and trials whose resolved configs are identical run once.
 
 Privacy note: every trial reads the same sensitive data. The sweep's total
-cost is the composition of all trials' ledgers, which we compute with the same
-Opacus accountant and log as ``sweep_epsilon_composed``; picking the best
-trial by a metric on the real test split is non-private model selection and is
-labelled as such.
+cost is the composition of all trials' ledgers (failed ones charged their
+plan), computed with the same Opacus accountant and logged as
+``sweep_epsilon_composed``. With ``tune.sweep_epsilon`` set, each trial's
+target is split from it so that the composition provably fits. Picking the
+best trial by a metric on the real test split is non-private model
+selection and is labelled as such. An interrupted sweep restores from its
+Tune experiment directory (``Tuner.restore``) and keeps its MLflow run.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
 
-from privimage_core.config import Config
+from privimage_core.config import Config, from_dict
 from privimage_core.privacy_ledger import compose_ledgers
+
+REPORTED = ("accuracy", "fid", "kid", "epsilon", "total_seconds")
 
 
 def _trial(config: dict) -> None:
     from ray import tune
 
-    from privimage_core.config import from_dict
     from services.pipeline import run_pipeline
 
-    base = from_dict(config["base"])
-    overrides = {k: v for k, v in config.items() if k not in ("base", "parent_run_id")}
-    cfg = base.with_overrides({**overrides, "run.name": base.run.name + "-" + "-".join(
-        f"{k.split('.')[-1]}={v}" for k, v in sorted(overrides.items()))})
+    cfg = from_dict(config["trial"]["config"])
     s = run_pipeline(cfg, parent_run_id=config["parent_run_id"])
-    tune.report({"accuracy": s.get("accuracy") or 0.0, "fid": s.get("fid") or float("nan"),
-                 "epsilon": s["epsilon"], "ledger": s["ledger"], "run_dir": s["run_dir"]})
+    ev = s.get("evaluation") or {}
+    tune.report({"accuracy": s.get("accuracy") or 0.0, "fid": _num(s.get("fid")),
+                 "kid": _num(ev.get("kid")), "epsilon": s["epsilon"],
+                 "total_seconds": s["total_seconds"], "ledger": s["ledger"],
+                 "run_dir": s["run_dir"]})
+
+
+def _num(v) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def expand_grid(cfg: Config) -> list[dict]:
+    """[{"overrides": {...}, "config": resolved dict}] for every distinct trial.
+
+    Trials are distinct by their resolved config (the run name aside), so two
+    values that resolve to the same settings run once. With
+    ``tune.sweep_epsilon`` each trial's target is (sweep_epsilon / T,
+    delta / T) over the T distinct trials (basic composition)."""
+    space = cfg.tune.search_space
+    base = cfg
+    trials, seen = [], set()
+    for values in itertools.product(*space.values()):
+        ov = dict(zip(space.keys(), values))
+        resolved = base.with_overrides(ov)
+        key = json.dumps({**resolved.to_dict(), "run": {**resolved.to_dict()["run"], "name": ""}},
+                         sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        name = base.run.name + "-" + "-".join(f"{k.split('.')[-1]}={v}" for k, v in ov.items())
+        trials.append({"overrides": ov, "config": resolved.with_overrides({"run.name": name})})
+    if cfg.tune.sweep_epsilon is not None:
+        t = len(trials)
+        for tr in trials:
+            c = tr["config"]
+            delta = c.privacy.target_delta or 1e-5
+            tr["config"] = c.with_overrides({"privacy.target_epsilon": cfg.tune.sweep_epsilon / t,
+                                             "privacy.target_delta": delta / t})
+    for tr in trials:
+        tr["config"] = tr["config"].to_dict()
+    return trials
 
 
 def sweep_ledgers(output_dir: str, sweep_run_id: str) -> dict[str, dict | None]:
@@ -68,7 +111,20 @@ def compose_sweep(results, output_dir: str, sweep_run_id: str) -> tuple[list[dic
     return [v for v in ledgers.values() if v is not None], complete
 
 
-def run_sweep(cfg: Config) -> dict:
+def _sweep_run_id(tracker, exp_dir: Path, name: str) -> tuple[str, bool]:
+    """The sweep's MLflow run id: the one an interrupted sweep started, so a
+    restored sweep composes every trial that ever touched the data."""
+    marker = exp_dir / "mlflow_sweep_run_id"
+    if marker.is_file():
+        return marker.read_text().strip(), True
+    run = tracker.client.create_run(tracker.experiment_id, run_name=name,
+                                    tags={"kind": "tune-sweep", "mlflow.runName": name})
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(run.info.run_id)
+    return run.info.run_id, False
+
+
+def run_sweep(cfg: Config, log=print) -> dict:
     import mlflow
     from ray import tune
 
@@ -81,47 +137,62 @@ def run_sweep(cfg: Config) -> dict:
     tracker = Tracker(cfg)
     cfg = cfg.with_overrides({"tracking.mlflow_uri": tracker.uri})
     t = cfg.tune
-    with tracker.pipeline_run(f"{cfg.run.name}-sweep", tags={"kind": "tune-sweep"}) as run:
-        tracker.params(cfg.flat())
-        space = {"base": cfg.to_dict(), "parent_run_id": run.info.run_id,
-                 "generator.preset": tune.grid_search(t.presets),
-                 "selection.selection_ratio": tune.grid_search(t.selection_ratios)}
-        tuner = tune.Tuner(
-            tune.with_resources(_trial, {"cpu": t.cpus_per_trial}),
-            param_space=space,
-            tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, num_samples=t.num_samples,
-                                        max_concurrent_trials=t.max_concurrent_trials),
-            run_config=tune.RunConfig(name=f"{cfg.run.name}-sweep",
-                                      storage_path=os.path.join(cfg.run.output_dir, "ray_tune")))
-        results = tuner.fit()
+    trials = expand_grid(cfg)
+    name = f"{cfg.run.name}-sweep"
+    storage = os.path.join(cfg.run.output_dir, "ray_tune")
+    exp_dir = Path(storage) / name
+    run_id, restored = _sweep_run_id(tracker, exp_dir, name)
+    log(f"[privimage] sweep {name}: {len(trials)} distinct trials"
+        + (" (restored)" if restored else ""))
+    with mlflow.start_run(run_id=run_id):
+        if not restored:
+            tracker.params(cfg.flat())
+        space = {"parent_run_id": run_id, "trial": tune.grid_search(trials)}
+        trainable = tune.with_resources(_trial, {"cpu": t.cpus_per_trial})
+        if restored and tune.Tuner.can_restore(str(exp_dir)):
+            tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_errored=False,
+                                       restart_errored=True, param_space=space)
+        else:
+            tuner = tune.Tuner(
+                trainable, param_space=space,
+                tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode,
+                                            num_samples=t.num_samples,
+                                            max_concurrent_trials=t.max_concurrent_trials),
+                run_config=tune.RunConfig(name=name, storage_path=storage))
+        results = tuner.fit()  # a ResultGrid
         rows = []
         for r in results:
+            ov = (r.config or {}).get("trial", {}).get("overrides", {})
             if r.error or not r.metrics:
-                rows.append({"config": {k: v for k, v in r.config.items() if k != "base"},
-                             "error": str(r.error)})
+                rows.append({"overrides": ov, "error": str(r.error)})
                 continue
-            rows.append({"preset": r.config["generator.preset"],
-                         "selection_ratio": r.config["selection.selection_ratio"],
-                         "accuracy": r.metrics["accuracy"], "fid": r.metrics["fid"],
-                         "epsilon": r.metrics["epsilon"], "run_dir": r.metrics["run_dir"]})
-        out = {"trials": rows}
+            rows.append({"overrides": ov, **{k: r.metrics.get(k) for k in REPORTED},
+                         "run_dir": r.metrics["run_dir"]})
+        out = {"trials": rows, "num_trials": len(trials)}
         # Every trial that read the sensitive data counts, failed ones included
-        # (their run directories carry their ledgers and fine-tuning plans).
-        ledgers, complete = compose_sweep(results, cfg.run.output_dir, run.info.run_id)
+        # (their run directories carry their ledgers and DP plans).
+        ledgers, complete = compose_sweep(results, cfg.run.output_dir, run_id)
         if ledgers:
-            delta = ledgers[0]["target_delta"]
+            delta = sum(led["target_delta"] for led in ledgers) if t.sweep_epsilon else \
+                ledgers[0]["target_delta"]
             out["sweep_epsilon_composed"] = compose_ledgers(ledgers, delta, cfg.privacy.accountant)
             out["delta"] = delta
             out["trials_charged"] = len(ledgers)
             out["sweep_epsilon_complete"] = complete
+            if t.sweep_epsilon is not None:
+                out["sweep_epsilon_target"] = t.sweep_epsilon
             mlflow.log_metric("sweep_epsilon_composed", out["sweep_epsilon_composed"])
             mlflow.set_tag("sweep_epsilon", "complete" if complete else
                            "LOWER BOUND: some trials' run directories are not visible here; "
                            "put run.output_dir on shared storage")
-        done = [r for r in rows if t.metric in r and r[t.metric] == r[t.metric]]  # not NaN
+        done = [r for r in rows if r.get(t.metric) == r.get(t.metric) and t.metric in r]
         if done:
             pick = max if t.mode == "max" else min
-            out["best"] = pick(done, key=lambda r: r[t.metric])
+            best = dict(pick(done, key=lambda r: r[t.metric]))
+            # the selected model carries the sweep's composed epsilon, not its own
+            best["epsilon_with_selection"] = out.get("sweep_epsilon_composed")
+            out["best"] = best
             mlflow.set_tag("model_selection", "non-private: best trial chosen on the real test split")
         tracker.json_artifact(out, "sweep_results.json")
+        out["mlflow_run_id"] = run_id
         return out

@@ -14,7 +14,9 @@ def test_sweep_runs_trials_as_nested_mlflow_runs(tmp_path):
 
     from services.tune import run_sweep
     d = tiny_config(tmp_path)
-    d["tune"] = {"presets": ["tiny"], "selection_ratios": [0.1, 0.2], "cpus_per_trial": 0.1}
+    d["tune"] = {"search_space": {"generator.preset": ["tiny"],
+                                  "selection.selection_ratio": [0.1, 0.2]},
+                 "cpus_per_trial": 0.1}
     d["ray"]["cpus_per_worker"] = 1
     try:
         out = run_sweep(from_dict(d))

@@ -1,0 +1,44 @@
+"""Sweep grids over any config keys and the comparison table (no Ray)."""
+from __future__ import annotations
+
+import pytest
+
+from privimage_core.config import from_dict
+from privimage_core.errors import ConfigError
+from services.compare import comparison_rows, render
+from services.tune import expand_grid
+
+def test_grid_is_any_dotted_keys_and_duplicates_run_once():
+    cfg = from_dict({"tune": {"search_space": {
+        "method": ["privimage", "dpdm"], "privacy.target_epsilon": [1.0, 10.0],
+        "run.seed": [0, 1], "finetune.steps": [60, 60.0]}}})
+    trials = expand_grid(cfg)
+    assert len(trials) == 2 * 2 * 2  # 60 and 60.0 resolve to the same config
+    assert {t["config"]["method"] for t in trials} == {"privimage", "dpdm"}
+    assert len({t["config"]["run"]["name"] for t in trials}) == len(trials)
+
+def test_sweep_epsilon_splits_the_budget_so_the_composition_fits():
+    cfg = from_dict({"tune": {"search_space": {"run.seed": [0, 1, 2, 3]}, "sweep_epsilon": 8.0}})
+    trials = expand_grid(cfg)
+    assert [t["config"]["privacy"]["target_epsilon"] for t in trials] == [2.0] * 4
+    assert sum(t["config"]["privacy"]["target_delta"] for t in trials) == pytest.approx(1e-5)
+
+def test_bad_search_spaces_are_refused_in_one_line():
+    with pytest.raises(ConfigError, match="not a config key"):
+        from_dict({"tune": {"search_space": {"generator.size": ["tiny"]}}})
+    with pytest.raises(ConfigError, match="not in tune.search_space"):
+        from_dict({"tune": {"search_space": {"method": ["dpdm"]}, "compare_by": ["run.seed"]}})
+    with pytest.raises(ConfigError, match="method 'dpgann' is unknown"):
+        expand_grid(from_dict({"tune": {"search_space": {"method": ["dpgann"]}}}))
+
+def test_comparison_table_gives_mean_and_std_over_seeds_and_counts_failures():
+    trials = [{"overrides": {"method": "dpdm", "run.seed": s}, "accuracy": a, "fid": 50.0 + s,
+               "kid": None, "epsilon": 9.9, "total_seconds": 100.0}
+              for s, a in enumerate([0.80, 0.82, 0.84])]
+    trials.append({"overrides": {"method": "privimage", "run.seed": 0}, "error": "boom"})
+    rows = comparison_rows(trials, ["method"])
+    assert rows[0]["accuracy (%)"] == "82.00 ± 2.00" and rows[0]["runs"] == "3/3"
+    assert rows[1]["accuracy (%)"] == "—" and rows[1]["runs"] == "0/1"
+    md, page = render(rows, ["method"], {"sweep_epsilon_composed": 17.5, "delta": 1e-5,
+                                         "trials_charged": 3}, "t")
+    assert "epsilon 17.500" in md and "<table>" in page and "dpdm" in page
