@@ -32,6 +32,9 @@ class RunConfig:
     data_dir: str | None = None
     # Threads torch may use per process (0 = torch default).
     torch_threads: int = 2
+    # Reuse budget-free public stages (pre-training) across runs and sweep
+    # trials: cached under <output_dir>/cache by a digest of all they depend on.
+    cache_public: bool = True
 
 
 @dataclass

@@ -166,6 +166,7 @@ def test_baselines_run_their_own_stages_and_spend_only_dp_sgd(ray_local, tmp_pat
     """DPDM (no public data) and PDP-Diffusion (whole pool, no query): no
     semantic-query mechanism in the ledger, all of epsilon to DP-SGD, and
     only their own stages as nested MLflow runs."""
+    import torch
     from mlflow.tracking import MlflowClient
 
     from privimage_core.config import from_dict
@@ -187,6 +188,14 @@ def test_baselines_run_their_own_stages_and_spend_only_dp_sgd(ray_local, tmp_pat
     if method == "pdp_diffusion":  # the whole public pool, not a selection
         assert state["stages"]["pretrain"]["data"] == "public_pool"
         assert state["stages"]["pretrain"]["images"] > 20 * 10
+        # public pre-training is budget-free: a second run with other DP
+        # settings reuses it (cached by a digest of what it depends on)
+        again = run_pipeline(cfg.with_overrides({"finetune.steps": 2}), log=lambda _: None)
+        st2 = json.loads((Path(again["run_dir"]) / "pipeline_state.json").read_text())
+        assert "cached" in st2["stages"]["pretrain"] and "cached" not in state["stages"]["pretrain"]
+        a = torch.load(Path(s["run_dir"]) / "pretrained_generator.pt")
+        b = torch.load(Path(again["run_dir"]) / "pretrained_generator.pt")
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_during_finetuning_continues_the_ledger(finished_run):

@@ -3,6 +3,7 @@ line 9) and DP-SGD fine-tuning on the sensitive data (line 10)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -75,6 +76,24 @@ def _release_prefix(ctx: RunContext) -> str:
     raise RuntimeError("release_module must be a submodule of the family's model")
 
 
+def _pretrain_key(ctx: RunContext, stage: Stage, labels) -> str:
+    """Digest of everything public pre-training depends on: the family and
+    its settings, the public pool's settings, the seed and the data choice
+    (for PrivImage the selection, a DP output). Ray/Tune settings aside."""
+    import hashlib
+
+    c = ctx.cfg.to_dict()
+    key = {"family": ctx.method.family, "generator": c["generator"], "pretrain": c["pretrain"],
+           "data": {k: c["data"][k] for k in ("public", "image_size", "channels", "resize",
+                                              "public_max_per_class", "glyph_max_fonts",
+                                              "glyph_copies_per_font")},
+           "seed": c["run"]["seed"], "stage": stage.options, "classes": len(ctx.class_names),
+           "selection": {str(k): v for k, v in sorted((ctx.values.get("selection") or {}).items())}
+           if stage.options["data"] == "selection" else None,
+           "workers": c["ray"]["num_workers"], "n": int(len(labels))}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
 def pretrain(ctx: RunContext, stage: Stage) -> dict:
     import mlflow
     import ray
@@ -83,12 +102,27 @@ def pretrain(ctx: RunContext, stage: Stage) -> dict:
     from services.train_loops import pretrain_loop
 
     images, labels = pretrain_images(ctx, stage)
+    cache = Path(ctx.cfg.run.output_dir).resolve() / "cache" / \
+        f"pretrain-{_pretrain_key(ctx, stage, labels)}.pt"
+    if ctx.cfg.run.cache_public and cache.is_file():
+        init = torch.load(cache, map_location="cpu")
+        torch.save(init, ctx.run_dir / PRETRAINED_FILE)
+        ctx.values["init_state"] = init
+        ctx.finish(stage, {"steps": ctx.cfg.pretrain.steps, "images": len(labels),
+                           "data": stage.options["data"], "cached": str(cache)})
+        ctx.log(f"[privimage] pre-training: reused {cache.name} (public, same settings)")
+        return {"cached": 1, "num_pretrain_images": len(labels)}
     job = _job(ctx, stage, ray.put((images, labels)), mlflow.active_run().info.run_id,
                checkpoint_every=max(1, ctx.cfg.pretrain.steps // 4))
     res = _fit(ctx, stage, pretrain_loop, job)
     model, ema = _model_state(res)
     init = _with_ema(model, ema, _release_prefix(ctx))
     torch.save(init, ctx.run_dir / PRETRAINED_FILE)
+    if ctx.cfg.run.cache_public:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")
+        torch.save(init, tmp)
+        tmp.replace(cache)  # atomic: concurrent trials never read a half-written file
     ctx.values["init_state"] = init
     steps = res.metrics.get("step", 0)
     ctx.finish(stage, {"steps": steps, "images": len(labels), "data": stage.options["data"]})
