@@ -91,6 +91,9 @@ class GeneratorConfig:
     preset: str = "tiny"
     # Overrides of the preset's UNet arguments (e.g. base_channels).
     overrides: dict = field(default_factory=dict)
+    # Classifier-free guidance (diffusion): the share of training examples
+    # whose label is replaced by the null label, in pre-training and DP-SGD.
+    label_dropout: float = 0.0
 
 
 @dataclass
@@ -124,6 +127,9 @@ class SamplingConfig:
     num_steps: int = 18
     solver: str = "euler"
     batch_size: int = 500
+    # Classifier-free guidance scale w: D = (1 + w) D(x|y) - w D(x|null);
+    # 0 = plain conditional sampling (needs generator.label_dropout > 0).
+    guidance: float = 0.0
 
 
 @dataclass
@@ -345,6 +351,12 @@ def validate(cfg: Config) -> None:
     check_method(cfg.method, cfg.generator.preset, cfg.pretrain.steps)
     _require(cfg.sampling.solver in ("euler", "heun"),
              f"sampling.solver must be 'euler' or 'heun', got '{cfg.sampling.solver}'")
+    _require(0 <= cfg.generator.label_dropout < 1,
+             f"generator.label_dropout must be in [0, 1), got {cfg.generator.label_dropout}")
+    _require(cfg.sampling.guidance == 0 or cfg.generator.label_dropout > 0,
+             "sampling.guidance > 0 needs a model trained with generator.label_dropout > 0 "
+             "(e.g. 0.1); set one or sampling.guidance: 0")
+    _require(cfg.sampling.guidance >= 0, "sampling.guidance must be >= 0")
     _require(cfg.sampling.num_images >= 1 and cfg.sampling.num_steps >= 1,
              "sampling.num_images and sampling.num_steps must be >= 1")
     _require(cfg.ray.num_workers >= 0, "ray.num_workers must be >= 0 (0 = in-process)")

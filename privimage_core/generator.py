@@ -1,5 +1,6 @@
-"""Build the class-conditional generator (an EDM-preconditioned UNet) from
-the config, and (de)serialise its weights for checkpoints and release."""
+"""Build the class-conditional diffusion generator (an EDM-preconditioned
+UNet, privimage_core/models/diffusion) from the generator config, and
+(de)serialise weights for checkpoints and release."""
 from __future__ import annotations
 
 import io
@@ -7,15 +8,13 @@ import io
 import torch
 
 from privimage_core.config import GeneratorConfig
-from privimage_core.diffusion.edm import EDMPrecond
-from privimage_core.diffusion.unet import build_unet
 
 
 def build_generator(gcfg: GeneratorConfig, image_size: int, channels: int,
-                    num_classes: int) -> EDMPrecond:
-    net = build_unet(gcfg.preset, image_size=image_size, channels=channels,
-                     num_classes=num_classes, **gcfg.overrides)
-    return EDMPrecond(net)
+                    num_classes: int) -> torch.nn.Module:
+    from privimage_core.models import get_family
+    return get_family("diffusion").make(gcfg.preset, gcfg.overrides, image_size, channels,
+                                        num_classes, label_dropout=gcfg.label_dropout)
 
 
 def num_parameters(model: torch.nn.Module) -> int:

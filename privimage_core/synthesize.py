@@ -28,11 +28,11 @@ def balanced_labels(num_images: int, num_classes: int) -> np.ndarray:
 
 def generate(family, release: torch.nn.Module, num_images: int, class_names: list[str],
              num_steps: int, solver: str = "euler", seed: int = 0,
-             batch_size: int = 500) -> ImageSet:
+             batch_size: int = 500, guidance: float = 0.0) -> ImageSet:
     """``num_images`` class-balanced samples of a model family's released module."""
     labels = balanced_labels(num_images, len(class_names))
     images = family.sample(release, labels, num_steps=num_steps, solver=solver, seed=seed,
-                           batch_size=batch_size)
+                           batch_size=batch_size, guidance=guidance)
     return ImageSet(images, labels, list(class_names), name="synthetic")
 
 

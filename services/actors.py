@@ -140,18 +140,18 @@ class Evaluator:
     def synthesize(self, state: bytes, class_names: list[str], provenance: dict,
                    family: str = "diffusion") -> dict:
         from privimage_core.generator import state_from_bytes
-        from privimage_core.models import get_family
+        from privimage_core.models import build_model, get_family
         from privimage_core.synthesize import generate, write_dataset
 
         c = self.cfg
         t0 = time.time()
         fam = get_family(family)
-        model = fam.make(c.generator.preset, c.generator.overrides, c.data.image_size,
-                         c.data.channels, len(class_names))
+        model = build_model(c, family, len(class_names))
         model.load_state_dict(state_from_bytes(state))
         release = fam.release_module(model).eval()
         ds = generate(fam, release, c.sampling.num_images, class_names, c.sampling.num_steps,
-                      c.sampling.solver, seed=c.run.seed, batch_size=c.sampling.batch_size)
+                      c.sampling.solver, seed=c.run.seed, batch_size=c.sampling.batch_size,
+                      guidance=c.sampling.guidance)
         out = write_dataset(ds, self.workdir / "synthetic", provenance)
         # The loss-threshold audit scores an EDM denoiser; other families are
         # audited through their own audit_loss (canary audit).

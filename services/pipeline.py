@@ -83,12 +83,11 @@ def check_generator(cfg: Config, method: Method, num_classes: int) -> None:
     """Build the generator once before anything reads sensitive data: a typo
     in generator.overrides fails here, not in a worker after the DP query."""
     from privimage_core.errors import ConfigError
-    from privimage_core.models import get_family
+    from privimage_core.models import build_model
 
     g = cfg.generator
     try:
-        get_family(method.family).make(g.preset, g.overrides, cfg.data.image_size,
-                                       cfg.data.channels, num_classes)
+        build_model(cfg, method.family, num_classes)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"generator.overrides {g.overrides} do not build a {method.family} "
                           f"'{g.preset}' generator ({e}); fix or remove them") from e

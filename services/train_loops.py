@@ -20,7 +20,7 @@ import torch
 from privimage_core.config import from_dict
 from privimage_core.diffusion.ema import EMA
 from privimage_core.generator import state_from_bytes
-from privimage_core.models import get_family
+from privimage_core.models import build_model, get_family
 from privimage_core.privacy_ledger import PrivacyLedger
 from services.process_setup import configure_torch
 from services.train_job import TrainJob
@@ -81,9 +81,7 @@ def _setup(job: TrainJob):
     rank, world = _ctx()
     dev = _device(cfg)
     family = get_family(job.family)
-    g = cfg.generator
-    model = family.make(g.preset, g.overrides, cfg.data.image_size, cfg.data.channels,
-                        job.num_classes).to(dev)
+    model = build_model(cfg, job.family, job.num_classes).to(dev)
     images, labels = ray.get(job.data_ref)
     x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0)
     y = torch.from_numpy(labels).long()

@@ -404,3 +404,17 @@ def test_detector_attack():
     assert d_same["n_test"] == 300 and abs(d_same["accuracy"] - 0.5) < 0.12
     assert d_diff["accuracy"] > 0.9 and d_diff["privacy_loss"] > 0.8
     assert d_diff["privacy_loss"] == pytest.approx((d_diff["accuracy"] - 0.5) / 0.5)
+
+
+def test_kid_is_unbiased_near_zero_for_one_distribution_and_grows_with_a_shift():
+    from privimage_core.evaluation.kid import kernel_inception_distance
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(600, 64)), rng.normal(size=(600, 64))
+    same, same_sd = kernel_inception_distance(a, b, subsets=20, subset_size=300)
+    assert abs(same) < 3 * same_sd + 1e-3  # unbiased: centred on 0, can be negative
+    shifted, _ = kernel_inception_distance(a, b + 0.5, subsets=20, subset_size=300)
+    assert shifted > 10 * max(abs(same), same_sd)
+    # the unbiased estimator on tiny samples does not inflate like FID does
+    small, _ = kernel_inception_distance(a[:50], b[:50], subsets=20, subset_size=50)
+    assert abs(small) < 0.05 * shifted

@@ -124,3 +124,23 @@ def test_a_new_method_is_data_only():
     m = Method("custom", "diffusion", (Stage("dp_finetune", "finetune"),
                                        Stage("synthesize", "synthesize")), "test")
     assert m.has("dp_finetune") and not m.has("pretrain")
+
+
+def test_classifier_free_guidance_reserves_a_null_label_and_mixes_two_passes():
+    from privimage_core.models.diffusion.family import GuidedDenoiser
+
+    fam = get_family("diffusion")
+    model = fam.make("tiny", {}, 28, 1, 10, label_dropout=0.5).eval()
+    assert model.null_label == 10 and model.net.class_emb.num_embeddings == 11
+    x, s, y = torch.randn(3, 1, 28, 28), torch.full((3,), 0.7), torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        cond, uncond = model(x, s, y), model(x, s, torch.full_like(y, 10))
+        torch.testing.assert_close(GuidedDenoiser(model, 0.0)(x, s, y), cond)
+        torch.testing.assert_close(GuidedDenoiser(model, 2.0)(x, s, y), 3 * cond - 2 * uncond,
+                                   rtol=1e-4, atol=1e-5)
+    # label dropout: drawn outside the loss, applied inside it
+    obj = fam.dp_objective(model)
+    rnd = obj.draw(torch.randn(400, 1, 28, 28), 1)
+    assert 0.4 < rnd["drop"].float().mean() < 0.6
+    with pytest.raises(ConfigError, match="label_dropout"):
+        from_dict({"sampling": {"guidance": 1.5}})

@@ -141,7 +141,9 @@ def _fmt(v) -> str:
 
 _ROWS = {
     "Fidelity (vs real test split)": [
-        ("fid", "FID (FID-InceptionV3 pool3)"), ("fid_images", "images per side"),
+        ("fid", "FID (FID-InceptionV3 pool3; biased upward at small N)"),
+        ("fid_images", "images per side"),
+        ("kid", "KID (unbiased MMD^2, cubic kernel)"), ("kid_std", "KID std over subsets"),
         ("precision", "precision (k-NN manifold, same features)"),
         ("recall", "recall"),
     ],

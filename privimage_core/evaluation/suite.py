@@ -131,6 +131,9 @@ def run_evaluation(ecfg: EvaluationConfig, synthetic: ImageSet, real_test: Image
             t0 = time.time()
             m["fid"] = fidlib.frechet_distance_from_features(f_syn, f_real)
             m["fid_seconds"] = feat_s + time.time() - t0  # FID costs the feature pass too
+            from privimage_core.evaluation.kid import kernel_inception_distance
+            with timed("kid"):  # unbiased at any N: comparable where small-N FID is not
+                m["kid"], m["kid_std"] = kernel_inception_distance(f_syn, f_real, seed=seed)
             log(f"[evaluate] fid: {m['fid_seconds']:.1f}s ({feat_s:.1f}s Inception features, "
                 f"{2 * n} images)")
             if ecfg.precision_recall:

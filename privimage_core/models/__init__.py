@@ -21,4 +21,14 @@ def get_family(name: str) -> ModelFamily:
     return _FACTORIES[name]()
 
 
-__all__ = ["DPObjective", "FAMILY_NAMES", "ModelFamily", "PublicTrainer", "get_family"]
+def build_model(cfg, family: str, num_classes: int):
+    """The family's model for a run's config: the one way every stage,
+    worker and actor builds it, so their checkpoints always match."""
+    fam = get_family(family)
+    g = cfg.generator
+    return fam.make(g.preset, g.overrides, cfg.data.image_size, cfg.data.channels, num_classes,
+                    **fam.options(cfg))
+
+
+__all__ = ["DPObjective", "FAMILY_NAMES", "ModelFamily", "PublicTrainer", "build_model",
+           "get_family"]

@@ -55,9 +55,14 @@ class ModelFamily(ABC):
     # Config keys of `generator.preset` this family understands.
     presets: ClassVar[tuple[str, ...]]
 
+    def options(self, cfg) -> dict:
+        """Keyword arguments of ``make`` taken from the run's config (e.g. the
+        diffusion family's label dropout); none by default."""
+        return {}
+
     @abstractmethod
     def make(self, preset: str, overrides: dict, image_size: int, channels: int,
-             num_classes: int) -> nn.Module:
+             num_classes: int, **options) -> nn.Module:
         """Every network of the family in one module (checkpointed as one state dict)."""
 
     def dp_module(self, model: nn.Module) -> nn.Module:

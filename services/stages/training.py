@@ -64,11 +64,9 @@ def _with_ema(model_state: dict, ema_shadow: dict, release_prefix: str) -> dict:
 
 
 def _release_prefix(ctx: RunContext) -> str:
-    from privimage_core.models import get_family
+    from privimage_core.models import build_model, get_family
     fam = get_family(ctx.method.family)
-    g = ctx.cfg.generator
-    m = fam.make(g.preset, g.overrides, ctx.cfg.data.image_size, ctx.cfg.data.channels,
-                 len(ctx.class_names))
+    m = build_model(ctx.cfg, ctx.method.family, len(ctx.class_names))
     rel = fam.release_module(m)
     for name, mod in m.named_modules():
         if mod is rel:

@@ -16,30 +16,74 @@ from privimage_core.diffusion.unet import PRESETS, build_unet
 from privimage_core.models.base import ModelFamily, PublicTrainer
 
 
+def _null_label(model: nn.Module) -> int:
+    """The class id reserved for 'no label' (classifier-free guidance)."""
+    for m in model.modules():
+        if isinstance(m, EDMPrecond):
+            return int(m.null_label)
+    raise TypeError("not an EDM diffusion model")
+
+
+def _drop_labels(y: torch.Tensor, drop: torch.Tensor, null: int) -> torch.Tensor:
+    return torch.where(drop, torch.full_like(y, null), y)
+
+
+def _precond(model: nn.Module) -> nn.Module:
+    return next(m for m in model.modules() if isinstance(m, EDMPrecond))
+
+
 class EDMObjective:
-    """Per-example EDM loss with k noise levels and noises per image."""
+    """Per-example EDM loss with k noise levels and noises per image, and
+    label dropout for classifier-free guidance (Ho & Salimans 2022); all the
+    randomness is drawn in ``draw``, outside the per-example function."""
+
+    def __init__(self, label_dropout: float = 0.0, null_label: int = 0):
+        self.label_dropout, self.null_label = float(label_dropout), int(null_label)
 
     def draw(self, x: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
         xs = x.unsqueeze(1).expand(-1, k, *x.shape[1:]).reshape(-1, *x.shape[1:])
         sigma, noise = sample_training_noise(xs)
-        return {"sigma": sigma.view(len(x), k), "noise": noise.view(len(x), k, *x.shape[1:])}
+        drop = torch.rand(len(x), k, device=x.device) < self.label_dropout
+        return {"sigma": sigma.view(len(x), k), "noise": noise.view(len(x), k, *x.shape[1:]),
+                "drop": drop}
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
              rnd: dict[str, torch.Tensor]) -> torch.Tensor:
         b, k = rnd["sigma"].shape
         xs = x.unsqueeze(1).expand(b, k, *x.shape[1:]).reshape(b * k, *x.shape[1:])
         ys = y.unsqueeze(1).expand(b, k).reshape(-1)
+        if "drop" in rnd:
+            ys = _drop_labels(ys, rnd["drop"].reshape(-1), self.null_label)
         per = edm_loss(model, xs, ys, rnd["sigma"].reshape(-1), rnd["noise"].reshape(xs.shape))
         return per.view(b, k).mean(1)
 
 
+class GuidedDenoiser(nn.Module):
+    """Classifier-free guidance: D = (1 + w) D(x | y) - w D(x | null), the
+    conditional and unconditional passes batched together."""
+
+    def __init__(self, precond: nn.Module, guidance: float):
+        super().__init__()
+        self.precond, self.w, self.null = precond, float(guidance), _null_label(precond)
+
+    def forward(self, x, sigma, class_labels):
+        b = x.shape[0]
+        d = self.precond(torch.cat([x, x]), torch.cat([sigma, sigma]),
+                         torch.cat([class_labels, torch.full_like(class_labels, self.null)]))
+        return (1 + self.w) * d[:b] - self.w * d[b:]
+
+
 class _EDMTrainer(PublicTrainer):
-    def __init__(self, model: nn.Module, lr: float):
+    def __init__(self, model: nn.Module, lr: float, label_dropout: float):
         self.model = model.train()
         self.opt = torch.optim.Adam(model.parameters(), lr=lr)
+        self.label_dropout, self.null = label_dropout, _null_label(model)
 
     def step(self, x, y, generator):
         sigma, noise = sample_training_noise(x, generator=generator)
+        if self.label_dropout:
+            drop = torch.rand(len(y), generator=generator).to(y.device) < self.label_dropout
+            y = _drop_labels(y, drop, self.null)
         loss = edm_loss(self.model, x, y, sigma, noise).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -57,22 +101,26 @@ class DiffusionFamily(ModelFamily):
     name = "diffusion"
     presets = tuple(PRESETS)
 
-    def make(self, preset, overrides, image_size, channels, num_classes):
+    def options(self, cfg) -> dict:
+        return {"label_dropout": cfg.generator.label_dropout}
+
+    def make(self, preset, overrides, image_size, channels, num_classes, label_dropout=0.0):
+        # One extra class embedding: the null label of classifier-free guidance.
         net = build_unet(preset, image_size=image_size, channels=channels,
-                         num_classes=num_classes, **overrides)
-        return EDMPrecond(net)
+                         num_classes=num_classes + 1, **overrides)
+        model = EDMPrecond(net)
+        model.null_label, model.label_dropout = num_classes, float(label_dropout)
+        return model
 
     def dp_objective(self, model):
-        return EDMObjective()
+        return EDMObjective(getattr(_precond(model), "label_dropout", 0.0), _null_label(model))
 
     def public_trainer(self, model, lr):
-        return _EDMTrainer(model, lr)
+        return _EDMTrainer(model, lr, getattr(_precond(model), "label_dropout", 0.0))
 
     def sample(self, release, labels, num_steps, solver, seed, batch_size, guidance=0.0):
-        if guidance:
-            raise ValueError("classifier-free guidance is not available for the diffusion "
-                             "family yet; set sampling.guidance: 0")
-        return sample(release, torch.as_tensor(labels), num_steps=num_steps, seed=seed,
+        net = GuidedDenoiser(release, guidance) if guidance else release
+        return sample(net, torch.as_tensor(labels), num_steps=num_steps, seed=seed,
                       batch_size=batch_size, solver=solver)
 
     def audit_loss(self, release, x, y, seed=0):

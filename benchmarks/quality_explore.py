@@ -1,0 +1,100 @@
+"""Fine-tuning settings vs downstream utility, in-process (no Ray), on a
+VALIDATION split: MNIST train images 55,000-59,999 are held out, the first
+55,000 are the sensitive set. The real test split is never read, so the
+defaults chosen from this table are not selected on it (ANCHORS.md).
+
+Starts from a pre-trained (public-only) checkpoint, e.g. the cache a
+quickstart run leaves in <output_dir>/cache/pretrain-*.pt, charges the
+semantic query's cost as the pipeline would, then DP-SGD fine-tunes,
+samples and trains the CNN on the synthetic set. One JSON line per run:
+
+  python benchmarks/quality_explore.py --init runs/cache/pretrain-X.pt \
+      --steps 60 --batch 512 --lr 1e-3 --num-images 3000 >> results.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import time
+
+import numpy as np
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--init", required=True)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--epsilon", type=float, default=10.0)
+    ap.add_argument("--query-sigma", type=float, default=100.0)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--physical", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--ema", type=float, default=0.9)
+    ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument("--k", type=int, default=1, help="noise multiplicity")
+    ap.add_argument("--grad-mode", default=None)
+    ap.add_argument("--num-images", type=int, default=3000)
+    ap.add_argument("--sampler-steps", type=int, default=18)
+    ap.add_argument("--solver", default="euler")
+    ap.add_argument("--guidance", type=float, default=0.0)
+    ap.add_argument("--cls-epochs", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--note", default="")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.set_flush_denormal(True)
+
+    from privimage_core.data.sources import load_source
+    from privimage_core.diffusion.ema import EMA
+    from privimage_core.dp_finetune import dp_finetune, make_private, plan_noise
+    from privimage_core.evaluation.downstream import accuracy, train_classifier
+    from privimage_core.models import get_family
+    from privimage_core.privacy_ledger import PrivacyLedger
+    from privimage_core.semantic_distribution import QUERY_MECHANISM
+    from privimage_core.synthesize import generate
+
+    t0 = time.time()
+    full = load_source("mnist", split="train")
+    sens, val = full.subset(np.arange(55000)), full.subset(np.arange(55000, 60000))
+    fam = get_family("diffusion")
+    model = fam.make(a.preset, {}, 28, 1, 10)
+    model.load_state_dict(torch.load(a.init, map_location="cpu"))
+    ledger = PrivacyLedger(a.epsilon, 1e-5)
+    ledger.record_gaussian(QUERY_MECHANISM, a.query_sigma)
+    sigma, q, total = plan_noise(ledger, len(sens), a.batch, a.steps)
+    x, y = sens.to_tensor(), torch.from_numpy(sens.labels).long()
+    ema = EMA(model, decay=a.ema)
+    opt = torch.optim.Adam(model.parameters(), lr=a.lr)
+    mp = {"grad_sample_mode": a.grad_mode} if a.grad_mode else {}
+    dp = make_private(model, opt, x, y, batch_size=a.batch, noise_multiplier=sigma,
+                      max_grad_norm=a.clip, ledger=ledger, **mp)
+    kw = {}
+    params = inspect.signature(dp_finetune).parameters
+    if "noise_multiplicity" in params:
+        kw["noise_multiplicity"] = a.k
+    if "objective" in params:
+        kw["objective"] = fam.dp_objective(model)
+    t1 = time.time()
+    dp_finetune(dp, ema, model, total, a.physical, **kw)
+    t_ft = time.time() - t1
+    release = fam.make(a.preset, {}, 28, 1, 10)
+    release.load_state_dict(ema.shadow)
+    release.eval()
+    t2 = time.time()
+    syn = generate(fam, release, a.num_images, full.class_names, a.sampler_steps, a.solver,
+                   seed=0, batch_size=500)
+    t_s = time.time() - t2
+    clf = train_classifier("cnn", syn, seed=0, epochs=a.cls_epochs)
+    acc = accuracy(clf.predict_images(val), val.labels)
+    print(json.dumps({"val_accuracy_cnn": round(acc, 4), "epsilon": round(ledger.epsilon(), 4),
+                      "sigma": round(sigma, 4), "q": round(q, 6), "steps": total,
+                      "finetune_s": round(t_ft, 1), "sample_s": round(t_s, 1),
+                      "total_s": round(time.time() - t0, 1),
+                      **{k: v for k, v in vars(a).items() if k not in ("init",)}}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""Kernel Inception Distance (Binkowski et al. 2018, "Demystifying MMD GANs"):
+the unbiased squared MMD between Inception features with the cubic
+polynomial kernel k(x, y) = (x.y / d + 1)^3, averaged over random subsets
+(as in their reference code and torch-fidelity: 100 subsets of up to 1,000).
+
+Unlike FID it is unbiased at any sample size, so small-N values are
+comparable with large-N ones; its standard deviation over subsets comes with it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
+    d = x.shape[1]
+    kxx = (x @ x.T / d + 1.0) ** 3
+    kyy = (y @ y.T / d + 1.0) ** 3
+    kxy = (x @ y.T / d + 1.0) ** 3
+    m, n = len(x), len(y)
+    sxx = (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
+    syy = (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+    return float(sxx + syy - 2.0 * kxy.mean())
+
+
+def kernel_inception_distance(f_syn: np.ndarray, f_real: np.ndarray, subsets: int = 100,
+                              subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """(mean, std) of the unbiased MMD^2 over ``subsets`` random subsets."""
+    f_syn, f_real = np.asarray(f_syn, np.float64), np.asarray(f_real, np.float64)
+    size = min(subset_size, len(f_syn), len(f_real))
+    if size < 2:
+        raise ValueError("KID needs at least 2 images per side")
+    rng = np.random.default_rng(seed)
+    vals = [_mmd2_unbiased(f_syn[rng.choice(len(f_syn), size, replace=False)],
+                           f_real[rng.choice(len(f_real), size, replace=False)])
+            for _ in range(subsets)]
+    return float(np.mean(vals)), float(np.std(vals))
