@@ -96,6 +96,10 @@ class PretrainConfig:
     ema_decay: float = 0.995
 
 
+# Per-sample gradient engines for DP-SGD (privimage_core/dp_finetune.make_private).
+GRAD_SAMPLE_MODES = ("vmap", "hooks")
+
+
 @dataclass
 class FinetuneConfig:
     """DP-SGD fine-tuning (Sec. 3.4, Algorithm 1)."""
@@ -111,6 +115,11 @@ class FinetuneConfig:
     noise_multiplier: float | None = None
     # Few DP steps: a short EMA horizon, else the EMA stays at the pre-trained weights.
     ema_decay: float = 0.9
+    # DPDM noise multiplicity: noise draws per image, averaged inside its loss
+    # before clipping (same privacy cost, lower gradient variance, K x compute).
+    noise_multiplicity: int = 1
+    # "vmap": torch.func per-sample grads (faster); "hooks": Opacus's hooks.
+    grad_sample_mode: str = "vmap"
 
 
 @dataclass
@@ -381,6 +390,11 @@ def validate(cfg: Config) -> None:
     _require(f.max_grad_norm > 0, f"finetune.max_grad_norm must be > 0, got {f.max_grad_norm}")
     _require(f.noise_multiplier is None or f.noise_multiplier > 0,
              "finetune.noise_multiplier must be > 0 or null (calibrated)")
+    _require(f.noise_multiplicity >= 1,
+             f"finetune.noise_multiplicity must be >= 1, got {f.noise_multiplicity}; set e.g. 1")
+    _require(f.grad_sample_mode in GRAD_SAMPLE_MODES,
+             f"finetune.grad_sample_mode must be one of {', '.join(GRAD_SAMPLE_MODES)}, "
+             f"got '{f.grad_sample_mode}'")
     _require(cfg.pretrain.steps >= 0, "pretrain.steps must be >= 0")
     for sec in ("pretrain", "finetune"):
         dec = getattr(cfg, sec).ema_decay
