@@ -1,16 +1,21 @@
 """DP fine-tuning step cost relative to a non-private step, same model and batch.
 
-Non-private: forward, backward, Adam. DP: the same through stock Opacus
-(hooks per-sample gradients, per-sample clipping, Gaussian noise, Adam), as
-privimage_core.dp_finetune.make_private sets it up. Medians over repeats.
+Non-private: forward, backward, Adam over the logical batch in physical
+chunks. DP: one logical step through stock Opacus as
+privimage_core.dp_finetune sets it up (per-sample gradients by Opacus hooks
+or torch.func vmap, per-sample clipping, virtual steps over the physical
+chunks, Gaussian noise once, Adam), with noise multiplicity K (K diffusion
+draws per image, averaged inside its loss). Medians over repeats.
 
-    .venv/bin/python benchmarks/bench_dp_step.py [--threads 2] [--batch 64]
-Writes benchmarks/results/dp_step-<date>.txt.
+    .venv/bin/python benchmarks/bench_dp_step.py [--threads 2] [--batch 256] [--physical 64]
+        [--rows hooks:1,vmap:1,vmap:4]
+Writes benchmarks/results/dp_step-<date>.txt (or --out NAME there).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import statistics
 import subprocess
@@ -19,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from privimage_core.diffusion.edm import EDMPrecond, edm_loss, sample_training_noise
+from privimage_core.diffusion.edm import EDMObjective, EDMPrecond
 from privimage_core.diffusion.unet import build_unet
-from privimage_core.dp_finetune import make_private
+from privimage_core.dp_finetune import accumulate_grad_samples, make_private
 from privimage_core.privacy_ledger import PrivacyLedger
 
 
@@ -31,6 +36,14 @@ def cpu_name() -> str:
         return next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
     except Exception:
         return platform.processor() or "unknown"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
 
 
 def time_steps(step, repeats: int) -> float:
@@ -43,66 +56,82 @@ def time_steps(step, repeats: int) -> float:
     return statistics.median(ts)
 
 
-def bench(preset: str, batch: int, repeats: int) -> dict:
-    torch.manual_seed(0)
-    x = torch.rand(batch, 1, 28, 28) * 2 - 1
-    y = torch.randint(0, 10, (batch,))
+def chunks(x, y, physical: int):
+    return list(zip(x.split(physical), y.split(physical)))
 
+
+def bench_plain(preset: str, x, y, physical: int, repeats: int) -> float:
     model = EDMPrecond(build_unet(preset, 28, 1, 10))
     opt = torch.optim.Adam(model.parameters(), 1e-3)
+    obj = EDMObjective()
 
-    def plain():
-        s, n = sample_training_noise(x)
-        loss = edm_loss(model, x, y, s, n).mean()
+    def step():
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        for xb, yb in chunks(x, y, physical):
+            (obj.loss(model, xb, yb, obj.draw(xb, 1)).sum() / len(x)).backward()
         opt.step()
 
-    t_plain = time_steps(plain, repeats)
+    return time_steps(step, repeats)
 
-    dmodel = EDMPrecond(build_unet(preset, 28, 1, 10))
-    led = PrivacyLedger(1e9, 1e-5)
-    dp = make_private(dmodel, torch.optim.Adam(dmodel.parameters(), 1e-3), x, y, batch_size=batch,
-                      noise_multiplier=1.0, max_grad_norm=1.0, ledger=led)
 
-    def private():  # one logical step on the fixed batch: clip, noise once, Adam
-        s, n = sample_training_noise(x)
-        loss = edm_loss(dp.model, x, y, s, n).mean()
-        loss.backward()
-        dp.optimizer.step()
-        dp.optimizer.zero_grad(set_to_none=True)
+def bench_private(preset: str, x, y, physical: int, repeats: int, mode: str, k: int) -> float:
+    model = EDMPrecond(build_unet(preset, 28, 1, 10))
+    dp = make_private(model, torch.optim.Adam(model.parameters(), 1e-3), x, y,
+                      batch_size=len(x), noise_multiplier=1.0, max_grad_norm=1.0,
+                      ledger=PrivacyLedger(1e9, 1e-5), grad_sample_mode=mode)
+    obj = EDMObjective()
 
-    t_dp = time_steps(private, repeats)
-    params = sum(p.numel() for p in model.parameters())
-    return {"preset": preset, "params": params, "plain_ms_per_sample": 1000 * t_plain / batch,
-            "dp_ms_per_sample": 1000 * t_dp / batch, "ratio": t_dp / t_plain}
+    def step():  # one logical step on the fixed batch, physical chunks as BatchMemoryManager
+        parts = chunks(x, y, physical)
+        for i, (xb, yb) in enumerate(parts):
+            dp.optimizer.signal_skip_step(do_skip=i < len(parts) - 1)
+            accumulate_grad_samples(dp, obj, xb, yb, noise_multiplicity=k)
+            dp.optimizer.step()
+            dp.optimizer.zero_grad(set_to_none=True)
+
+    return time_steps(step, repeats)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--physical", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--presets", default="tiny,small")
+    ap.add_argument("--out", default=None, help="file name under benchmarks/results/")
+    ap.add_argument("--rows", default="hooks:1,vmap:1,vmap:4",
+                    help="mode:K pairs, e.g. hooks:1,vmap:1,vmap:2,vmap:4")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    import os
+    rows = [(m, int(k)) for m, k in (r.split(":") for r in a.rows.split(","))]
     load0 = os.getloadavg()[0]
-    rows = [bench(p, a.batch, a.repeats) for p in a.presets.split(",")]
-    load1 = os.getloadavg()[0]
+    t_start = time.time()
+    torch.manual_seed(0)
+    x = torch.rand(a.batch, 1, 28, 28) * 2 - 1
+    y = torch.randint(0, 10, (a.batch,))
     date = datetime.date.today().isoformat()
-    lines = [f"# DP-SGD step cost vs non-private, {date}",
+    lines = [f"# DP-SGD step cost vs non-private, {date}, commit {git_commit()}",
              f"# machine: {cpu_name()}, {torch.get_num_threads()} torch threads, "
-             f"torch {torch.__version__}, batch {a.batch} (28x28x1), median of {a.repeats}",
-             f"# load average (1 min) {load0:.2f} at start, {load1:.2f} at end: above 2 on this"
-             " 2-core machine means other processes shared the CPU; compare ratios, not ms",
-             "preset  params   plain ms/sample  DP ms/sample  DP/plain"]
-    for r in rows:
-        lines.append(f"{r['preset']:<7} {r['params']:>8}  {r['plain_ms_per_sample']:>14.2f}  "
-                     f"{r['dp_ms_per_sample']:>12.2f}  {r['ratio']:>8.2f}")
+             f"torch {torch.__version__}, logical batch {a.batch} (28x28x1) in physical "
+             f"batches of {a.physical}, median of {a.repeats}",
+             "preset  params   mode   K  ms/logical step  ms/image  ratio to non-private"]
+    for preset in a.presets.split(","):
+        params = sum(p.numel() for p in build_unet(preset, 28, 1, 10).parameters())
+        t_plain = bench_plain(preset, x, y, a.physical, a.repeats)
+        found = [("plain", 1, t_plain)]
+        found += [(m, k, bench_private(preset, x, y, a.physical, a.repeats, m, k))
+                  for m, k in rows]
+        for m, k, t in found:
+            lines.append(f"{preset:<7} {params:>8}  {m:<5} {k:>2}  {1000 * t:>15.0f}  "
+                         f"{1000 * t / a.batch:>8.2f}  {t / t_plain:>6.2f}")
+    load1 = os.getloadavg()[0]
+    lines.insert(2, f"# load average (1 min) {load0:.2f} at start, {load1:.2f} at end "
+                    f"({time.time() - t_start:.0f} s): above the core count means other "
+                    "processes shared the CPU; compare ratios, not ms")
     text = "\n".join(lines) + "\n"
     print(text)
-    out = Path(__file__).parent / "results" / f"dp_step-{date}.txt"
+    out = Path(__file__).parent / "results" / (a.out or f"dp_step-{date}.txt")
     out.parent.mkdir(exist_ok=True)
     out.write_text(text)
 

@@ -104,6 +104,10 @@ class PretrainConfig:
     ema_decay: float = 0.995
 
 
+# Per-sample gradient engines for DP-SGD (privimage_core/dp_finetune.make_private).
+GRAD_SAMPLE_MODES = ("vmap", "hooks")
+
+
 @dataclass
 class FinetuneConfig:
     """DP-SGD fine-tuning (Sec. 3.4, Algorithm 1)."""
@@ -119,6 +123,11 @@ class FinetuneConfig:
     noise_multiplier: float | None = None
     # Few DP steps: a short EMA horizon, else the EMA stays at the pre-trained weights.
     ema_decay: float = 0.9
+    # DPDM noise multiplicity: noise draws per image, averaged inside its loss
+    # before clipping (same privacy cost, lower gradient variance, K x compute).
+    noise_multiplicity: int = 1
+    # "vmap": torch.func per-sample grads (faster); "hooks": Opacus's hooks.
+    grad_sample_mode: str = "vmap"
 
 
 @dataclass
@@ -343,6 +352,11 @@ def validate(cfg: Config) -> None:
     _require(f.max_grad_norm > 0, f"finetune.max_grad_norm must be > 0, got {f.max_grad_norm}")
     _require(f.noise_multiplier is None or f.noise_multiplier > 0,
              "finetune.noise_multiplier must be > 0 or null (calibrated)")
+    _require(f.noise_multiplicity >= 1,
+             f"finetune.noise_multiplicity must be >= 1, got {f.noise_multiplicity}; set e.g. 1")
+    _require(f.grad_sample_mode in GRAD_SAMPLE_MODES,
+             f"finetune.grad_sample_mode must be one of {', '.join(GRAD_SAMPLE_MODES)}, "
+             f"got '{f.grad_sample_mode}'")
     _require(cfg.pretrain.steps >= 0, "pretrain.steps must be >= 0")
     for sec in ("pretrain", "finetune"):
         dec = getattr(cfg, sec).ema_decay
@@ -365,33 +379,5 @@ def validate(cfg: Config) -> None:
     validate_tune(cfg.tune, set(cfg.flat()))
 
 
-def resolve_delta(cfg: Config, n_sensitive: int) -> float:
-    """The delta used for the run: the configured one, checked against 1/N.
-
-    delta >= 1/N would allow releasing a whole record; we refuse it (Sec. 2.1).
-    """
-    delta = cfg.privacy.target_delta
-    if delta is None:
-        # 1e-5 as DPDM and PrivImage use for MNIST/CIFAR-10, unless N is so
-        # small that 1e-5 >= 1/N; then 0.1/N.
-        delta = 1e-5 if 1e-5 < 1.0 / n_sensitive else 0.1 / n_sensitive
-    if delta >= 1.0 / n_sensitive:
-        raise ConfigError(f"privacy.target_delta={delta:g} must be < 1/N = {1.0 / n_sensitive:.3g} "
-                          f"for N={n_sensitive} sensitive images; set e.g. {0.1 / n_sensitive:.1g}")
-    return delta
-
-
-def resolve_k(cfg: Config, num_public_labels: int, num_sensitive_classes: int) -> tuple[int, int]:
-    """(k1, k2): k2 from the selection ratio (Table 8), k1 = k2 unless set (App. A)."""
-    s = cfg.selection
-    # floor (+ a tolerance for float error): a ratio never selects more than it says
-    k2 = s.k2 if s.k2 is not None else max(
-        1, math.floor(s.selection_ratio * num_public_labels / num_sensitive_classes + 1e-9))
-    k1 = s.k1 if s.k1 is not None else k2
-    if k1 > num_public_labels:
-        raise ConfigError(f"selection.k1={k1} exceeds the {num_public_labels} public labels; lower it")
-    if k2 * num_sensitive_classes > num_public_labels:
-        raise ConfigError(f"selection asks for {k2} public labels per class x {num_sensitive_classes} "
-                          f"classes but the public pool has {num_public_labels}; lower "
-                          "selection.selection_ratio or add public sources")
-    return k1, k2
+# Derived settings (resolved once the data is known), re-exported here.
+from privimage_core.config_resolve import resolve_delta, resolve_k  # noqa: E402,F401

@@ -2,7 +2,12 @@
 DP-SGD through stock Opacus.
 
 - Poisson sampling at rate q = logical batch / N (Opacus DPDataLoader).
-- Per-sample gradients (Opacus hooks), clipped to ``max_grad_norm``.
+- Per-sample gradients, clipped to ``max_grad_norm``: either ``torch.func``
+  vmap over the whole model with Opacus's ``no_op`` mode
+  (privimage_core/per_sample_grads.py) or Opacus's hooks. The loss is a
+  ``DPObjective``, so model families other than diffusion plug in; DPDM's
+  noise multiplicity (k draws per example averaged inside its loss) keeps one
+  clipped gradient per example, so it costs no privacy.
 - Gaussian noise N(0, sigma^2 C^2) added once per logical step by the
   DPOptimizer; virtual steps (BatchMemoryManager) let the logical batch exceed
   memory without adding noise per physical batch.
@@ -22,17 +27,33 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from opacus import PrivacyEngine
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader, TensorDataset
 
+from privimage_core.config import GRAD_SAMPLE_MODES
 from privimage_core.errors import PrivacyBudgetError
+from privimage_core.per_sample_grads import compute_grad_samples, fold_multiplicity
 from privimage_core.privacy_ledger import MechanismRecord, PrivacyLedger
 
 DP_SGD_MECHANISM = "dp_sgd_finetune"
+
+
+class DPObjective(Protocol):
+    """A model family's per-example training loss for DP-SGD."""
+
+    def draw(self, x: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+        """All the randomness of the loss for the batch ``x``, each tensor [B, k, ...].
+        Drawn outside the loss: vmap refuses random ops."""
+
+    def loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+             rnd: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-example loss [B], averaged over the k draws of ``rnd``. For the
+        hooks mode with k > 1 the model must see example i's draws as k
+        consecutive rows (see ``fold_multiplicity``)."""
 
 
 def sample_rate_for(n: int, batch_size: int) -> float:
@@ -98,15 +119,25 @@ class DPTraining:
     record: MechanismRecord
     sample_rate: float
     engine: PrivacyEngine
+    grad_sample_mode: str = "hooks"  # "vmap": Opacus no_op + torch.func per-sample grads
 
 
 def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                  y: torch.Tensor, batch_size: int, noise_multiplier: float, max_grad_norm: float,
                  ledger: PrivacyLedger, distributed: bool = False,
+                 grad_sample_mode: str = "hooks",
                  mechanism: str = DP_SGD_MECHANISM) -> DPTraining:
     """Wrap model, optimizer and the sensitive data with Opacus and attach the
     ledger to the optimizer. ``module`` is DPDDP-wrapped by the caller when
-    distributed (Opacus then shards the Poisson sampling across ranks)."""
+    distributed (Opacus then shards the Poisson sampling across ranks).
+
+    ``grad_sample_mode``: "hooks" (Opacus computes ``grad_sample`` in
+    backward; the default, for callers that run their own backward) or
+    "vmap" (Opacus ``no_op``: ``dp_finetune`` fills ``grad_sample`` with
+    ``compute_grad_samples``)."""
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, "
+                         f"got '{grad_sample_mode}'")
     loader = DataLoader(TensorDataset(x, y), batch_size=batch_size)
     q = 1.0 / len(loader)
     record = ledger.begin_dp_sgd(mechanism, noise_multiplier, q)
@@ -119,22 +150,52 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
     noise_gen = torch.Generator(device=device).manual_seed(secrets.randbits(63))
     model, dp_opt, dp_loader = engine.make_private(
         module=module, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks",
+        max_grad_norm=max_grad_norm, poisson_sampling=True,
+        grad_sample_mode="no_op" if grad_sample_mode == "vmap" else "hooks",
         noise_generator=noise_gen)
     dp_opt.attach_step_hook(ledger.step_hook(record, q))
-    return DPTraining(model, dp_opt, dp_loader, record, q, engine)
+    return DPTraining(model, dp_opt, dp_loader, record, q, engine, grad_sample_mode)
+
+
+def accumulate_grad_samples(dp: DPTraining, objective: DPObjective, x: torch.Tensor,
+                            y: torch.Tensor, noise_multiplicity: int = 1,
+                            chunk_size: int | None = None) -> None:
+    """Leave one per-example gradient (of the loss averaged over the k draws)
+    in ``p.grad_sample`` for the physical batch (x, y), in either mode; the
+    caller then calls ``dp.optimizer.step()``."""
+    rnd = objective.draw(x, noise_multiplicity)
+    if dp.grad_sample_mode == "vmap":
+        compute_grad_samples(dp.model, objective, x, y, rnd, chunk_size)
+        return
+    per_example = objective.loss(dp.model, x, y, rnd)
+    # mean over the physical batch (Opacus rescales the hooks' per-row grads
+    # for loss_reduction='mean'); an empty Poisson batch gives 0.
+    (per_example.sum() / max(len(x), 1)).backward()
+    if noise_multiplicity > 1:
+        fold_multiplicity(dp.optimizer.params, len(x), noise_multiplicity)
 
 
 def dp_finetune(dp: DPTraining, ema, inner: torch.nn.Module, total_steps: int,
                 physical_batch_size: int,
                 on_step: Callable[[int, float], None] | None = None,
-                checkpoint_every: int = 0, on_checkpoint: Callable[[int], None] | None = None) -> int:
+                checkpoint_every: int = 0, on_checkpoint: Callable[[int], None] | None = None,
+                objective: DPObjective | None = None, noise_multiplicity: int = 1,
+                after_step: Callable[[], None] | None = None,
+                chunk_size: int | None = None) -> int:
     """Run DP-SGD until the DP-SGD record holds ``total_steps`` steps.
 
-    ``inner`` is the unwrapped model (for EMA and checkpoints). Returns the
-    number of DP-SGD steps recorded in the ledger.
+    ``inner`` is the unwrapped model (for EMA and checkpoints). ``objective``
+    defaults to the EDM loss. ``after_step`` runs after every logical (noised,
+    ledger-recorded) step, after the EMA update and before ``on_step`` and
+    checkpoints: e.g. a GAN generator update, which is post-processing of the
+    private discriminator. ``chunk_size`` bounds the examples vmapped at once.
+    Returns the number of DP-SGD steps recorded in the ledger.
     """
-    from privimage_core.diffusion.edm import edm_loss, sample_training_noise
+    if noise_multiplicity < 1:
+        raise ValueError(f"noise_multiplicity must be >= 1, got {noise_multiplicity}")
+    if objective is None:
+        from privimage_core.diffusion.edm import EDMObjective
+        objective = EDMObjective()
 
     # Unpredictable Poisson sampling and diffusion noise for this stage.
     torch.seed()
@@ -149,17 +210,14 @@ def dp_finetune(dp: DPTraining, ema, inner: torch.nn.Module, total_steps: int,
                                 optimizer=dp.optimizer) as loader:
             t0 = time.time()
             for xb, yb in loader:
-                sigma, noise = sample_training_noise(xb)
-                per_sample = edm_loss(dp.model, xb, yb, sigma, noise)
-                # mean over the physical batch (Opacus rescales per-sample grads
-                # for loss_reduction='mean'); an empty Poisson batch gives 0.
-                loss = per_sample.sum() / max(len(xb), 1)
-                loss.backward()
+                accumulate_grad_samples(dp, objective, xb, yb, noise_multiplicity, chunk_size)
                 before = record.steps
                 dp.optimizer.step()
                 dp.optimizer.zero_grad(set_to_none=True)
                 if record.steps > before:  # a logical step ended: noise added once
                     ema.update(inner)
+                    if after_step is not None:
+                        after_step()
                     if on_step is not None:
                         now = time.time()
                         on_step(record.steps, expected_batch / max(now - t0, 1e-9))

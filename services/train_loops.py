@@ -186,7 +186,8 @@ def finetune_loop(config: dict) -> None:
     f = cfg.finetune
     dp = make_private(dp_module, opt, x, y, batch_size=f.batch_size,
                       noise_multiplier=job.noise_multiplier, max_grad_norm=f.max_grad_norm,
-                      ledger=ledger, distributed=world > 1, mechanism=job.mechanism)
+                      ledger=ledger, distributed=world > 1, mechanism=job.mechanism,
+                      grad_sample_mode=f.grad_sample_mode)
     if restored:
         dp.optimizer.original_optimizer.load_state_dict(restored["opt"])
     pm = _metrics(job)
@@ -212,7 +213,9 @@ def finetune_loop(config: dict) -> None:
                         checkpoint_every=job.checkpoint_every,
                         on_checkpoint=lambda s: _report({"step": s, "epsilon": ledger.epsilon()},
                                                         rank, save),
-                        **_objective_kwargs(cfg, family, model))
+                        objective=family.dp_objective(model),
+                        noise_multiplicity=f.noise_multiplicity,
+                        after_step=family.after_dp_step(model, f.lr))
     # the last state is always a reported checkpoint (also when a resumed run
     # had no step left to take)
     ck = job.checkpoint_every
@@ -220,17 +223,3 @@ def finetune_loop(config: dict) -> None:
         _report({"step": steps, "epsilon": ledger.epsilon(), "seconds": time.time() - t0},
                 rank, save)
 
-
-def _objective_kwargs(cfg, family, model) -> dict:
-    """The family's DP objective and post-step hook, for dp_finetune."""
-    import inspect
-
-    from privimage_core.dp_finetune import dp_finetune
-
-    params = inspect.signature(dp_finetune).parameters
-    out = {}
-    if "objective" in params:
-        out["objective"] = family.dp_objective(model)
-    if "after_step" in params:
-        out["after_step"] = family.after_dp_step(model, cfg.finetune.lr)
-    return out

@@ -69,6 +69,54 @@ def edm_loss(precond: nn.Module, x: torch.Tensor, y: torch.Tensor, sigma: torch.
     return (weight * (d - x) ** 2).flatten(1).mean(dim=1)
 
 
+class EDMObjective:
+    """The EDM loss as a DP-SGD objective (``privimage_core.dp_finetune.DPObjective``)
+    with DPDM's noise multiplicity (Dockhorn et al. 2022, Sec. 3.2): each image
+    gets k noise levels and noises and its loss is the mean of the k losses, so
+    it still contributes ONE gradient to clip and the privacy cost is that of
+    k = 1, while the gradient's variance over the diffusion noise drops."""
+
+    def __init__(self, p_mean: float = -1.2, p_std: float = 1.2, label_dropout: float = 0.0,
+                 null_label: int | None = None):
+        self.p_mean = float(p_mean)
+        self.p_std = float(p_std)
+        # Classifier-free guidance (Ho & Salimans 2022): a share of the draws
+        # trains the unconditional model on the reserved null label.
+        self.label_dropout, self.null_label = float(label_dropout), null_label
+        if label_dropout and null_label is None:
+            raise ValueError("label_dropout needs the model's null_label")
+
+    def draw(self, x: torch.Tensor, k: int,
+             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """{"sigma": [B, k], "noise": [B, k, C, H, W]}. At k = 1 this consumes the
+        random stream exactly as ``sample_training_noise(x)`` does."""
+        b = x.shape[0]
+        rows = x.unsqueeze(1).expand(b, k, *x.shape[1:]).reshape(b * k, *x.shape[1:])
+        sigma, noise = sample_training_noise(rows, generator, self.p_mean, self.p_std)
+        out = {"sigma": sigma.reshape(b, k), "noise": noise.reshape(b, k, *x.shape[1:])}
+        if self.label_dropout:  # drawn after the noise: k=1 streams stay as they were
+            dev = generator.device if generator is not None else x.device
+            u = torch.rand(b, k, generator=generator, device=dev).to(x.device)
+            out["drop"] = u < self.label_dropout
+        return out
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+             rnd: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-example loss [B], the mean over the k draws. The network sees
+        the B * k rows example-major (rows i*k .. i*k + k-1 are example i),
+        which Opacus's hooks mode relies on to fold row gradients per example."""
+        b, k = rnd["sigma"].shape
+        shape = x.shape[1:]
+        rows = x.unsqueeze(1).expand(b, k, *shape).reshape(b * k, *shape)
+        labels = y.unsqueeze(1).expand(b, k).reshape(b * k)
+        if "drop" in rnd:
+            labels = torch.where(rnd["drop"].reshape(b * k),
+                                 torch.full_like(labels, self.null_label), labels)
+        per_row = edm_loss(model, rows, labels, rnd["sigma"].reshape(b * k),
+                           rnd["noise"].reshape(b * k, *shape))
+        return per_row.reshape(b, k).mean(dim=1)
+
+
 def _find_sigma_data(m: nn.Module) -> float:
     if isinstance(m, EDMPrecond):
         return m.sigma_data

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from privimage_core.diffusion.edm import EDMPrecond, edm_loss, sample, sample_training_noise
+from privimage_core.diffusion.edm import (EDMObjective, EDMPrecond, edm_loss, sample,
+                                          sample_training_noise)
 from privimage_core.diffusion.unet import PRESETS, build_unet
 from privimage_core.models.base import ModelFamily, PublicTrainer
 
@@ -24,38 +25,8 @@ def _null_label(model: nn.Module) -> int:
     raise TypeError("not an EDM diffusion model")
 
 
-def _drop_labels(y: torch.Tensor, drop: torch.Tensor, null: int) -> torch.Tensor:
-    return torch.where(drop, torch.full_like(y, null), y)
-
-
 def _precond(model: nn.Module) -> nn.Module:
     return next(m for m in model.modules() if isinstance(m, EDMPrecond))
-
-
-class EDMObjective:
-    """Per-example EDM loss with k noise levels and noises per image, and
-    label dropout for classifier-free guidance (Ho & Salimans 2022); all the
-    randomness is drawn in ``draw``, outside the per-example function."""
-
-    def __init__(self, label_dropout: float = 0.0, null_label: int = 0):
-        self.label_dropout, self.null_label = float(label_dropout), int(null_label)
-
-    def draw(self, x: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
-        xs = x.unsqueeze(1).expand(-1, k, *x.shape[1:]).reshape(-1, *x.shape[1:])
-        sigma, noise = sample_training_noise(xs)
-        drop = torch.rand(len(x), k, device=x.device) < self.label_dropout
-        return {"sigma": sigma.view(len(x), k), "noise": noise.view(len(x), k, *x.shape[1:]),
-                "drop": drop}
-
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-             rnd: dict[str, torch.Tensor]) -> torch.Tensor:
-        b, k = rnd["sigma"].shape
-        xs = x.unsqueeze(1).expand(b, k, *x.shape[1:]).reshape(b * k, *x.shape[1:])
-        ys = y.unsqueeze(1).expand(b, k).reshape(-1)
-        if "drop" in rnd:
-            ys = _drop_labels(ys, rnd["drop"].reshape(-1), self.null_label)
-        per = edm_loss(model, xs, ys, rnd["sigma"].reshape(-1), rnd["noise"].reshape(xs.shape))
-        return per.view(b, k).mean(1)
 
 
 class GuidedDenoiser(nn.Module):
@@ -83,7 +54,7 @@ class _EDMTrainer(PublicTrainer):
         sigma, noise = sample_training_noise(x, generator=generator)
         if self.label_dropout:
             drop = torch.rand(len(y), generator=generator).to(y.device) < self.label_dropout
-            y = _drop_labels(y, drop, self.null)
+            y = torch.where(drop, torch.full_like(y, self.null), y)
         loss = edm_loss(self.model, x, y, sigma, noise).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -113,7 +84,8 @@ class DiffusionFamily(ModelFamily):
         return model
 
     def dp_objective(self, model):
-        return EDMObjective(getattr(_precond(model), "label_dropout", 0.0), _null_label(model))
+        return EDMObjective(label_dropout=getattr(_precond(model), "label_dropout", 0.0),
+                            null_label=_null_label(model))
 
     def public_trainer(self, model, lr):
         return _EDMTrainer(model, lr, getattr(_precond(model), "label_dropout", 0.0))
