@@ -36,10 +36,13 @@ def main() -> None:
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--k", type=int, default=1, help="noise multiplicity")
     ap.add_argument("--grad-mode", default=None)
-    ap.add_argument("--num-images", type=int, default=3000)
+    ap.add_argument("--num-images", default="3000",
+                    help="comma-separated: every value is sampled from the same DP model")
     ap.add_argument("--sampler-steps", type=int, default=18)
     ap.add_argument("--solver", default="euler")
-    ap.add_argument("--guidance", type=float, default=0.0)
+    ap.add_argument("--guidance", default="0", help="comma-separated guidance scales")
+    ap.add_argument("--label-dropout", type=float, default=0.0,
+                    help="as the checkpoint was pre-trained (enables guidance)")
     ap.add_argument("--cls-epochs", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--note", default="")
@@ -60,7 +63,7 @@ def main() -> None:
     full = load_source("mnist", split="train")
     sens, val = full.subset(np.arange(55000)), full.subset(np.arange(55000, 60000))
     fam = get_family("diffusion")
-    model = fam.make(a.preset, {}, 28, 1, 10)
+    model = fam.make(a.preset, {}, 28, 1, 10, label_dropout=a.label_dropout)
     model.load_state_dict(torch.load(a.init, map_location="cpu"))
     ledger = PrivacyLedger(a.epsilon, 1e-5)
     ledger.record_gaussian(QUERY_MECHANISM, a.query_sigma)
@@ -68,7 +71,7 @@ def main() -> None:
     x, y = sens.to_tensor(), torch.from_numpy(sens.labels).long()
     ema = EMA(model, decay=a.ema)
     opt = torch.optim.Adam(model.parameters(), lr=a.lr)
-    mp = {"grad_sample_mode": a.grad_mode} if a.grad_mode else {}
+    mp = {"grad_sample_mode": a.grad_mode} if a.grad_mode else {"grad_sample_mode": "vmap"}
     dp = make_private(model, opt, x, y, batch_size=a.batch, noise_multiplier=sigma,
                       max_grad_norm=a.clip, ledger=ledger, **mp)
     kw = {}
@@ -80,20 +83,24 @@ def main() -> None:
     t1 = time.time()
     dp_finetune(dp, ema, model, total, a.physical, **kw)
     t_ft = time.time() - t1
-    release = fam.make(a.preset, {}, 28, 1, 10)
+    release = fam.make(a.preset, {}, 28, 1, 10, label_dropout=a.label_dropout)
     release.load_state_dict(ema.shadow)
     release.eval()
-    t2 = time.time()
-    syn = generate(fam, release, a.num_images, full.class_names, a.sampler_steps, a.solver,
-                   seed=0, batch_size=500)
-    t_s = time.time() - t2
-    clf = train_classifier("cnn", syn, seed=0, epochs=a.cls_epochs)
-    acc = accuracy(clf.predict_images(val), val.labels)
-    print(json.dumps({"val_accuracy_cnn": round(acc, 4), "epsilon": round(ledger.epsilon(), 4),
-                      "sigma": round(sigma, 4), "q": round(q, 6), "steps": total,
-                      "finetune_s": round(t_ft, 1), "sample_s": round(t_s, 1),
-                      "total_s": round(time.time() - t0, 1),
-                      **{k: v for k, v in vars(a).items() if k not in ("init",)}}), flush=True)
+    for w in [float(v) for v in a.guidance.split(",")]:
+        for n in [int(v) for v in a.num_images.split(",")]:
+            t2 = time.time()
+            syn = generate(fam, release, n, full.class_names, a.sampler_steps, a.solver,
+                           seed=0, batch_size=500, guidance=w)
+            t_s = time.time() - t2
+            clf = train_classifier("cnn", syn, seed=0, epochs=a.cls_epochs)
+            acc = accuracy(clf.predict_images(val), val.labels)
+            print(json.dumps({
+                "val_accuracy_cnn": round(acc, 4), "epsilon": round(ledger.epsilon(), 4),
+                "sigma": round(sigma, 4), "q": round(q, 6), "steps": total,
+                "finetune_s": round(t_ft, 1), "sample_s": round(t_s, 1),
+                "total_s": round(time.time() - t0, 1),
+                **{k: v for k, v in vars(a).items() if k not in ("init",)},
+                "guidance": w, "num_images": n}), flush=True)
 
 
 if __name__ == "__main__":

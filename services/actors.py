@@ -124,8 +124,10 @@ class Evaluator:
 
     # Exported live from this actor while it works (the driver re-exports
     # the final values, which outlive the actor).
-    LIVE_METRICS = ("fid", "precision", "recall", "accuracy_lr", "accuracy_mlp", "accuracy_cnn",
-                    "mia_auc", "mia_eps_lb", "detector_privacy_loss")
+    # Only metrics that read no sensitive TRAINING data (the audit and the
+    # ceiling stay in the labelled MLflow run and the report; issue 13 W7).
+    LIVE_METRICS = ("fid", "kid", "precision", "recall", "accuracy_lr", "accuracy_mlp",
+                    "accuracy_cnn", "detector_privacy_loss")
 
     def __init__(self, cfg_dict: dict, workdir: str, metrics_run_id: str | None = None):
         self.cfg = from_dict(cfg_dict)

@@ -195,8 +195,11 @@ def finetune_loop(config: dict) -> None:
     every = max(1, total // 20)
 
     def on_step(step, sps):
+        # No per-step timing leaves a DP stage: a step's duration follows its
+        # realised Poisson batch size, a count of sensitive records (issue 13
+        # W6). Only the expected batch and the stage's total time are exported.
         if pm:
-            pm.train_step(job.stage, f.batch_size // world, None, sps, worker=str(rank))
+            pm.train_step(job.stage, f.batch_size // world, None, None, worker=str(rank))
         if rank == 0 and (step % every == 0 or step == total):
             eps = ledger.epsilon()
             if pm:

@@ -66,7 +66,17 @@ def evaluate(ctx: RunContext, stage: Stage) -> dict:
                 ctx.pm.eval_metric(k, ev[k])
     ev["report_path"] = str(report)
     ctx.values["evaluation"] = ev
-    return {k: v for k, v in ev.items() if isinstance(v, (int, float))}
+    return {mlflow_key(k): v for k, v in ev.items() if isinstance(v, (int, float))}
+
+
+# Metrics computed from the SENSITIVE training set (the membership audit, the
+# train-on-real ceiling, the real rows of the utility matrix): logged under a
+# prefix that says so, and never exported live (issue 13 W7).
+TRAIN_READING_PREFIXES = ("mia_", "ceiling_", "utility_real")
+
+
+def mlflow_key(k: str) -> str:
+    return f"nonprivate_train.{k}" if k.startswith(TRAIN_READING_PREFIXES) else k
 
 
 def sample_grid_png(ds, path: Path, per_class: int = 10) -> None:
