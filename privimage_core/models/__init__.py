@@ -10,6 +10,7 @@ from privimage_core.models.base import DPObjective, ModelFamily, PublicTrainer
 _FACTORIES = {
     "diffusion": lambda: __import__("privimage_core.models.diffusion",
                                     fromlist=["DiffusionFamily"]).DiffusionFamily(),
+    "gan": lambda: __import__("privimage_core.models.gan", fromlist=["GANFamily"]).GANFamily(),
 }
 
 FAMILY_NAMES: tuple[str, ...] = tuple(_FACTORIES)
