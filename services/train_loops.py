@@ -188,8 +188,13 @@ def finetune_loop(config: dict) -> None:
                       noise_multiplier=job.noise_multiplier, max_grad_norm=f.max_grad_norm,
                       ledger=ledger, distributed=world > 1, mechanism=job.mechanism,
                       grad_sample_mode=f.grad_sample_mode)
+    # A two-player family's post-processing step (a GAN's generator update),
+    # checkpointed with the DP optimizer so a resumed stage continues it.
+    after = family.after_dp_step(model, f.lr)
     if restored:
-        dp.optimizer.original_optimizer.load_state_dict(restored["opt"])
+        dp.optimizer.original_optimizer.load_state_dict(restored["opt"]["dp"])
+        if after is not None and restored["opt"].get("after") is not None:
+            after.load_state_dict(restored["opt"]["after"])
     pm = _metrics(job)
     total = job.total_steps
     every = max(1, total // 20)
@@ -207,8 +212,9 @@ def finetune_loop(config: dict) -> None:
             _log_mlflow(job, {"epsilon_spent": eps}, step)
 
     def save(d):
-        _save(d, model, ema, dp.optimizer.original_optimizer.state_dict(),
-              {"step": dp.record.steps}, ledger)
+        opt_state = {"dp": dp.optimizer.original_optimizer.state_dict(),
+                     "after": after.state_dict() if hasattr(after, "state_dict") else None}
+        _save(d, model, ema, opt_state, {"step": dp.record.steps}, ledger)
 
     t0 = time.time()
     start = dp.record.steps
@@ -218,7 +224,7 @@ def finetune_loop(config: dict) -> None:
                                                         rank, save),
                         objective=family.dp_objective(model),
                         noise_multiplicity=f.noise_multiplicity,
-                        after_step=family.after_dp_step(model, f.lr))
+                        after_step=after)
     # the last state is always a reported checkpoint (also when a resumed run
     # had no step left to take)
     ck = job.checkpoint_every

@@ -161,7 +161,7 @@ def test_no_sensitive_data_leaves(finished_run):
     assert sizes_txt.decode() not in text and probe_labels_txt.decode() not in text
 
 
-@pytest.mark.parametrize("method", ["dpdm", "pdp_diffusion"])
+@pytest.mark.parametrize("method", ["dpdm", "pdp_diffusion", "dpgan"])
 def test_baselines_run_their_own_stages_and_spend_only_dp_sgd(ray_local, tmp_path, method):
     """DPDM (no public data) and PDP-Diffusion (whole pool, no query): no
     semantic-query mechanism in the ledger, all of epsilon to DP-SGD, and
@@ -177,6 +177,7 @@ def test_baselines_run_their_own_stages_and_spend_only_dp_sgd(ray_local, tmp_pat
     assert [r["name"] for r in s["ledger"]["records"]] == ["dp_sgd_finetune"]
     assert 0 < s["epsilon"] <= cfg.privacy.target_epsilon
     expected = {"dpdm": {"finetune", "synthesize", "evaluate"},
+                "dpgan": {"finetune", "synthesize", "evaluate"},
                 "pdp_diffusion": {"index", "pretrain", "finetune", "synthesize", "evaluate"}}
     assert set(s["stage_seconds"]) == expected[method]
     client = MlflowClient(s["mlflow_uri"])
