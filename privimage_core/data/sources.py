@@ -170,8 +170,12 @@ def _distinct_prefixes(specs: Sequence[str]) -> list[str]:
 def check_public_specs(specs: Sequence[str], sensitive: str) -> None:
     """Cheap checks of the public pool's sources, before any work starts:
     known kinds, distinct prefixes, user paths that exist, and none of them
-    the sensitive dataset itself (pre-training on it would bypass DP).
+    the sensitive dataset itself (pre-training on it would bypass DP), nor
+    a source the sensitive dataset was materialised from (subsample.py).
     An empty pool is refused by the config validation already."""
+    from privimage_core.data.subsample import lineage  # it imports this module
+
+    origins = lineage(sensitive)
     for spec in specs:
         try:
             kind, arg = _parse(spec)
@@ -183,6 +187,10 @@ def check_public_specs(specs: Sequence[str], sensitive: str) -> None:
         if _same_dataset(spec, sensitive):
             raise DataError(f"data.public lists {spec!r}, the sensitive dataset itself; public "
                             "pre-training data must not contain the sensitive data: remove it")
+        if any(_same_dataset(spec, o) for o in origins[1:]):
+            raise DataError(f"data.public lists {spec!r}, which the sensitive dataset was drawn "
+                            "from (see its provenance); public pre-training data must not "
+                            "contain the sensitive data: remove it")
     _distinct_prefixes(specs)
 
 
@@ -209,16 +217,6 @@ def _same_dataset(a: str, b: str) -> bool:
 def same_user_dataset(a: str, b: str) -> bool:
     """True when two split-less specs (see is_user_source) share files."""
     return is_user_source(a) and is_user_source(b) and _same_dataset(a, b)
-
-
-def subsample_sensitive(ds: ImageSet, max_images: int | None, seed: int) -> ImageSet:
-    """The sensitive training set the pipeline uses (``data.sensitive_max``
-    images drawn with ``run.seed``, in their original order). The evaluator's
-    membership audit calls it too, so its members are exactly these images."""
-    if not max_images or len(ds) <= max_images:
-        return ds
-    rng = np.random.default_rng(seed)
-    return ds.subset(np.sort(rng.choice(len(ds), max_images, replace=False)))
 
 
 def validate_sensitive(ds: ImageSet) -> None:
