@@ -48,10 +48,23 @@ class DataConfig:
     resize: bool = False
     # Cap on images per public class (deterministic subsample); None = all.
     public_max_per_class: int | None = 300
-    # Cap on sensitive training images (deterministic subsample); None = all.
+    # The sensitive classes, declared (never read off the sensitive labels):
+    # a user dataset's labels are mapped onto this list, a class without
+    # images is kept. None: the file's metadata or the folder's subfolders
+    # (built-in datasets have fixed lists).
+    class_names: list[str] | None = None
+    # Refused when set (SENSITIVE_MAX_REFUSED); kept as a key so that old
+    # configs get that message instead of "unknown key".
     sensitive_max: int | None = None
     glyph_max_fonts: int | None = None
     glyph_copies_per_font: int = 2
+
+
+SENSITIVE_MAX_REFUSED = (
+    "data.sensitive_max is refused: a subsample drawn inside the run breaks add/remove-one DP "
+    "(removing one record changes which records are drawn); make the subsample the declared "
+    "dataset: privimage data subsample --source SPEC --n N --out PATH.parquet, then set "
+    "data.sensitive: parquet:PATH.parquet")
 
 
 @dataclass
@@ -346,6 +359,11 @@ def validate(cfg: Config) -> None:
     _require(8 <= d.image_size <= 256 and d.image_size % 4 == 0,
              f"data.image_size must be a multiple of 4 in [8, 256], got {d.image_size}")
     _require(len(d.public) > 0, "data.public must name at least one public source, e.g. [glyphs]")
+    _require(d.sensitive_max is None, SENSITIVE_MAX_REFUSED)
+    if d.class_names is not None:
+        _require(len(d.class_names) > 0 and all(n.strip() for n in d.class_names)
+                 and len(set(d.class_names)) == len(d.class_names),
+                 "data.class_names must list distinct, non-empty class names, or be null")
     f = cfg.finetune
     _require(f.steps >= 1 and f.batch_size >= 1 and f.physical_batch_size >= 1,
              "finetune.steps, batch_size and physical_batch_size must be >= 1")

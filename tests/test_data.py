@@ -141,11 +141,15 @@ def test_image_folder_wrong_mode_and_shape(tmp_path):
 
 def test_image_folder_empty_class_and_missing_path(tmp_path):
     root = _folder(tmp_path / "ds", ["full"])
-    (root / "hollow").mkdir()
-    with pytest.raises(DataError, match="'hollow' has no images"):
-        load_image_folder(root, 8, 1)
+    (root / "hollow").mkdir()  # the operator declared it: a class, even without images
+    ds = load_image_folder(root, 8, 1)
+    assert ds.class_names == ["full", "hollow"] and ds.classes_from == "folders"
+    assert ds.labels.tolist() == [0, 0]
     with pytest.raises(DataError, match="does not exist"):
         load_image_folder(tmp_path / "nope", 8, 1)
+    (tmp_path / "void" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match="no images found"):
+        load_image_folder(tmp_path / "void", 8, 1)
 
 
 def test_parquet_bytes_struct_and_string_labels(tmp_path):
@@ -156,10 +160,11 @@ def test_parquet_bytes_struct_and_string_labels(tmp_path):
     ds = load_parquet_images(path, 8, 1)
     assert ds.class_names == ["frown", "smile"] and ds.labels.tolist() == [1, 0, 1]
     assert ds.images[:, 0, 0, 0].tolist() == [10, 20, 30]
+    assert ds.classes_from == "labels"  # no declaration: read off the labels
     raw = tmp_path / "raw.parquet"
     pq.write_table(pa.table({"img": gray, "y": [0, 2, 2]}), raw)
-    with pytest.raises(DataError, match="class '1' has no images"):
-        load_parquet_images(raw, 8, 1, image_column="img", label_column="y")
+    und = load_parquet_images(raw, 8, 1, image_column="img", label_column="y")
+    assert und.class_names == ["0", "1", "2"] and und.classes_from == "labels"
     with pytest.raises(DataError, match=r"raw: image row 0 is 8x8 mode L, expected 28x28.*resize: true"):
         load_parquet_images(raw, 28, 1, image_column="img", label_column="y")
     with pytest.raises(DataError, match="image_column"):
@@ -215,14 +220,29 @@ def test_public_pool_namespaces_and_index_round_trip(tmp_path):
         PublicIndex.open(tmp_path / "nothing")
 
 
-def test_validate_sensitive_names_empty_class():
-    ds = ImageSet(np.zeros((3, 4, 4, 1), np.uint8), np.array([0, 0, 2]), ["a", "b", "c"], "sens")
-    with pytest.raises(DataError, match="class 'b' has 0 images"):
-        validate_sensitive(ds)
-    ok = ImageSet(ds.images, np.array([0, 1, 2]), ds.class_names, "sens")
-    assert validate_sensitive(ok).tolist() == [1, 1, 1]
-    with pytest.raises(DataError, match="needs >= 2"):
-        validate_sensitive(ok, min_per_class=2)
+def test_validate_sensitive_keeps_empty_classes_refuses_derived_lists():
+    imgs = np.zeros((3, 4, 4, 1), np.uint8)
+    validate_sensitive(ImageSet(imgs, np.array([0, 0, 2]), ["a", "b", "c"], "sens"))  # b: empty
+    derived = ImageSet(imgs, np.array([0, 0, 2]), ["0", "1", "2"], "sens", classes_from="labels")
+    with pytest.raises(DataError, match="read off the sensitive labels; declare it with "
+                                        "data.class_names"):
+        validate_sensitive(derived)
+    with pytest.raises(DataError, match="the sensitive dataset is empty"):
+        validate_sensitive(ImageSet(imgs[:0], np.array([], np.int64), ["a"], "sens"))
+
+
+def test_builtin_class_names_may_only_repeat_the_fixed_list():
+    ds = load_source("mnist", "test", class_names=[str(i) for i in range(10)])
+    assert ds.classes_from == "builtin"
+    with pytest.raises(DataError, match="mnist has fixed classes.*remove data.class_names"):
+        load_source("mnist", "test", class_names=["a", "b"])
+
+
+def test_public_pool_refuses_an_empty_public_class(tmp_path):
+    root = _folder(tmp_path / "pub", ["x"], size=28)
+    (root / "y").mkdir()
+    with pytest.raises(DataError, match="class 'y' has no images"):
+        build_public_pool([f"folder:{root}"], 28, 1)
 
 
 def test_core_data_does_not_import_ray():

@@ -2,6 +2,13 @@
 
 Images are checked against the configured size and channels up front, so a
 mismatch fails in seconds with the fix instead of deep inside training.
+
+The class list is declared, never read off the records (imageset.CLASS_SOURCES):
+by the caller's ``class_names`` (``data.class_names``), by the Parquet file's
+schema metadata (CLASS_NAMES_KEY, or a Hugging Face ClassLabel), or by an
+ImageFolder's directory names. Classes without images are kept: their
+histogram row is then pure noise. Only a Parquet file with none of these
+falls back to the labels it holds ("labels"), which the sensitive set refuses.
 """
 from __future__ import annotations
 
@@ -19,6 +26,12 @@ from privimage_core.errors import DataError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _MODES = {1: "L", 3: "RGB"}
+# Parquet schema metadata key holding the declared class list (a JSON list of
+# names; integer labels index it). subsample.py writes it.
+CLASS_NAMES_KEY = b"privimage.class_names"
+# Neither names nor counts the offending labels: both would be data-derived.
+UNKNOWN_LABELS = ("records with labels outside the declared class list (data.class_names or "
+                  "the file's metadata); declare every class")
 
 
 def _size(image_size) -> tuple[int, int]:
@@ -71,46 +84,86 @@ def _open(src, where: str, dataset: str) -> Image.Image:
         raise DataError(f"{dataset}: {where} is not a readable image ({e}); remove or re-encode it") from e
 
 
-def _check_nonempty(dataset: str, class_names: list[str], labels: np.ndarray) -> None:
-    counts = np.bincount(labels, minlength=len(class_names)) if len(labels) else np.zeros(len(class_names), int)
-    empty = [class_names[i] for i in np.flatnonzero(counts == 0)]
-    if not class_names:
-        raise DataError(f"{dataset}: no classes found; add one subfolder (or label value) per class")
-    if empty:
-        raise DataError(f"{dataset}: class {empty[0]!r} has no images; add images or remove the class")
+def declare_classes(file_names: list[str] | None, class_names: list[str] | None,
+                    dataset: str) -> tuple[list[str] | None, str]:
+    """(declared class list, where it comes from): the caller's list, which
+    must include the file's (or folder's) own, else that one; (None, "labels")
+    when there is neither."""
+    if class_names is not None:
+        if file_names is not None and not set(file_names) <= set(class_names):
+            raise DataError(f"{dataset}: {UNKNOWN_LABELS}")
+        return list(class_names), "config"
+    if file_names is not None:
+        return list(file_names), "metadata"
+    return None, "labels"
 
 
-def load_image_folder(root: str | os.PathLike, image_size, channels: int,
-                      resize: bool = False) -> ImageSet:
-    """torchvision ImageFolder layout: root/<class>/**/<image>, classes sorted."""
+def _decode(blobs: list[bytes], where: list[str], dataset: str, image_size, channels: int,
+            resize: bool) -> np.ndarray:
+    if not blobs:
+        raise DataError(f"{dataset}: no images found; add images (one subfolder or label per class)")
+    hw = _size(image_size)
+    return np.stack([_to_array(_open(io.BytesIO(b), w, dataset), w, dataset, hw, channels, resize)
+                     for b, w in zip(blobs, where)])
+
+
+def folder_records(root: str | os.PathLike, class_names: list[str] | None = None
+                   ) -> tuple[list[Path], np.ndarray, list[str], str]:
+    """(image files, labels, class names, classes_from) of an ImageFolder,
+    root/<class>/**/<image>, classes sorted unless declared."""
     root = Path(root)
     dataset = root.name or str(root)
     if not root.is_dir():
         raise DataError(f"{dataset}: folder {root} does not exist; fix the path or create "
                         "it with one subfolder of images per class")
-    hw = _size(image_size)
-    _mode(channels, dataset)
-    class_names = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    images, labels = [], []
-    for label, cls in enumerate(class_names):
-        files = sorted(p for p in (root / cls).rglob("*")
+    # The directory names are the operator's declaration, not derived from a
+    # record: whoever laid out the folder chose them, and removing an image
+    # never removes its directory, so an empty directory still counts.
+    dirs = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    names, source = declare_classes(dirs, class_names, dataset)
+    if source == "metadata":
+        source = "folders"
+    if not names:
+        raise DataError(f"{dataset}: no classes found; add one subfolder per class")
+    files, labels = [], []
+    for cls in dirs:
+        found = sorted(p for p in (root / cls).rglob("*")
                        if p.suffix.lower() in IMAGE_EXTS and p.is_file())
-        for p in files:
-            rel = str(p.relative_to(root))
-            images.append(_to_array(_open(p, rel, dataset), rel, dataset, hw, channels, resize))
-            labels.append(label)
-    labels_arr = np.asarray(labels, dtype=np.int64)
-    _check_nonempty(dataset, class_names, labels_arr)
-    return ImageSet(np.stack(images), labels_arr, class_names, dataset, {"root": str(root)})
+        files += found
+        labels += [names.index(cls)] * len(found)
+    return files, np.asarray(labels, dtype=np.int64), names, source
 
 
-def _hf_class_names(schema, label_column: str) -> list[str] | None:
-    """Class names from a Hugging Face datasets ClassLabel, if the file has one."""
-    meta = (schema.metadata or {}).get(b"huggingface")
-    if not meta:
+def load_image_folder(root: str | os.PathLike, image_size, channels: int,
+                      resize: bool = False, class_names: list[str] | None = None) -> ImageSet:
+    """torchvision ImageFolder layout: root/<class>/**/<image>, classes sorted
+    (or ``class_names``, which must include every subfolder)."""
+    root = Path(root)
+    dataset = root.name or str(root)
+    files, labels, names, source = folder_records(root, class_names)
+    _mode(channels, dataset)
+    where = [str(p.relative_to(root)) for p in files]
+    images = _decode([p.read_bytes() for p in files], where, dataset, image_size, channels, resize)
+    return ImageSet(images, labels, names, dataset, {"root": str(root)}, source)
+
+
+def _file_class_names(schema, label_column: str) -> list[str] | None:
+    """The class list the file declares: ours (CLASS_NAMES_KEY), else a
+    Hugging Face datasets ClassLabel; None when it declares none."""
+    meta = schema.metadata or {}
+    if CLASS_NAMES_KEY in meta:
+        try:
+            names = json.loads(meta[CLASS_NAMES_KEY])
+        except ValueError:
+            names = None
+        if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+            raise DataError(f"Parquet metadata {CLASS_NAMES_KEY.decode()} is not a list of class "
+                            "names; rewrite the file with privimage data subsample")
+        return names
+    if not meta.get(b"huggingface"):
         return None
     try:
-        feat = json.loads(meta)["info"]["features"][label_column]
+        feat = json.loads(meta[b"huggingface"])["info"]["features"][label_column]
         return [str(n) for n in feat["names"]] if "names" in feat else None
     except (KeyError, TypeError, ValueError):
         return None
@@ -128,13 +181,33 @@ def _image_bytes(values: Iterable, dataset: str, column: str) -> list[bytes]:
     return out
 
 
-def load_parquet_images(path: str | os.PathLike, image_size, channels: int, resize: bool = False,
-                        image_column: str = "image", label_column: str = "label") -> ImageSet:
-    """Parquet file (or directory of files) with encoded images and labels.
+def _map_labels(raw: list, is_int: bool, file_names: list[str] | None, names: list[str] | None,
+                dataset: str) -> tuple[np.ndarray, list[str]]:
+    """Labels as indices into the declared ``names`` (integer labels index the
+    file's names, else ``names`` directly); without a declaration the list is
+    read off the labels: "0".."max" or the sorted distinct strings."""
+    if names is None:
+        if is_int:
+            ints = np.asarray(raw, dtype=np.int64)
+            if len(ints) and ints.min() < 0:
+                raise DataError(f"{dataset}: negative labels; use labels 0..K-1")
+            return ints, [str(i) for i in range(int(ints.max()) + 1 if len(ints) else 0)]
+        names = sorted(set(raw))
+    lookup = {n: i for i, n in enumerate(names)}
+    if is_int:
+        by_index = file_names if file_names is not None else names
+        raw = [by_index[v] if 0 <= v < len(by_index) else None for v in raw]
+    labels = [lookup.get(v, -1) for v in raw]
+    if any(v < 0 for v in labels):
+        raise DataError(f"{dataset}: {UNKNOWN_LABELS}")
+    return np.asarray(labels, dtype=np.int64), names
 
-    Integer labels index the class names stored by Hugging Face datasets, else
-    classes "0".."max"; string labels become sorted class names.
-    """
+
+def parquet_records(path: str | os.PathLike, image_column: str = "image",
+                    label_column: str = "label", class_names: list[str] | None = None
+                    ) -> tuple[list[bytes], np.ndarray, list[str], str]:
+    """(encoded images, labels, class names, classes_from) of a Parquet file
+    (or directory of files) with an image column and a label column."""
     import pyarrow.parquet as pq
     import pyarrow.types as pat
 
@@ -142,8 +215,6 @@ def load_parquet_images(path: str | os.PathLike, image_size, channels: int, resi
     dataset = path.stem or str(path)
     if not path.exists():
         raise DataError(f"{dataset}: Parquet file {path} does not exist; fix the path")
-    hw = _size(image_size)
-    _mode(channels, dataset)
     try:
         schema = pq.read_schema(path) if path.is_file() else pq.ParquetDataset(path).schema
     except Exception as e:  # pyarrow raises several types for non-Parquet input
@@ -154,25 +225,31 @@ def load_parquet_images(path: str | os.PathLike, image_size, channels: int, resi
                         "set image_column / label_column")
     table = pq.read_table(path, columns=[image_column, label_column])
     label_type = table.schema.field(label_column).type
-    raw_labels = table.column(label_column).to_pylist()
-    if any(v is None for v in raw_labels):
-        raise DataError(f"{dataset}: column {label_column!r} has null labels; drop those rows")
-    if pat.is_integer(label_type):
-        labels = np.asarray(raw_labels, dtype=np.int64)
-        names = _hf_class_names(table.schema, label_column) or \
-            [str(i) for i in range(int(labels.max()) + 1 if len(labels) else 0)]
-        if len(labels) and (labels.min() < 0 or labels.max() >= len(names)):
-            raise DataError(f"{dataset}: labels span [{labels.min()}, {labels.max()}] but there are "
-                            f"{len(names)} classes; fix the label column")
-    elif pat.is_string(label_type) or pat.is_large_string(label_type):
-        names = sorted(set(raw_labels))
-        lookup = {n: i for i, n in enumerate(names)}
-        labels = np.asarray([lookup[v] for v in raw_labels], dtype=np.int64)
-    else:
+    is_int = pat.is_integer(label_type)
+    if not (is_int or pat.is_string(label_type) or pat.is_large_string(label_type)):
         raise DataError(f"{dataset}: label column {label_column!r} has type {label_type}; "
                         "use integer or string labels")
+    raw = table.column(label_column).to_pylist()
+    if any(v is None for v in raw):
+        raise DataError(f"{dataset}: column {label_column!r} has null labels; drop those rows")
+    file_names = _file_class_names(schema, label_column)
+    names, source = declare_classes(file_names, class_names, dataset)
+    labels, names = _map_labels(raw, is_int, file_names, names, dataset)
+    if not names:
+        raise DataError(f"{dataset}: no classes found; declare them with data.class_names")
     blobs = _image_bytes(table.column(image_column).to_pylist(), dataset, image_column)
-    images = [_to_array(_open(io.BytesIO(b), f"row {i}", dataset), f"row {i}", dataset, hw,
-                        channels, resize) for i, b in enumerate(blobs)]
-    _check_nonempty(dataset, names, labels)
-    return ImageSet(np.stack(images), labels, names, dataset, {"path": str(path)})
+    return blobs, labels, names, source
+
+
+def load_parquet_images(path: str | os.PathLike, image_size, channels: int, resize: bool = False,
+                        image_column: str = "image", label_column: str = "label",
+                        class_names: list[str] | None = None) -> ImageSet:
+    """Parquet file (or directory of files) with encoded images and labels,
+    classes declared as in :func:`parquet_records`."""
+    path = Path(path)
+    dataset = path.stem or str(path)
+    _mode(channels, dataset)
+    blobs, labels, names, source = parquet_records(path, image_column, label_column, class_names)
+    images = _decode(blobs, [f"row {i}" for i in range(len(blobs))], dataset, image_size,
+                     channels, resize)
+    return ImageSet(images, labels, names, dataset, {"path": str(path)}, source)

@@ -7,6 +7,14 @@ import numpy as np
 
 from privimage_core.errors import DataError
 
+# Where an ImageSet's class list comes from. Every value but "labels" is a
+# declaration made before any record is read (fixed built-in lists, the
+# config, a file's schema metadata, an ImageFolder's directory names, or the
+# code that built the set); "labels" means the list was read off the records,
+# which DP forbids for the sensitive set (sources.validate_sensitive): one
+# record with a unique or maximal label would change the histogram's shape.
+CLASS_SOURCES = ("caller", "builtin", "config", "metadata", "folders", "labels")
+
 
 @dataclass
 class ImageSet:
@@ -17,6 +25,7 @@ class ImageSet:
     class_names: the name of each label index (public pools use namespaced
       names such as ``glyph/7`` or ``fmnist/Bag``).
     name: a short name of the dataset for messages and manifests.
+    classes_from: where ``class_names`` comes from, one of CLASS_SOURCES.
     """
 
     images: np.ndarray
@@ -24,8 +33,12 @@ class ImageSet:
     class_names: list[str]
     name: str = "dataset"
     meta: dict = field(default_factory=dict)
+    classes_from: str = "caller"
 
     def __post_init__(self) -> None:
+        if self.classes_from not in CLASS_SOURCES:
+            raise DataError(f"{self.name}: classes_from={self.classes_from!r}; use one of "
+                            f"{', '.join(CLASS_SOURCES)}")
         if self.images.ndim == 3:
             self.images = self.images[..., None]
         if self.images.ndim != 4 or self.images.dtype != np.uint8:
@@ -55,7 +68,7 @@ class ImageSet:
         meta = {k: (v[idx] if isinstance(v, np.ndarray) and len(v) == n else v)
                 for k, v in self.meta.items()}
         return ImageSet(self.images[idx], self.labels[idx], list(self.class_names),
-                        name or self.name, meta)
+                        name or self.name, meta, self.classes_from)
 
     def to_tensor(self):
         """Float tensor [N, C, H, W] in [-1, 1], the scale the models use."""

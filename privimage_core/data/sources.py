@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from privimage_core.data.folders import load_image_folder, load_parquet_images
+from privimage_core.data.folders import UNKNOWN_LABELS, load_image_folder, load_parquet_images
 from privimage_core.data.glyphs import render_glyphs
 from privimage_core.data.idx import load_fashion_mnist, load_mnist
 from privimage_core.data.imageset import ImageSet
@@ -99,11 +99,14 @@ def _pick(opts: dict, allowed: set, spec: str) -> dict:
 
 
 def load_source(spec: str, split: str = "train", image_size: int = 28, channels: int = 1,
-                max_per_class: int | None = None, seed: int = 0, **opts) -> ImageSet:
+                max_per_class: int | None = None, seed: int = 0,
+                class_names: list[str] | None = None, **opts) -> ImageSet:
     """Load one source at ``image_size`` x ``image_size`` x ``channels``.
 
     Glyphs have no split (the same fonts serve any split) and are rendered
     directly at ``image_size``; user folders/Parquet files are used as given.
+    ``class_names`` (``data.class_names``) declares a user source's classes;
+    built-in sources have fixed ones, which it may only repeat.
     """
     kind, arg = _parse(spec)
     if channels not in (1, 3):
@@ -114,12 +117,18 @@ def load_source(spec: str, split: str = "train", image_size: int = 28, channels:
         loader = load_mnist if kind == "mnist" else load_fashion_mnist
         ds = loader(split, **_pick(opts, _IDX_OPTS, spec))
     elif kind == "folder":
-        ds = load_image_folder(arg, image_size, channels, **_pick(opts, {"resize"}, spec))
+        ds = load_image_folder(arg, image_size, channels, class_names=class_names,
+                               **_pick(opts, {"resize"}, spec))
     else:
-        ds = load_parquet_images(arg, image_size, channels, **_pick(opts, _USER_OPTS, spec))
+        ds = load_parquet_images(arg, image_size, channels, class_names=class_names,
+                                 **_pick(opts, _USER_OPTS, spec))
+    classes_from = "builtin" if arg is None else ds.classes_from
+    if arg is None and class_names is not None and list(class_names) != ds.class_names:
+        raise DataError(f"{spec} has fixed classes and data.class_names differs from them; "
+                        f"remove data.class_names or list {spec}'s classes in order")
     ds = subsample_per_class(ds, max_per_class, seed)  # before resizing: less work
     images = convert_channels(resize_images(ds.images, image_size), channels, ds.name)
-    return ImageSet(images, ds.labels, ds.class_names, ds.name, ds.meta)
+    return ImageSet(images, ds.labels, ds.class_names, ds.name, ds.meta, classes_from)
 
 
 def build_public_pool(specs: Sequence[str], image_size: int, channels: int,
@@ -134,6 +143,12 @@ def build_public_pool(specs: Sequence[str], image_size: int, channels: int,
     for spec, prefix in zip(specs, prefixes):
         opts = dict(glyph_opts or {}) if spec == "glyphs" else {}
         ds = load_source(spec, "train", image_size, channels, max_per_class, seed, **opts)
+        # Public data may name its classes; an empty one would be selected
+        # for pre-training with nothing to pre-train on.
+        empty = np.flatnonzero(np.bincount(ds.labels, minlength=ds.num_classes) == 0)
+        if len(empty):
+            raise DataError(f"data.public {spec!r}: class {ds.class_names[empty[0]]!r} has no "
+                            "images; add images or remove the class")
         images.append(ds.images)
         labels.append(ds.labels + len(names))
         names += [f"{prefix}/{n}" for n in ds.class_names]
@@ -155,8 +170,12 @@ def _distinct_prefixes(specs: Sequence[str]) -> list[str]:
 def check_public_specs(specs: Sequence[str], sensitive: str) -> None:
     """Cheap checks of the public pool's sources, before any work starts:
     known kinds, distinct prefixes, user paths that exist, and none of them
-    the sensitive dataset itself (pre-training on it would bypass DP).
+    the sensitive dataset itself (pre-training on it would bypass DP), nor
+    a source the sensitive dataset was materialised from (subsample.py).
     An empty pool is refused by the config validation already."""
+    from privimage_core.data.subsample import lineage  # it imports this module
+
+    origins = lineage(sensitive)
     for spec in specs:
         try:
             kind, arg = _parse(spec)
@@ -168,6 +187,10 @@ def check_public_specs(specs: Sequence[str], sensitive: str) -> None:
         if _same_dataset(spec, sensitive):
             raise DataError(f"data.public lists {spec!r}, the sensitive dataset itself; public "
                             "pre-training data must not contain the sensitive data: remove it")
+        if any(_same_dataset(spec, o) for o in origins[1:]):
+            raise DataError(f"data.public lists {spec!r}, which the sensitive dataset was drawn "
+                            "from (see its provenance); public pre-training data must not "
+                            "contain the sensitive data: remove it")
     _distinct_prefixes(specs)
 
 
@@ -196,28 +219,17 @@ def same_user_dataset(a: str, b: str) -> bool:
     return is_user_source(a) and is_user_source(b) and _same_dataset(a, b)
 
 
-def subsample_sensitive(ds: ImageSet, max_images: int | None, seed: int) -> ImageSet:
-    """The sensitive training set the pipeline uses (``data.sensitive_max``
-    images drawn with ``run.seed``, in their original order). The evaluator's
-    membership audit calls it too, so its members are exactly these images."""
-    if not max_images or len(ds) <= max_images:
-        return ds
-    rng = np.random.default_rng(seed)
-    return ds.subset(np.sort(rng.choice(len(ds), max_images, replace=False)))
-
-
-def validate_sensitive(ds: ImageSet, min_per_class: int = 1) -> np.ndarray:
-    """Check every class of the sensitive set has ``min_per_class`` images;
-    return the per-class counts."""
+def validate_sensitive(ds: ImageSet) -> None:
+    """Refuse a sensitive set that is empty, whose class list was read off its
+    own labels (a record with a unique or maximal label would change the
+    histogram's shape, k2 and the generator: declare the list), or with labels
+    outside it. Classes without images pass: their histogram row is pure
+    noise. No message names or counts a class or label of the data."""
     if len(ds) == 0 or ds.num_classes == 0:
         raise DataError(f"{ds.name}: the sensitive dataset is empty; point the config at a dataset with images")
-    counts = np.bincount(ds.labels, minlength=ds.num_classes)
-    if len(counts) > ds.num_classes:
-        raise DataError(f"{ds.name}: label {len(counts) - 1} has no class name; "
-                        f"give {len(counts)} class names or fix the labels")
-    low = np.flatnonzero(counts < min_per_class)
-    if len(low):
-        c = int(low[0])
-        raise DataError(f"{ds.name}: class {ds.class_names[c]!r} has {counts[c]} images, needs "
-                        f">= {min_per_class}; add images or remove the class")
-    return counts
+    if ds.classes_from == "labels":
+        raise DataError(f"{ds.name}: the class list would be read off the sensitive labels; "
+                        "declare it with data.class_names (or use a file that embeds it, e.g. "
+                        "from privimage data subsample)")
+    if ds.labels.min() < 0 or ds.labels.max() >= ds.num_classes:
+        raise DataError(f"{ds.name}: {UNKNOWN_LABELS}")

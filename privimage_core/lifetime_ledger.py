@@ -1,0 +1,197 @@
+"""The lifetime ledger: every run ever made on one sensitive dataset, composed.
+
+Each run's PrivacyLedger bounds that run. Running again on the same data
+composes, so a per-dataset ledger persists across runs in the output store:
+``<store_dir>/<digest>.json``, keyed by the dataset's content digest
+(privimage_core.data.subsample.source_digest). A run reserves its planned
+ledger before it touches the data and settles its final ledger at the end, so
+a run that crashes in between stays charged its whole plan. Composition is
+the Opacus accountant's (privacy_ledger.compose_ledgers), never our own math.
+
+The digest is the only data-derived value stored. A SHA-256 of the whole
+dataset reveals nothing about a record to anyone who does not already hold
+every other record, and the output store belongs to the data holder, who
+holds the data itself; but to someone comparing two candidate neighbouring
+datasets it is an exact test, so it must never be released (MLflow,
+manifests, logs).
+
+Writes are atomic (temporary file + os.replace) and serialised across
+processes by an fcntl lock, so two concurrent runs cannot both reserve the
+last of the budget.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import re
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from privimage_core.errors import PrivacyBudgetError
+from privimage_core.privacy_ledger import MechanismRecord, compose_ledgers
+
+VERSION = 1
+# A run's entry: "reserved" holds its plan, "settled" what it actually spent.
+STATUSES = ("reserved", "settled")
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+FIX = "raise the lifetime budget knowingly or use new data"
+
+
+class LifetimeLedger:
+    """One dataset's lifetime ledger; every call re-reads the file, so it
+    sees the runs other processes reserved meanwhile."""
+
+    def __init__(self, store_dir: str | os.PathLike, digest: str, lifetime_epsilon: float,
+                 delta: float, accountant: str = "rdp"):
+        if not _DIGEST.fullmatch(str(digest)):
+            raise PrivacyBudgetError(f"lifetime ledger key {digest!r} is not a SHA-256 hex digest; "
+                                     "pass source_digest(data.sensitive)")
+        if not (lifetime_epsilon > 0 and math.isfinite(lifetime_epsilon)):
+            raise PrivacyBudgetError(f"lifetime epsilon must be > 0, got {lifetime_epsilon}; "
+                                     "set e.g. 10")
+        compose_ledgers([], delta, accountant)  # PrivacyLedger checks delta and accountant
+        self.dir = Path(store_dir)
+        self.digest = digest
+        self.lifetime_epsilon = float(lifetime_epsilon)
+        self.delta = float(delta)
+        self.accountant = accountant
+        self.path = self.dir / f"{digest}.json"
+        self._lock_path = self.dir / f"{digest}.lock"
+
+    # ------------------------------------------------------------ file
+    @contextmanager
+    def _locked(self, exclusive: bool):
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _read(self) -> dict:
+        if not self.path.exists():
+            return {"version": VERSION, "digest": self.digest, "runs": {}}
+        try:
+            state = json.loads(self.path.read_text())
+            for entry in state["runs"].values():
+                if entry["status"] not in STATUSES:
+                    raise ValueError(entry["status"])
+                _check(entry["ledger"])
+            return state
+        except (ValueError, KeyError, TypeError, AttributeError, PrivacyBudgetError) as e:
+            raise PrivacyBudgetError(
+                f"lifetime ledger {self.path} is unreadable ({type(e).__name__}); restore it from "
+                "a backup: deleting it would forget the budget already spent") from None
+
+    def _write(self, state: dict) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{self.digest}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(state, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def _epsilon(self, state: dict, extra: list[dict] = ()) -> float:
+        states = [e["ledger"] for e in state["runs"].values()] + list(extra)
+        return compose_ledgers(states, self.delta, self.accountant)
+
+    # ------------------------------------------------------------ API
+    def composed_epsilon(self) -> float:
+        """Epsilon of every run on this dataset so far (plans of unsettled runs included)."""
+        with self._locked(exclusive=False):
+            return self._epsilon(self._read())
+
+    def would_exceed(self, ledger_state: dict) -> bool:
+        """Whether adding a run with this (planned) ledger would exceed the lifetime budget."""
+        _check(ledger_state)
+        with self._locked(exclusive=False):
+            return self._epsilon(self._read(), [ledger_state]) > self.lifetime_epsilon
+
+    def reserve(self, run_id: str, planned_ledger_state: dict) -> None:
+        """Charge a run its plan before it touches the data; refused when the
+        composition would exceed the lifetime budget. Reserving the same run
+        again with the same plan (a resume) changes nothing."""
+        _check(planned_ledger_state)
+        with self._locked(exclusive=True):
+            state = self._read()
+            old = state["runs"].get(run_id)
+            if old is not None:
+                if old["ledger"]["records"] == planned_ledger_state["records"]:
+                    return
+                raise PrivacyBudgetError(f"run {run_id!r} already holds a lifetime-ledger entry "
+                                         "with another plan; resume it unchanged or use a new run id")
+            eps = self._epsilon(state, [planned_ledger_state])
+            if eps > self.lifetime_epsilon:
+                spent = self._epsilon(state)
+                raise PrivacyBudgetError(
+                    f"this run would take the dataset's lifetime epsilon to {eps:.4g} > "
+                    f"{self.lifetime_epsilon:g} ({spent:.4g} already spent by "
+                    f"{len(state['runs'])} runs); {FIX}")
+            state["runs"][run_id] = {"status": "reserved", "ledger": planned_ledger_state,
+                                     "lifetime_epsilon": self.lifetime_epsilon,
+                                     "reserved": _now()}
+            self._write(state)
+
+    def settle(self, run_id: str, final_ledger_state: dict) -> None:
+        """Replace a run's reservation by what it actually spent (its final
+        PrivacyLedger, whose step hook counted every applied step). Charged
+        even beyond the plan or the budget: those steps happened. A run
+        settled before (then resumed) may only grow."""
+        _check(final_ledger_state)
+        with self._locked(exclusive=True):
+            state = self._read()
+            old = state["runs"].get(run_id)
+            if old is None:
+                raise PrivacyBudgetError(f"run {run_id!r} has no lifetime-ledger reservation; "
+                                         "reserve its plan before it touches the data")
+            if old["status"] == "settled" and _fewer_steps(final_ledger_state, old["ledger"]):
+                raise PrivacyBudgetError(f"run {run_id!r} was settled with more steps than now; "
+                                         "settle with the run's final ledger")
+            state["runs"][run_id] = {**old, "status": "settled", "ledger": final_ledger_state,
+                                     "settled": _now()}
+            self._write(state)
+
+    def runs(self) -> dict[str, dict]:
+        """run id -> entry (status, ledger, times), for reports."""
+        with self._locked(exclusive=False):
+            return self._read()["runs"]
+
+
+def open(store_dir: str | os.PathLike, digest: str, lifetime_epsilon: float, delta: float,
+         accountant: str = "rdp") -> LifetimeLedger:
+    """The lifetime ledger of the dataset with this digest under ``store_dir``
+    (created on the first reservation)."""
+    return LifetimeLedger(store_dir, digest, lifetime_epsilon, delta, accountant)
+
+
+def _check(ledger_state: dict) -> None:
+    try:
+        for r in ledger_state["records"]:
+            MechanismRecord(**r)
+    except (KeyError, TypeError) as e:
+        raise PrivacyBudgetError(f"not a PrivacyLedger state ({type(e).__name__}: {e}); pass "
+                                 "PrivacyLedger.state_dict()") from None
+
+
+def _fewer_steps(new: dict, old: dict) -> bool:
+    def steps(s: dict) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in s["records"]:
+            out[r["name"]] = out.get(r["name"], 0) + r["steps"]
+        return out
+
+    have = steps(new)
+    return any(have.get(name, 0) < n for name, n in steps(old).items())
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
