@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from privimage_core.config_evaluation import EvaluationConfig, validate_evaluation
+from privimage_core.config_infra import MetricsConfig, RayConfig, TrackingConfig
 from privimage_core.config_tune import TuneConfig, validate_tune
+from privimage_core.config_types import check_type as _check_type
 from privimage_core.errors import ConfigError
 
 
@@ -32,6 +34,9 @@ class RunConfig:
     data_dir: str | None = None
     # Threads torch may use per process (0 = torch default).
     torch_threads: int = 2
+    # The lifetime ledgers (one per sensitive dataset digest, composed over
+    # every run on it); None: <output_dir>/lifetime_ledgers.
+    ledger_store: str | None = None
     # Reuse budget-free public stages (pre-training) across runs and sweep
     # trials: cached under <output_dir>/cache by a digest of all they depend on.
     cache_public: bool = True
@@ -97,6 +102,10 @@ class PrivacyConfig:
     # None: 1e-5, or 0.1/N when N is so small that 1e-5 >= 1/N (resolve_delta).
     target_delta: float | None = None
     accountant: str = "rdp"
+    # A budget for ALL runs on the same sensitive data (lifetime ledger): a
+    # run whose plan would take the composition past it is refused before it
+    # reads the data. None: every run is composed and reported, none refused.
+    lifetime_epsilon: float | None = None
 
 
 @dataclass
@@ -155,36 +164,6 @@ class SamplingConfig:
 
 
 @dataclass
-class RayConfig:
-    # None: start a local Ray bound to 127.0.0.1 (or join the job's cluster
-    # when running under `ray job submit`).
-    address: str | None = None
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 2.0
-    storage_path: str | None = None
-    max_failures: int = 0
-
-
-@dataclass
-class TrackingConfig:
-    # None: sqlite:///<abs output_dir>/mlflow.db
-    mlflow_uri: str | None = None
-    experiment: str = "privimage"
-
-
-@dataclass
-class MetricsConfig:
-    """Live metrics go through Ray's metrics API (services/metrics.py) and are
-    served by each Ray node's metrics agent, which binds to the node's address
-    (127.0.0.1 for the local Ray this program starts). ``port`` pins the local
-    Ray's metrics export port (0: Ray picks a free one); on a cluster it is
-    ``ray start --metrics-export-port``."""
-    enabled: bool = True
-    port: int = 0
-
-
-@dataclass
 class Config:
     # The method: a list of stages and a model family (privimage_core/methods.py).
     method: str = "privimage"
@@ -234,44 +213,6 @@ class Config:
 
 # Top-level keys that are values, not sections.
 SCALAR_KEYS: dict[str, type] = {"method": str}
-
-
-def _check_type(key: str, value: Any, tp: Any) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _check_type(key, value, inner[0])
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not (isinstance(value, int)
-                                           or (isinstance(value, float) and value.is_integer())):
-            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
-        return int(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
-        return value
-    if origin is list:
-        if isinstance(value, (str, int, float)):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
-        return [_check_type(key, v, args[0]) for v in value]
-    if tp is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
-        return dict(value)
-    return value
 
 
 def from_dict(d: dict | None) -> Config:
@@ -342,6 +283,8 @@ def validate(cfg: Config) -> None:
     p = cfg.privacy
     _require(p.target_epsilon > 0 and math.isfinite(p.target_epsilon),
              f"privacy.target_epsilon must be > 0, got {p.target_epsilon}; set e.g. 10")
+    _require(p.lifetime_epsilon is None or p.lifetime_epsilon > 0,
+             f"privacy.lifetime_epsilon must be > 0 or null, got {p.lifetime_epsilon}")
     if p.target_delta is not None:
         _require(0 < p.target_delta < 1,
                  f"privacy.target_delta must be in (0, 1), got {p.target_delta}; set e.g. 1e-5")

@@ -87,6 +87,15 @@ def cmd_compare(a) -> int:
     return 0
 
 
+def cmd_data_subsample(a) -> int:
+    from privimage_core.data.subsample import materialise_subsample
+    names = a.class_names.split(",") if a.class_names else None
+    out = materialise_subsample(a.source, a.n, a.out, seed=a.seed, split=a.split,
+                                class_names=names)
+    print(f"wrote {out} (and its provenance file); use it as data.sensitive: parquet:{out}")
+    return 0
+
+
 def cmd_evaluate(a) -> int:
     from services.evaluate_cli import evaluate_dataset
     res = evaluate_dataset(a.synthetic, a.real, config=a.config, generator=a.generator,
@@ -110,6 +119,18 @@ def main(argv: list[str] | None = None) -> int:
         if name == "run":
             s.add_argument("--resume", default=None, metavar="RUN_DIR", help="resume a run directory")
         s.set_defaults(fn=fn)
+    d = sub.add_parser("data", help="dataset preparation outside the DP boundary")
+    dsub = d.add_subparsers(dest="data_cmd", required=True)
+    ds = dsub.add_parser("subsample", help="materialise a subsample as the declared sensitive "
+                         "dataset (the guarantee then covers it, not its source)")
+    ds.add_argument("--source", required=True, help="dataset spec, e.g. mnist or folder:/path")
+    ds.add_argument("--n", type=int, required=True, help="number of records to keep")
+    ds.add_argument("--out", required=True, metavar="PATH.parquet")
+    ds.add_argument("--seed", type=int, default=0)
+    ds.add_argument("--split", default="train")
+    ds.add_argument("--class-names", default=None, metavar="A,B,...",
+                    help="the declared class list, for sources that do not carry one")
+    ds.set_defaults(fn=cmd_data_subsample)
     e = sub.add_parser("evaluate", help="evaluate a synthetic dataset against real data")
     e.add_argument("--synthetic", required=True,
                    help="a run's synthetic directory (manifest.json + images.parquet), "
@@ -120,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="held-out real data for the test split (required when --real is "
                         "folder:/parquet:, which have no train/test split of their own)")
     e.add_argument("--config", default=None, help="the run's config (evaluation settings, "
-                   "generator preset, data.sensitive_max / run.seed for the audit's members)")
+                   "generator preset)")
     e.add_argument("--generator", default=None, metavar="DP_GENERATOR_PT",
                    help="the DP generator's weights: adds the membership-inference audit")
     e.add_argument("--out", default=None, metavar="DIR",

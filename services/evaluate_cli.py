@@ -14,8 +14,9 @@ sources have no splits of their own, so with those ``--real`` is the training
 data and ``--real-test`` must name separate held-out data (refused otherwise:
 testing on training images inflates every number and breaks the audit). The
 audit needs the generator (``--generator runs/<run>/dp_generator.pt``) and
-treats the train split, subsampled as the pipeline does (``data.sensitive_max``
-with ``run.seed``: pass the run's config), as the members. The ledger's
+treats the whole ``--real`` training data as the members: a run trains on a
+declared dataset (a subsample is materialised beforehand with ``privimage
+data subsample``), so pass that dataset. The ledger's
 epsilon and delta come from the synthetic set's manifest when it has one; for
 other formats the report says they are unknown.
 """
@@ -30,7 +31,7 @@ import numpy as np
 from privimage_core.config import load_config
 from privimage_core.data.imageset import ImageSet
 from privimage_core.data.sources import (is_user_source, load_source, parse_spec,
-                                         same_user_dataset, subsample_sensitive)
+                                         same_user_dataset)
 from privimage_core.errors import DataError
 
 
@@ -147,7 +148,6 @@ def evaluate_dataset(synthetic: str, real: str, config: str | None = None,
             raise DataError(f"--real-test {test_spec}'s classes {test.class_names[:5]}... differ "
                             f"from --real {real}'s {train.class_names[:5]}...; point --real-test at "
                             "held-out data of the same classes")
-        train = subsample_sensitive(train, cfg.data.sensitive_max, cfg.run.seed)
         from privimage_core.evaluation.diffusion_mia import image_digests
         seen = image_digests(train)
         shared = sum(d in seen for d in image_digests(test))

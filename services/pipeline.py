@@ -29,8 +29,7 @@ from typing import Callable
 from privimage_core.config import Config, from_dict, resolve_delta
 from privimage_core.data.imageset import ImageSet
 from privimage_core.data.sources import (check_public_specs, is_user_source, load_source,
-                                         same_user_dataset, subsample_sensitive,
-                                         validate_sensitive)
+                                         same_user_dataset, validate_sensitive)
 from privimage_core.errors import ConfigError, DataError
 from privimage_core.methods import Method, get_method
 from privimage_core.privacy_ledger import PrivacyLedger
@@ -64,11 +63,10 @@ def load_inputs(cfg: Config) -> Inputs:
         raise ConfigError("data.sensitive_test names the same files as data.sensitive; point it "
                           "at held-out data of the same classes")
     sens = load_source(d.sensitive, split="train", image_size=d.image_size, channels=d.channels,
-                       resize=d.resize)
-    sens = subsample_sensitive(sens, d.sensitive_max, cfg.run.seed)
+                       resize=d.resize, class_names=d.class_names)
     validate_sensitive(sens)
     test = load_source(d.sensitive_test or d.sensitive, split="test", image_size=d.image_size,
-                       channels=d.channels, resize=d.resize)
+                       channels=d.channels, resize=d.resize, class_names=d.class_names)
     if list(test.class_names) != list(sens.class_names):
         raise DataError(f"the test split's classes {test.class_names[:5]}... differ from the "
                         f"sensitive classes {sens.class_names[:5]}...; point data.sensitive_test "
@@ -91,6 +89,24 @@ def check_generator(cfg: Config, method: Method, num_classes: int) -> None:
     except (TypeError, ValueError) as e:
         raise ConfigError(f"generator.overrides {g.overrides} do not build a {method.family} "
                           f"'{g.preset}' generator ({e}); fix or remove them") from e
+
+
+def reserve_lifetime(cfg: Config, method: Method, inputs: Inputs, run_dir: Path):
+    """Charge this run's plan to the lifetime ledger of its sensitive dataset
+    (keyed by a content digest, stored locally, never released) before any
+    mechanism reads the data; refused past ``privacy.lifetime_epsilon``."""
+    from privimage_core import lifetime_ledger
+    from privimage_core.data.subsample import source_digest
+    from privimage_core.privacy_plan import planned_ledger
+
+    d = cfg.data
+    store = Path(cfg.run.ledger_store or Path(cfg.run.output_dir) / "lifetime_ledgers")
+    digest = source_digest(d.sensitive, "train", d.class_names)
+    led = lifetime_ledger.open(store.resolve(), digest, cfg.privacy.lifetime_epsilon or 1e12,
+                               inputs.delta, cfg.privacy.accountant)
+    led.reserve(str(run_dir), planned_ledger(cfg, method, len(inputs.sensitive),
+                                             inputs.delta).state_dict())
+    return led
 
 
 def run_pipeline(cfg: Config, resume_dir: str | None = None, parent_run_id: str | None = None,
@@ -120,6 +136,13 @@ def run_pipeline(cfg: Config, resume_dir: str | None = None, parent_run_id: str 
     check_generator(cfg, method, len(inputs.sensitive.class_names))
     if run_dir is None:  # only now: bad input leaves no directory behind
         run_dir = new_run_dir(Path(cfg.run.output_dir), cfg.run.name)
+        try:
+            lifetime = reserve_lifetime(cfg, method, inputs, run_dir)
+        except Exception:
+            run_dir.rmdir()  # refused before anything was written or spent
+            raise
+    else:  # a resume reserves the same plan again: a no-op
+        lifetime = reserve_lifetime(cfg, method, inputs, run_dir)
     storage = cfg.ray.storage_path or str(run_dir / "ray_train")
     if "ledger" in state:
         ledger, resume = resume_ledger(state, storage, run_dir)
@@ -160,7 +183,14 @@ def run_pipeline(cfg: Config, resume_dir: str | None = None, parent_run_id: str 
             run_stages(ctx, STAGES)
         finally:
             ctx.kill_actors()
+        lifetime.settle(str(run_dir), ctx.ledger.state_dict())
         summary = _summary(ctx, time.time() - t_start)
+        summary["lifetime_epsilon_composed"] = lifetime.composed_epsilon()
+        tracker.metrics({"lifetime_epsilon_composed": summary["lifetime_epsilon_composed"]})
+        log(f"[privimage] lifetime ledger of this dataset: epsilon "
+            f"{summary['lifetime_epsilon_composed']:.4g} over all its runs"
+            + (f" (budget {cfg.privacy.lifetime_epsilon:g})" if cfg.privacy.lifetime_epsilon
+               else " (no lifetime budget set: privacy.lifetime_epsilon)"))
         tracker.metrics({"epsilon": summary["epsilon"], "delta": summary["delta"],
                          "accuracy": summary["accuracy"], "fid": summary["fid"],
                          **{f"seconds_{k}": v for k, v in ctx.stage_seconds.items()}})

@@ -259,8 +259,8 @@ def job_config(tmp: Path) -> dict:
     from tests.test_pipeline_e2e import tiny_config
     cfg = tiny_config(tmp, **{"run.name": "jobsubmit",
                               "finetune.steps": FINETUNE_STEPS,
-                              "finetune.batch_size": FINETUNE_BATCH,
-                              "data.sensitive_max": SENSITIVE_MAX})
+                              "finetune.batch_size": FINETUNE_BATCH},
+                      sensitive_n=SENSITIVE_MAX)
     cfg["tracking"] = {"mlflow_uri": f"sqlite:///{(tmp / 'mlflow.db').resolve()}"}
     # Only the headline classifier: the extra (non-private) evaluations cost
     # minutes on 2 cores and are covered elsewhere.

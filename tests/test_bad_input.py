@@ -46,12 +46,19 @@ def test_missing_data_path(tmp_path):
     assert "nope" in _one_line(e)
 
 
-def test_empty_class(tmp_path):
+def test_empty_declared_class_flows_through_and_undeclared_labels_are_refused(tmp_path):
+    """A declared class with no images is no error (its histogram row is pure
+    noise, issue 13 W9); a record outside the declared list is refused with a
+    message that neither names nor counts it (B2)."""
     root = _folder(tmp_path / "d", {"a": 3, "b": 0})
+    inp = load_inputs(_cfg(tmp_path, f"folder:{root}"))
+    assert list(inp.sensitive.class_names) == ["a", "b"] and len(inp.sensitive) == 3
+    extra = _folder(tmp_path / "e", {"a": 3, "b": 2, "secret_label": 1})
     with pytest.raises(DataError) as e:
-        load_inputs(_cfg(tmp_path, f"folder:{root}"))
+        load_inputs(_cfg(tmp_path, f"folder:{extra}", class_names=["a", "b"],
+                         test=f"folder:{_folder(tmp_path / 'held2', {'a': 2, 'b': 2})}"))
     msg = _one_line(e)
-    assert "class 'b' has no images" in msg and "add images or remove the class" in msg
+    assert "declare every class" in msg and "secret_label" not in msg and "1" not in msg
 
 
 def test_wrong_shape_and_mode(tmp_path):
@@ -129,9 +136,10 @@ def test_bad_input_fails_before_ray_starts(tmp_path):
 
     if ray.is_initialized():
         pytest.skip("an earlier test in this process left Ray running")
-    root = _folder(tmp_path / "d", {"a": 3, "b": 0})
-    with pytest.raises(DataError, match="class 'b' has no images"):
-        run_pipeline(_cfg(tmp_path, f"folder:{root}"), log=lambda s: None)
+    root = _folder(tmp_path / "d", {"a": 3, "b": 2, "c": 1})
+    with pytest.raises(DataError, match="declare every class"):
+        run_pipeline(_cfg(tmp_path, f"folder:{root}", class_names=["a", "b"]),
+                     log=lambda s: None)
     assert not ray.is_initialized()
     assert not (tmp_path / "runs").exists()
 

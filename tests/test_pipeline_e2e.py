@@ -17,10 +17,22 @@ from privimage_core.semantic_distribution import class_histograms
 pytestmark = pytest.mark.ray
 
 
-def tiny_config(tmp_path: Path, **over) -> dict:
+def small_mnist(tmp_path: Path, n: int = 1000, seed: int = 0) -> Path:
+    """A declared sensitive dataset of n MNIST train images, materialised
+    outside the DP boundary as a user would (`privimage data subsample`)."""
+    from privimage_core.data.subsample import materialise_subsample
+
+    out = Path(tmp_path) / f"mnist-{n}-{seed}.parquet"
+    if not out.is_file():
+        materialise_subsample("mnist", n, out, seed=seed)
+    return out
+
+
+def tiny_config(tmp_path: Path, sensitive_n: int = 1000, **over) -> dict:
     cfg = {
         "run": {"name": "e2e", "output_dir": str(tmp_path / "runs"), "torch_threads": 1},
-        "data": {"sensitive": "mnist", "public": ["glyphs"], "sensitive_max": 1000,
+        "data": {"sensitive": f"parquet:{small_mnist(tmp_path, sensitive_n)}",
+                 "sensitive_test": "mnist", "public": ["glyphs"],
                  "glyph_max_fonts": 6, "public_max_per_class": 20},
         "semantic_query": {"epochs": 1, "width": 8},
         "selection": {"k2": 1, "sigma_q": 20.0},
@@ -121,10 +133,8 @@ def _all_bytes(root: Path):
 
 
 def _used_sensitive(cfg):
-    """The rows the pipeline trained on (load_inputs subsamples with run.seed)."""
-    sens = load_source("mnist", split="train")
-    rng = np.random.default_rng(cfg.run.seed)
-    return sens.subset(np.sort(rng.choice(len(sens), cfg.data.sensitive_max, replace=False)))
+    """The rows the pipeline trained on: the declared (materialised) dataset."""
+    return load_source(cfg.data.sensitive, split="train")
 
 
 def test_no_sensitive_data_leaves(finished_run):

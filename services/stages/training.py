@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from privimage_core.dp_finetune import DP_SGD_MECHANISM, plan_noise
+from privimage_core.dp_finetune import plan_noise
 from privimage_core.errors import PrivacyBudgetError
 from privimage_core.generator import state_bytes
 from privimage_core.methods import Stage
@@ -22,8 +22,8 @@ RELEASE_FILE = "dp_generator.pt"              # the DP release
 
 
 def mechanism_of(stage: Stage) -> str:
-    """Each DP stage is its own ledger mechanism."""
-    return DP_SGD_MECHANISM if stage.name == "finetune" else f"dp_sgd_{stage.name}"
+    from privimage_core.privacy_plan import dp_mechanism_name
+    return dp_mechanism_name(stage.name)
 
 
 def _fit(ctx: RunContext, stage: Stage, loop, job: TrainJob):
@@ -174,7 +174,8 @@ def dp_finetune(ctx: RunContext, stage: Stage) -> dict:
     ctx.state["ledger"] = ledger.state_dict()
     release = _with_ema(model, ema, _release_prefix(ctx))  # EMA of DP iterates: post-processing
     torch.save(release, ctx.run_dir / RELEASE_FILE)
-    (ctx.run_dir / "ledger.json").write_text(ledger.to_json())
+    (ctx.run_dir / "ledger.json").write_text(json.dumps(
+        {**ledger.summary(), "guarantee": guarantee_statement(ctx)}, indent=2))
     ctx.values["release_state"] = release
     steps = ledger.steps_of(mech)
     ctx.finish(stage, {"steps": steps})
@@ -184,6 +185,24 @@ def dp_finetune(ctx: RunContext, stage: Stage) -> dict:
     ctx.log(f"[privimage] DP fine-tuning done: epsilon={eps:.4f} at "
             f"delta={ledger.target_delta:.2g} ({steps} steps)")
     return {"epsilon": eps, "delta": ledger.target_delta, "steps": steps}
+
+
+def guarantee_statement(ctx: RunContext) -> dict:
+    """What the (epsilon, delta) covers, stated where the release is (W4, B1)."""
+    from privimage_core.data.subsample import declaration
+
+    d = ctx.cfg.data
+    return {
+        "neighbouring_relation": "add or remove one record (image and label) of the sensitive "
+                                 "dataset",
+        "dataset": d.sensitive, "declared": declaration(d.sensitive),
+        "public_parameters": {"n_records": len(ctx.inputs.sensitive),
+                              "class_names": ctx.class_names},
+        "note": "N and the class list are treated as public (Opacus's and the paper's "
+                "convention). The guarantee covers the declared dataset: a subsample "
+                "materialised with `privimage data subsample` is the dataset, not its source. "
+                "Mechanisms: " + ", ".join(r.name for r in ctx.ledger.records),
+    }
 
 
 def restore_dp_finetune(ctx: RunContext, stage: Stage, saved: dict) -> None:

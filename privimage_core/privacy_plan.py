@@ -1,0 +1,31 @@
+"""A run's privacy plan before it touches the data: the ledger its method
+would hold at the end, from the config and public quantities only (N is
+public in this project). The lifetime ledger charges this plan before the
+first mechanism runs, so a run that dies is still counted; the stages then
+calibrate exactly as planned (same accountant, same calibration)."""
+from __future__ import annotations
+
+from privimage_core.config import Config
+from privimage_core.dp_finetune import DP_SGD_MECHANISM, plan_noise
+from privimage_core.methods import Method
+from privimage_core.privacy_ledger import PrivacyLedger
+from privimage_core.semantic_distribution import QUERY_MECHANISM
+
+
+def dp_mechanism_name(stage_name: str) -> str:
+    """Each DP-SGD stage is its own ledger mechanism."""
+    return DP_SGD_MECHANISM if stage_name == "finetune" else f"dp_sgd_{stage_name}"
+
+
+def planned_ledger(cfg: Config, method: Method, n: int, delta: float) -> PrivacyLedger:
+    led = PrivacyLedger(cfg.privacy.target_epsilon, delta, cfg.privacy.accountant)
+    f = cfg.finetune
+    for st in method.stages:
+        if st.kind == "semantic_query":
+            led.record_gaussian(QUERY_MECHANISM, cfg.selection.sigma_q, note="plan")
+        elif st.kind == "dp_finetune":
+            mech = dp_mechanism_name(st.name)
+            sigma, q, total = plan_noise(led, n, f.batch_size, f.steps, f.noise_multiplier,
+                                         mechanism=mech)
+            led.begin_dp_sgd(mech, sigma, q).steps = total
+    return led
