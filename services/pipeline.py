@@ -91,7 +91,8 @@ def check_generator(cfg: Config, method: Method, num_classes: int) -> None:
                           f"'{g.preset}' generator ({e}); fix or remove them") from e
 
 
-def reserve_lifetime(cfg: Config, method: Method, inputs: Inputs, run_dir: Path):
+def reserve_lifetime(cfg: Config, method: Method, inputs: Inputs, run_dir: Path,
+                     resume: bool = False):
     """Charge this run's plan to the lifetime ledger of its sensitive dataset
     (keyed by a content digest, stored locally, never released) before any
     mechanism reads the data; refused past ``privacy.lifetime_epsilon``."""
@@ -104,6 +105,8 @@ def reserve_lifetime(cfg: Config, method: Method, inputs: Inputs, run_dir: Path)
     digest = source_digest(d.sensitive, "train", d.class_names)
     led = lifetime_ledger.open(store.resolve(), digest, cfg.privacy.lifetime_epsilon or 1e12,
                                inputs.delta, cfg.privacy.accountant)
+    if resume and str(run_dir) in led.runs():
+        return led
     led.reserve(str(run_dir), planned_ledger(cfg, method, len(inputs.sensitive),
                                              inputs.delta).state_dict())
     return led
@@ -141,8 +144,8 @@ def run_pipeline(cfg: Config, resume_dir: str | None = None, parent_run_id: str 
         except Exception:
             run_dir.rmdir()  # refused before anything was written or spent
             raise
-    else:  # a resume reserves the same plan again: a no-op
-        lifetime = reserve_lifetime(cfg, method, inputs, run_dir)
+    else:  # a resume keeps the entry it reserved (or settled) when it started
+        lifetime = reserve_lifetime(cfg, method, inputs, run_dir, resume=True)
     storage = cfg.ray.storage_path or str(run_dir / "ray_train")
     if "ledger" in state:
         ledger, resume = resume_ledger(state, storage, run_dir)
