@@ -22,7 +22,7 @@ RAY_LABELS = {"Component", "NodeAddress", "SessionName", "Version", "WorkerId", 
 OUR_LABELS = {"run_id", "stage", "worker", "metric"}
 # aggregate evaluation results only: never a class name or a per-record value
 EVAL_METRICS = set(Evaluator.LIVE_METRICS) | {"synthetic_images"}
-STAGES = {"pretrain", "finetune", "index", "semantic_query", "query", "synthesize", "evaluate"}
+STAGES = {"pretrain", "finetune", "index", "semantic_query", "selection", "synthesize", "evaluate"}
 
 
 def _ok(job):

@@ -124,8 +124,8 @@ def pretrain(ctx: RunContext, stage: Stage) -> dict:
     ctx.values["init_state"] = init
     steps = res.metrics.get("step", 0)
     ctx.finish(stage, {"steps": steps, "images": len(labels), "data": stage.options["data"]})
-    ctx.log(f"[privimage] pre-training on {len(labels)} public images "
-            f"({stage.options['data']}): {steps} steps")
+    ctx.log(f"[privimage] pre-training done: {steps} steps on {len(labels)} public images "
+            f"({stage.options['data']})")
     return {"steps": steps, "num_pretrain_images": len(labels)}
 
 
