@@ -92,8 +92,22 @@ class SelectionConfig:
     k2: int | None = None
     # Semantics queried per sensitive image; the paper sets k1 = k2 (App. A).
     k1: int | None = None
-    # Noise multiplier of the histogram query; noise std is sigma_q * sqrt(k1).
-    sigma_q: float = 100.0
+    # The query's share of privacy.target_epsilon (privimage_core/query_budget.py):
+    # sigma_q is calibrated so the query alone costs at most share * epsilon;
+    # DP-SGD gets the rest of the composed budget. 0.05 was chosen by
+    # measurement (benchmarks/results/query-share-*.txt): the selection stays
+    # significant down to 100 images per class at epsilon 10, and DP-SGD's
+    # noise rises by about 2% against a free query.
+    query_epsilon_share: float = 0.05
+    # An explicit noise multiplier of the histogram query (noise std
+    # sigma_q * sqrt(k1)) wins over the share; the paper's setting.
+    sigma_q: float | None = None
+    # The significance check of the noisy histogram (query_budget.py): a
+    # class's selection counts when its best noisy count exceeds the level a
+    # no-signal histogram reaches with probability alpha (Bonferroni).
+    significance_alpha: float = 0.05
+    # When any class fails it: one of query_budget.ON_INSIGNIFICANT.
+    on_insignificant: str = "fallback"
 
 
 @dataclass
@@ -295,7 +309,17 @@ def validate(cfg: Config) -> None:
     s = cfg.selection
     _require(0 < s.selection_ratio <= 1,
              f"selection.selection_ratio must be in (0, 1], got {s.selection_ratio}; set e.g. 0.1")
-    _require(s.sigma_q > 0, f"selection.sigma_q must be > 0, got {s.sigma_q}")
+    _require(s.sigma_q is None or s.sigma_q > 0,
+             f"selection.sigma_q must be > 0 or null (calibrated from the share), got {s.sigma_q}")
+    _require(0 < s.query_epsilon_share < 1,
+             f"selection.query_epsilon_share must be in (0, 1), got {s.query_epsilon_share}; "
+             "set e.g. 0.05")
+    _require(0 < s.significance_alpha < 1,
+             f"selection.significance_alpha must be in (0, 1), got {s.significance_alpha}")
+    from privimage_core.query_budget import ON_INSIGNIFICANT
+    _require(s.on_insignificant in ON_INSIGNIFICANT,
+             f"selection.on_insignificant must be one of {', '.join(ON_INSIGNIFICANT)}, "
+             f"got '{s.on_insignificant}'")
     for k in ("k1", "k2"):
         v = getattr(s, k)
         _require(v is None or v >= 1, f"selection.{k} must be >= 1 or null, got {v}")

@@ -86,31 +86,6 @@ def plan_noise(ledger: PrivacyLedger, n: int, batch_size: int, steps: int,
     return sigma, q, min(steps, allowed)
 
 
-# Opacus's distributed Poisson sampler (DistributedUniformWithReplacementSampler,
-# Opacus 1.6) silently SKIPS an empty per-rank draw instead of yielding an empty
-# batch. The ranks' logical steps then pair draws from different rounds and a
-# rank's batch is conditioned on being non-empty: no longer the Poisson(q)
-# sampling the accountant assumes. With an expected per-rank batch of m the
-# chance of an empty draw is about exp(-m); at m >= 20 it is < 3e-9 per step.
-MIN_EXPECTED_BATCH_PER_WORKER = 20
-
-
-def check_worker_batches(n: int, batch_size: int, num_workers: int) -> None:
-    """Refuse a distributed DP-SGD plan whose per-worker Poisson draws could be empty."""
-    from privimage_core.errors import ConfigError
-
-    if num_workers <= 1:
-        return
-    per_worker = sample_rate_for(n, batch_size) * n / num_workers
-    if per_worker < MIN_EXPECTED_BATCH_PER_WORKER:
-        raise ConfigError(
-            f"finetune.batch_size={batch_size} over ray.num_workers={num_workers} expects "
-            f"{per_worker:.1f} sensitive images per worker and step; Opacus's distributed "
-            f"sampler would skip empty draws, which the accountant does not model; raise "
-            f"finetune.batch_size to >= {MIN_EXPECTED_BATCH_PER_WORKER * num_workers} or use "
-            "fewer workers")
-
-
 @dataclass
 class DPTraining:
     model: torch.nn.Module  # Opacus GradSampleModule
@@ -154,6 +129,9 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
         grad_sample_mode="no_op" if grad_sample_mode == "vmap" else "hooks",
         noise_generator=noise_gen)
     dp_opt.attach_step_hook(ledger.step_hook(record, q))
+    if distributed:  # every rank yields every Poisson draw, empty ones too (W8)
+        from privimage_core.poisson_sampler import keep_empty_draws
+        dp_loader = keep_empty_draws(dp_loader)
     return DPTraining(model, dp_opt, dp_loader, record, q, engine, grad_sample_mode)
 
 

@@ -9,6 +9,7 @@ from privimage_core.config import Config
 from privimage_core.dp_finetune import DP_SGD_MECHANISM, plan_noise
 from privimage_core.methods import Method
 from privimage_core.privacy_ledger import PrivacyLedger
+from privimage_core.query_budget import resolve_sigma_q
 from privimage_core.semantic_distribution import QUERY_MECHANISM
 
 
@@ -17,12 +18,18 @@ def dp_mechanism_name(stage_name: str) -> str:
     return DP_SGD_MECHANISM if stage_name == "finetune" else f"dp_sgd_{stage_name}"
 
 
+def query_sigma(cfg: Config, delta: float) -> float:
+    """The semantic query's noise multiplier for this run (config + delta)."""
+    s, p = cfg.selection, cfg.privacy
+    return resolve_sigma_q(s.sigma_q, s.query_epsilon_share, p.target_epsilon, delta, p.accountant)
+
+
 def planned_ledger(cfg: Config, method: Method, n: int, delta: float) -> PrivacyLedger:
     led = PrivacyLedger(cfg.privacy.target_epsilon, delta, cfg.privacy.accountant)
     f = cfg.finetune
     for st in method.stages:
         if st.kind == "semantic_query":
-            led.record_gaussian(QUERY_MECHANISM, cfg.selection.sigma_q, note="plan")
+            led.record_gaussian(QUERY_MECHANISM, query_sigma(cfg, delta), note="plan")
         elif st.kind == "dp_finetune":
             mech = dp_mechanism_name(st.name)
             sigma, q, total = plan_noise(led, n, f.batch_size, f.steps, f.noise_multiplier,

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from privimage_core.data.imageset import ImageSet
+from privimage_core.data.imageset import writable_tensor
 
 
 class _Block(nn.Module):
@@ -70,7 +71,7 @@ def train_semantic_query(pool: ImageSet, width: int = 32, epochs: int = 2, batch
     n_val = max(1, int(n * val_fraction)) if val_fraction > 0 else 0
     val_idx, tr_idx = perm[:n_val], perm[n_val:]
     x_all = pool.to_tensor()
-    y_all = torch.from_numpy(pool.labels)
+    y_all = writable_tensor(pool.labels)
     model = SmallResNet(pool.num_classes, pool.shape[2], width).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps_per_epoch = max(1, len(tr_idx) // batch_size)

@@ -25,14 +25,22 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# pip's "Location 'file:///...' is ignored: it is neither a file nor a
+# directory" lines come from index settings of the machine (pip.conf
+# find-links to absent local mirrors), not from this project: drop exactly
+# those lines, keep every other message and pip's exit status.
+pip_() {
+  "$VENV/bin/pip" "$@" 2> >(grep -v "^WARNING: Location '.*' is ignored: it is neither a file nor a directory\.$" >&2)
+}
+
 stamp="$VENV/.privimage-stamp"
 want="$(cat requirements.txt pyproject.toml | sha1sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[setup] creating venv $VENV (torch is large: a few minutes the first time)"
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-  "$VENV/bin/pip" install -q --upgrade pip
-  "$VENV/bin/pip" install -q -r requirements.txt
-  "$VENV/bin/pip" install -q --no-deps -e .
+  pip_ install -q --upgrade pip
+  pip_ install -q -r requirements.txt
+  pip_ install -q --no-deps -e .
   echo "$want" > "$stamp"
 fi
 

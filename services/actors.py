@@ -68,7 +68,7 @@ class PublicSelector:
         return metrics
 
     def query(self, ledger_state: dict, sensitive: tuple[np.ndarray, np.ndarray],
-              num_classes: int) -> dict:
+              num_classes: int, sigma_q: float) -> dict:
         """The DP semantic distribution query. Returns the noisy histograms,
         the selection and the charged ledger: DP outputs only."""
         images, labels = sensitive
@@ -77,7 +77,7 @@ class PublicSelector:
         x = ImageSet(images, labels, [str(i) for i in range(num_classes)]).to_tensor()
         topk = predict_topk(self.model, x, k=k1)
         dist = query_semantic_distribution(topk, labels, len(self.index.label_names), num_classes,
-                                           k1, k2, self.cfg.selection.sigma_q, ledger)
+                                           k1, k2, sigma_q, ledger)
         del x, topk, images, labels
         return {"noisy_histograms": dist.noisy_histograms, "k1": k1, "k2": k2,
                 "sigma_q": dist.sigma_q, "selection": dist.selection,

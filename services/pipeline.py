@@ -72,8 +72,6 @@ def load_inputs(cfg: Config) -> Inputs:
                         f"sensitive classes {sens.class_names[:5]}...; point data.sensitive_test "
                         "at the matching test split")
     delta = resolve_delta(cfg, len(sens))
-    from privimage_core.dp_finetune import check_worker_batches
-    check_worker_batches(len(sens), cfg.finetune.batch_size, cfg.ray.num_workers)
     return Inputs(sens, test, delta)
 
 
@@ -222,4 +220,6 @@ def _summary(ctx, total_seconds: float) -> dict:
             "evaluation": {k: v for k, v in ev.items() if isinstance(v, (int, float))},
             "audit_ok": None if "audit_ok" not in ev else bool(ev["audit_ok"]),
             "audit_message": ev.get("audit_message"),
-            "evaluation_report": ev.get("report_path"), "sds": ctx.values.get("sds")}
+            "evaluation_report": ev.get("report_path"), "sds": ctx.values.get("sds"),
+            "selection_warning": ctx.values.get("selection_note"),
+            "pretrain_data_fallback": ctx.values.get("selection_fallback")}

@@ -4,7 +4,16 @@ from __future__ import annotations
 import torch
 
 
+# Opacus's per-sample-gradient hooks fire on modules whose inputs need no
+# gradient (the first layer's input is data): torch then warns on every
+# backward. Expected and harmless under Opacus ("hooks" grad-sample mode).
+FULL_BACKWARD_HOOK_WARNING = ("Full backward hook is firing when gradients are computed with "
+                              "respect to module outputs since no inputs require gradients")
+
+
 def configure_torch(cfg) -> None:
+    import warnings
+    warnings.filterwarnings("ignore", message=FULL_BACKWARD_HOOK_WARNING, category=UserWarning)
     if cfg.run.torch_threads:
         torch.set_num_threads(cfg.run.torch_threads)
     # Adam's second moments of rarely-updated weights decay into subnormal

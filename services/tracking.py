@@ -32,18 +32,47 @@ def tracking_uri(cfg: Config) -> str:
     return f"sqlite:///{out / 'mlflow.db'}"
 
 
+def _set_tracking_uri(uri: str) -> None:
+    """mlflow.set_tracking_uri also writes os.environ["MLFLOW_TRACKING_URI"]
+    (MLflow 3); left there, that value would look like the user's and send the
+    next run of the same process (a test session, a notebook) to this run's
+    store. MLflow reads its own setting first, so the environment is put back."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 class Tracker:
     """Thin wrapper so stages and remote workers log to the right run."""
 
     def __init__(self, cfg: Config, parent_run_id: str | None = None):
         self.cfg = cfg
         self.uri = tracking_uri(cfg)
-        mlflow.set_tracking_uri(self.uri)
-        exp = mlflow.set_experiment(cfg.tracking.experiment)
-        self.experiment_id = exp.experiment_id
+        _set_tracking_uri(self.uri)
+        self.experiment_id = self._experiment(cfg.tracking.experiment)
         self.client = MlflowClient(self.uri)
         self.parent_run_id = parent_run_id
         self.run_id: str | None = None
+
+    def _experiment(self, name: str) -> str:
+        """With a local SQLite store the artifacts live beside it
+        (<output_dir>/mlartifacts), not in ./mlruns of whatever directory the
+        program was started from; a server or cluster store keeps its own."""
+        exp = mlflow.get_experiment_by_name(name)
+        if exp is None:
+            loc = None
+            if self.uri.startswith("sqlite:///"):
+                loc = (Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+            try:
+                mlflow.create_experiment(name, artifact_location=loc)
+            except mlflow.exceptions.MlflowException:
+                pass  # created meanwhile by a concurrent trial
+            exp = mlflow.get_experiment_by_name(name)
+        mlflow.set_experiment(experiment_id=exp.experiment_id)
+        return exp.experiment_id
 
     @contextmanager
     def pipeline_run(self, run_name: str, tags: dict | None = None):

@@ -21,6 +21,8 @@ class TrainJob:
     mlflow_uri: str | None = None
     mlflow_run_id: str | None = None   # the stage's nested MLflow run
     metrics_enabled: bool = True
+    # Name of the driver's progress board actor (services/progress.py), or None.
+    progress_board: str | None = None
     # Weights to start from (ray.ObjectRef of state_bytes), None = random init.
     init_ref: Any = None
     # DP stages only:

@@ -23,7 +23,9 @@ from privimage_core.generator import state_from_bytes
 from privimage_core.models import build_model, get_family
 from privimage_core.privacy_ledger import PrivacyLedger
 from services.process_setup import configure_torch
+from services.progress import ProgressPoster
 from services.train_job import TrainJob
+from privimage_core.data.imageset import writable_tensor
 
 
 def _ctx():
@@ -83,8 +85,8 @@ def _setup(job: TrainJob):
     family = get_family(job.family)
     model = build_model(cfg, job.family, job.num_classes).to(dev)
     images, labels = ray.get(job.data_ref)
-    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0)
-    y = torch.from_numpy(labels).long()
+    x = (writable_tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0)
+    y = writable_tensor(labels).long()
     return cfg, rank, world, dev, family, model, x, y
 
 
@@ -112,8 +114,10 @@ def pretrain_loop(config: dict) -> None:
     pm = _metrics(job)
     steps = cfg.pretrain.steps
     every = max(1, steps // 20)
+    progress = ProgressPoster(job.progress_board if rank == 0 else None)
 
     def on_step(step, loss, sps):
+        progress(step, steps)
         if pm:
             pm.train_step(job.stage, cfg.pretrain.batch_size // world, loss, sps, worker=str(rank))
         if rank == 0 and (step % every == 0 or step == steps):
@@ -198,8 +202,10 @@ def finetune_loop(config: dict) -> None:
     pm = _metrics(job)
     total = job.total_steps
     every = max(1, total // 20)
+    progress = ProgressPoster(job.progress_board if rank == 0 else None)
 
     def on_step(step, sps):
+        progress(step, total)  # console only, averaged on the driver (services/progress.py)
         # No per-step timing leaves a DP stage: a step's duration follows its
         # realised Poisson batch size, a count of sensitive records (issue 13
         # W6). Only the expected batch and the stage's total time are exported.

@@ -54,7 +54,9 @@ def test_full_resolution_three_levels(size, channels):
 
 def test_preset_sizes_ordered():
     counts = {p: _n(build_unet(p, 28, 1, 10)) for p in PRESETS}
-    assert counts["tiny"] < counts["small"] < counts["base"]
+    assert counts["tiny"] < counts["small"] < counts["base"] < counts["medium"] < counts["large"]
+    assert len(counts) == 5  # the axis of the paper's Fig. 8, about 0.4M to 30M
+    assert 8e6 < counts["medium"] < 12e6 and 25e6 < counts["large"] < 32e6
     assert 0.2e6 < counts["tiny"] < 0.6e6
     assert 1e6 < counts["small"] < 2.5e6
     assert 3.5e6 < counts["base"] < 8e6

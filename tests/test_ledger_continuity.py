@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from privimage_core.dp_finetune import DP_SGD_MECHANISM, check_worker_batches
+from privimage_core.dp_finetune import DP_SGD_MECHANISM
 from privimage_core.errors import ConfigError, PrivacyBudgetError
 from privimage_core.privacy_ledger import PrivacyLedger, compose_ledgers
 from privimage_core.semantic_distribution import QUERY_MECHANISM
@@ -148,10 +148,3 @@ def test_sweep_without_shared_storage_uses_reports_and_says_when_incomplete(tmp_
     results.append(SimpleNamespace(metrics={}))  # a failed trial on another node
     ledgers, complete = compose_sweep(results, str(tmp_path), "S")
     assert len(ledgers) == 2 and not complete
-
-
-def test_distributed_plan_refuses_per_worker_batches_that_can_be_empty():
-    check_worker_batches(60000, 512, 1)  # one worker: Opacus yields empty batches itself
-    check_worker_batches(60000, 512, 4)  # 128 per worker
-    with pytest.raises(ConfigError, match="finetune.batch_size"):
-        check_worker_batches(60000, 30, 2)  # 15 per worker

@@ -16,6 +16,14 @@ from privimage_core.errors import DataError
 CLASS_SOURCES = ("caller", "builtin", "config", "metadata", "folders", "labels")
 
 
+def writable_tensor(a: np.ndarray):
+    """A torch tensor of ``a``; a copy when ``a`` is read-only (arrays from
+    Ray's object store or Parquet are): torch.from_numpy would share the
+    buffer and warn that writing to it is undefined."""
+    import torch
+    return torch.from_numpy(a) if a.flags.writeable else torch.tensor(a)
+
+
 @dataclass
 class ImageSet:
     """Images with integer labels.
@@ -74,5 +82,5 @@ class ImageSet:
         """Float tensor [N, C, H, W] in [-1, 1], the scale the models use."""
         import torch
 
-        x = torch.from_numpy(self.images).permute(0, 3, 1, 2).float()
+        x = writable_tensor(self.images).permute(0, 3, 1, 2).float()
         return x / 127.5 - 1.0

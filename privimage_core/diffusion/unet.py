@@ -37,8 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Parameter counts (1 channel, 10 classes; see benchmarks/results/):
-#   tiny 0.40M, small 1.79M, base 4.48M (the paper's DP diffusion models: 1.75M-6.1M).
+# Parameter counts (1 channel, 10 classes; tests/test_diffusion.py checks them):
+#   tiny 0.40M, small 1.79M, base 4.48M, medium 10.1M, large 27.9M: the axis of
+#   the paper's Fig. 8 (model size against quality, DP diffusion 1.75M-6.1M in
+#   Table 1 and larger models in Sec. 6.2); medium and large are for GPUs.
 PRESETS: dict[str, dict] = {
     # The 2-core CPU quickstart: half resolution (14x14 -> 7x7 for MNIST,
     # 16 -> 8 for 32x32), one block per level, no attention: at 7x7 the
@@ -54,6 +56,11 @@ PRESETS: dict[str, dict] = {
     # per level: towards the paper's 6.1M Privimage+D model (Sec. 6.2); for GPUs.
     "base": {"base_channels": 64, "channel_mult": (1, 2, 2), "num_res_blocks": 2,
              "attn_resolutions": (7, 8), "patch_size": 1},
+    # The same three-level shape, wider: Fig. 8's larger models.
+    "medium": {"base_channels": 96, "channel_mult": (1, 2, 2), "num_res_blocks": 2,
+               "attn_resolutions": (7, 8), "patch_size": 1},
+    "large": {"base_channels": 160, "channel_mult": (1, 2, 2), "num_res_blocks": 2,
+              "attn_resolutions": (7, 8), "patch_size": 1},
 }
 
 _SKIP_SCALE = 1.0 / math.sqrt(2.0)

@@ -21,6 +21,7 @@ from torch import nn
 
 from privimage_core.data.imageset import ImageSet
 from privimage_core.errors import DataError
+from privimage_core.data.imageset import writable_tensor
 
 KINDS = ("lr", "mlp", "cnn")
 
@@ -74,7 +75,7 @@ def _train_cnn(train: ImageSet, seed: int, epochs: int, batch_size: int, lr: flo
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         g = torch.Generator().manual_seed(seed)
-        x, y = train.to_tensor(), torch.from_numpy(train.labels)
+        x, y = train.to_tensor(), writable_tensor(train.labels)
         model = SmallCNN(train.shape[2], num_classes)
         opt = torch.optim.Adam(model.parameters(), lr=lr)
         per_epoch = (len(x) + batch_size - 1) // batch_size

@@ -24,6 +24,7 @@ import torch
 
 from privimage_core.data.imageset import ImageSet
 from privimage_core.errors import DataError
+from privimage_core.data.imageset import writable_tensor
 
 
 def _scores(x, name: str) -> np.ndarray:
@@ -167,9 +168,9 @@ def loss_threshold_scores(per_example_loss_fn: Callable, images, labels=None,
     draws = len(noise_levels) * repeats
     out = np.empty(len(x_all), dtype=np.float64)
     for i in range(0, len(x_all), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(x_all[i:i + batch_size])).permute(0, 3, 1, 2).float()
+        x = writable_tensor(x_all[i:i + batch_size]).permute(0, 3, 1, 2).float()
         x = x / 127.5 - 1.0
-        y = torch.from_numpy(y_all[i:i + batch_size])
+        y = writable_tensor(y_all[i:i + batch_size])
         noise = torch.stack([_image_noise(seed, i + j, draws, x.shape[1:]) for j in range(len(x))], 1)
         total = torch.zeros(len(x), dtype=torch.float64)
         for d, sigma in enumerate(s for s in noise_levels for _ in range(repeats)):

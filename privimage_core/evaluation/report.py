@@ -205,6 +205,8 @@ def render_html(result: EvaluationResult, synthetic: ImageSet, provenance: dict 
         parts.append(f"<div class=fail id=audit>{html.escape(result.audit_message or '')}</div>")
     elif result.audit_message:
         parts.append(f"<div class=ok id=audit>{html.escape(result.audit_message)}</div>")
+    if prov.get("selection_warning"):  # the query's answer could not be told from noise
+        parts.append(f"<div class=banner id=selection>{html.escape(prov['selection_warning'])}</div>")
     eps, delta = m.get("ledger_epsilon", prov.get("epsilon")), m.get("ledger_delta", prov.get("delta"))
     line = f"Release guarantee (privacy ledger): epsilon = {_fmt(eps)}, delta = {_fmt(delta)}"
     if "mia_eps_lb" in m:

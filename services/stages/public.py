@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from privimage_core.errors import DataError
 from privimage_core.methods import Stage
-from privimage_core.privacy_ledger import PrivacyLedger
+from privimage_core.privacy_ledger import MechanismRecord, PrivacyLedger
+from privimage_core.privacy_plan import query_sigma
+from privimage_core.query_budget import Significance, fallback_plan, selection_significance
 from services.stage_engine import RunContext
 
 
@@ -40,24 +43,72 @@ def semantic_query(ctx: RunContext, stage: Stage) -> dict:
     by the selector before it runs) and the top-k2 selection."""
     import ray
 
+    sel = ctx.cfg.selection
+    sigma_q = query_sigma(ctx.cfg, ctx.ledger.target_delta)
     q = ray.get(_selector(ctx).query.remote(ctx.ledger.state_dict(), ctx.sens_ref,
-                                            len(ctx.class_names)))
+                                            len(ctx.class_names), sigma_q))
     ctx.ledger = PrivacyLedger.from_state_dict(q["ledger"])
     ctx.state["ledger"] = ctx.ledger.state_dict()
-    saved = {"selection": q["selection"], "noisy_histograms": q["noisy_histograms"],
-             "k1": q["k1"], "k2": q["k2"], "sigma_q": q["sigma_q"]}
+    # W5: the released histogram is rounded to integers (post-processing of
+    # the Gaussian mechanism's output: same guarantee, no float64 digits)
+    noisy = np.round(np.asarray(q["noisy_histograms"], dtype=np.float64))
+    sig = selection_significance(noisy, q["selection"], q["k1"], q["sigma_q"],
+                                 sel.significance_alpha)
+    fallback = fallback_plan(sig, sel.on_insignificant)
+    saved = {"selection": q["selection"], "noisy_histograms": noisy.astype(int).tolist(),
+             "k1": q["k1"], "k2": q["k2"], "sigma_q": q["sigma_q"],
+             "query_epsilon_alone": _alone(ctx, q["sigma_q"]),
+             "significance": sig.to_dict(), "fallback": fallback}
     if ctx.cfg.evaluation.sds:  # post-processing of DP outputs: private
         saved["sds"] = ray.get(_selector(ctx).semantic_similarity.remote(
-            ctx.class_names, q["noisy_histograms"], q["selection"]))
+            ctx.class_names, saved["noisy_histograms"], q["selection"]))
     ctx.finish(stage, saved)  # the budget is spent: save before anything else
     _publish_selection(ctx, saved)
-    return {"epsilon_after_query": ctx.ledger.epsilon(), **(saved.get("sds") or {})}
+    _report_significance(ctx, saved)
+    return {"epsilon_after_query": ctx.ledger.epsilon(),
+            "query_epsilon_alone": saved["query_epsilon_alone"],
+            "selection_significant_classes": sig.num_significant,
+            "selection_fallback": float(fallback is not None), **(saved.get("sds") or {})}
+
+
+def _alone(ctx: RunContext, sigma_q: float) -> float:
+    """What the query would cost released alone (the budget split's unit)."""
+    led = PrivacyLedger(ctx.ledger.target_epsilon, ctx.ledger.target_delta,
+                        ctx.ledger.accountant_name)
+    return led.epsilon_if([MechanismRecord("_q", sigma_q, 1.0, 1)])
+
+
+def _report_significance(ctx: RunContext, saved: dict, log: bool = True) -> None:
+    sig = Significance(**{k: v for k, v in saved["significance"].items()
+                          if k != "num_significant"})
+    fallback = saved.get("fallback")
+    msg = sig.message(ctx.class_names)
+    if fallback == "public_pool":
+        msg += ("; fewer than half the classes are significant: pre-training falls back to "
+                "the whole public pool, as PDP-Diffusion does")
+    elif fallback == "drop_classes":
+        msg += "; those classes get no pre-training images (random semantics are worse)"
+        ctx.values["selection"] = {c: ps for c, ps in ctx.values["selection"].items()
+                                   if sig.significant[c]}
+    elif not sig.all_significant:
+        msg += f" (selection.on_insignificant: {ctx.cfg.selection.on_insignificant})"
+    ctx.values["selection_note"] = None if sig.all_significant else msg
+    ctx.values["selection_fallback"] = fallback
+    if log:
+        ctx.log(("[privimage] WARNING " if not sig.all_significant else "[privimage] ") + msg)
+        ctx.tracker.params({"selection.sigma_q_resolved": saved["sigma_q"],
+                            "selection.fallback": fallback or "none"})
+    if fallback == "fail":
+        raise DataError("[privimage] " + msg + "; stopped before pre-training (the query's "
+                        "budget is recorded in the ledger)")
 
 
 def restore_semantic_query(ctx: RunContext, stage: Stage, saved: dict) -> None:
     saved = dict(saved, selection={int(k): v for k, v in saved["selection"].items()})
     ctx.state["stages"][stage.name] = saved
     _publish_selection(ctx, saved, log_artifacts=False)
+    if "significance" in saved:
+        _report_significance(ctx, saved, log=False)
 
 
 def _publish_selection(ctx: RunContext, saved: dict, log_artifacts: bool = True) -> None:
@@ -90,6 +141,15 @@ def _publish_selection(ctx: RunContext, saved: dict, log_artifacts: bool = True)
                 f"{sds['sds_selected']:.3f}, whole public pool {sds['sds_public_pool']:.3f}")
 
 
+def pretrain_data(ctx: RunContext, stage: Stage) -> str:
+    """'selection' or 'public_pool': the stage's choice, unless the selection
+    cannot be told from noise and the run falls back (query_budget.py)."""
+    data = stage.options["data"]
+    if data == "selection" and ctx.values.get("selection_fallback") == "public_pool":
+        return "public_pool"
+    return data
+
+
 def pretrain_images(ctx: RunContext, stage: Stage) -> tuple[np.ndarray, np.ndarray]:
     """The public images a pre-training stage trains on, labelled with
     sensitive class ids: the selection relabelled (PrivImage), or the whole
@@ -99,7 +159,7 @@ def pretrain_images(ctx: RunContext, stage: Stage) -> tuple[np.ndarray, np.ndarr
     import ray
 
     sel = _selector(ctx)
-    if stage.options["data"] == "selection":
+    if pretrain_data(ctx, stage) == "selection":
         images, labels = ray.get(sel.selected_images.remote(ctx.values["selection"]))
     else:
         images, labels = ray.get(sel.pool_images.remote(len(ctx.class_names), ctx.cfg.run.seed))

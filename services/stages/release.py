@@ -29,6 +29,9 @@ def synthesize(ctx: RunContext, stage: Stage) -> dict:
                   "method": ctx.method.name, "generator_preset": ctx.cfg.generator.preset,
                   **{k: round(v, 4) for k, v in (ctx.values.get("sds") or {}).items()
                      if k != "sds_seconds"}}
+    if ctx.values.get("selection_note"):  # DP outputs only (query_budget.py)
+        provenance.update(selection_warning=ctx.values["selection_note"],
+                          pretrain_data_fallback=ctx.values.get("selection_fallback"))
     syn = ray.get(_evaluator(ctx).synthesize.remote(
         state_bytes(ctx.values["release_state"]), ctx.class_names, provenance,
         ctx.method.family))

@@ -27,17 +27,26 @@ def mechanism_of(stage: Stage) -> str:
 
 
 def _fit(ctx: RunContext, stage: Stage, loop, job: TrainJob):
+    from dataclasses import replace
+
+    from services.progress import progress_line
+
+    r = ctx.cfg.ray
+    label = "DP fine-tuning" if job.is_dp else "pre-training"
+    with progress_line(ctx.mlflow_run_id or "run", stage.name, label, ctx.log) as board:
+        return _trainer(ctx, stage, loop, replace(job, progress_board=board), r).fit()
+
+
+def _trainer(ctx: RunContext, stage: Stage, loop, job: TrainJob, r):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    r = ctx.cfg.ray
-    trainer = TorchTrainer(
+    return TorchTrainer(
         loop, train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                      resources_per_worker={"CPU": r.cpus_per_worker}),
         run_config=RunConfig(name=trainer_name(ctx.run_dir, stage.name), storage_path=ctx.storage,
                              failure_config=FailureConfig(max_failures=r.max_failures)))
-    return trainer.fit()
 
 
 def _job(ctx: RunContext, stage: Stage, data_ref, mlflow_run_id, **kw) -> TrainJob:
@@ -80,14 +89,18 @@ def _pretrain_key(ctx: RunContext, stage: Stage, labels) -> str:
     (for PrivImage the selection, a DP output). Ray/Tune settings aside."""
     import hashlib
 
+    from services.stages.public import pretrain_data
+
     c = ctx.cfg.to_dict()
+    data = pretrain_data(ctx, stage)
     key = {"family": ctx.method.family, "generator": c["generator"], "pretrain": c["pretrain"],
            "data": {k: c["data"][k] for k in ("public", "image_size", "channels", "resize",
                                               "public_max_per_class", "glyph_max_fonts",
                                               "glyph_copies_per_font")},
-           "seed": c["run"]["seed"], "stage": stage.options, "classes": len(ctx.class_names),
+           "seed": c["run"]["seed"], "stage": {**stage.options, "data": data},
+           "classes": len(ctx.class_names),
            "selection": {str(k): v for k, v in sorted((ctx.values.get("selection") or {}).items())}
-           if stage.options["data"] == "selection" else None,
+           if data == "selection" else None,
            "workers": c["ray"]["num_workers"], "n": int(len(labels))}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -96,10 +109,11 @@ def pretrain(ctx: RunContext, stage: Stage) -> dict:
     import mlflow
     import ray
 
-    from services.stages.public import pretrain_images
+    from services.stages.public import pretrain_data, pretrain_images
     from services.train_loops import pretrain_loop
 
     images, labels = pretrain_images(ctx, stage)
+    data = pretrain_data(ctx, stage)
     cache = Path(ctx.cfg.run.output_dir).resolve() / "cache" / \
         f"pretrain-{_pretrain_key(ctx, stage, labels)}.pt"
     if ctx.cfg.run.cache_public and cache.is_file():
@@ -107,7 +121,7 @@ def pretrain(ctx: RunContext, stage: Stage) -> dict:
         torch.save(init, ctx.run_dir / PRETRAINED_FILE)
         ctx.values["init_state"] = init
         ctx.finish(stage, {"steps": ctx.cfg.pretrain.steps, "images": len(labels),
-                           "data": stage.options["data"], "cached": str(cache)})
+                           "data": data, "cached": str(cache)})
         ctx.log(f"[privimage] pre-training: reused {cache.name} (public, same settings)")
         return {"cached": 1, "num_pretrain_images": len(labels)}
     job = _job(ctx, stage, ray.put((images, labels)), mlflow.active_run().info.run_id,
@@ -123,9 +137,9 @@ def pretrain(ctx: RunContext, stage: Stage) -> dict:
         tmp.replace(cache)  # atomic: concurrent trials never read a half-written file
     ctx.values["init_state"] = init
     steps = res.metrics.get("step", 0)
-    ctx.finish(stage, {"steps": steps, "images": len(labels), "data": stage.options["data"]})
+    ctx.finish(stage, {"steps": steps, "images": len(labels), "data": data})
     ctx.log(f"[privimage] pre-training done: {steps} steps on {len(labels)} public images "
-            f"({stage.options['data']})")
+            f"({data})")
     return {"steps": steps, "num_pretrain_images": len(labels)}
 
 

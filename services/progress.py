@@ -1,0 +1,136 @@
+"""One progress line per training stage on the driver's console.
+
+Ray Train workers run in other processes; their prints reach the driver as
+prefixed log lines that cannot update in place. Rank 0 instead posts
+(step, total) to a tiny per-run actor at most every ``POST_SECONDS``; a thread
+on the driver reads it and draws one line: steps, steps/s, ETA. On a terminal
+the line updates in place (``\\r``); in a Ray job's log (not a terminal) it is
+a plain line every ``LOG_SECONDS``.
+
+Console only: nothing here goes to MLflow or Prometheus. For a DP stage the
+rate shown is the average over the stage so far, observed on the driver at a
+few seconds' granularity, never a per-step timing (issue 13 W6: a step's
+duration follows its realised Poisson batch size).
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from typing import Callable
+
+POST_SECONDS = 2.0
+POLL_SECONDS = 1.0
+LOG_SECONDS = 30.0
+
+
+def board_name(run_id: str, stage: str) -> str:
+    return f"privimage-progress-{run_id}-{stage}"
+
+
+def _board_cls():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class ProgressBoard:
+        def __init__(self):
+            self.value = None
+
+        def post(self, step: int, total: int) -> None:
+            self.value = (int(step), int(total))
+
+        def read(self):
+            return self.value
+
+    return ProgressBoard
+
+
+class ProgressPoster:
+    """Worker side (rank 0): throttled, fire-and-forget; silent when no board."""
+
+    def __init__(self, name: str | None):
+        self.name, self.board, self.last = name, None, 0.0
+
+    def __call__(self, step: int, total: int) -> None:
+        now = time.time()
+        if not self.name or (now - self.last < POST_SECONDS and step < total):
+            return
+        self.last = now
+        try:
+            import ray
+            if self.board is None:
+                self.board = ray.get_actor(self.name)
+            self.board.post.remote(step, total)
+        except Exception:
+            self.name = None  # progress is optional; training never depends on it
+
+
+def _fmt_seconds(s: float) -> str:
+    s = int(max(0, s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def progress_text(label: str, step: int, total: int, elapsed: float, start_step: int = 0) -> str:
+    done = step - start_step
+    rate = done / elapsed if elapsed > 0 and done > 0 else 0.0
+    eta = _fmt_seconds((total - step) / rate) if rate > 0 else "?"
+    pct = 100.0 * step / total if total else 0.0
+    return (f"[privimage] {label}: {step}/{total} steps ({pct:.0f}%), "
+            f"{rate:.2f} steps/s, ETA {eta}")
+
+
+@contextmanager
+def progress_line(run_id: str, stage: str, label: str, log: Callable[[str], None],
+                  stream=None, tty: bool | None = None):
+    """Yield the board's name (for the TrainJob) and draw its line until the block ends."""
+    import ray
+
+    stream = stream or sys.stderr
+    tty = stream.isatty() if tty is None else tty
+    name = board_name(run_id, stage)
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    # outside any Tune trial's placement group (as services/actors.outside_trial)
+    board = _board_cls().options(name=name, scheduling_strategy=PlacementGroupSchedulingStrategy(
+        placement_group=None)).remote()
+    stop = threading.Event()
+    state = {"first": None, "last_log": 0.0, "drawn": False}
+
+    def draw():
+        while not stop.wait(POLL_SECONDS):
+            try:
+                v = ray.get(board.read.remote(), timeout=5)
+            except Exception:
+                continue
+            if v is None:
+                continue
+            step, total = v
+            now = time.time()
+            if state["first"] is None:
+                state["first"] = (now, step)
+                continue
+            t0, s0 = state["first"]
+            text = progress_text(label, step, total, now - t0, s0)
+            if tty:
+                stream.write("\r" + text.ljust(100)[:120])
+                stream.flush()
+                state["drawn"] = True
+            elif not state["last_log"] or now - state["last_log"] >= LOG_SECONDS:
+                state["last_log"] = now
+                log(text)
+
+    thread = threading.Thread(target=draw, daemon=True, name=f"progress-{stage}")
+    thread.start()
+    try:
+        yield name
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        if state["drawn"]:
+            stream.write("\n")
+            stream.flush()
+        try:
+            ray.kill(board)
+        except Exception:
+            pass
