@@ -228,3 +228,57 @@ def test_reference_calibration_and_scores_do_not_depend_on_bits():
     assert np.array_equal(s1, s2)  # fixed seeds: scoring adds no randomness of its own
     cal = ca.score_canaries(fam, model, canaries.images, canaries.labels, repeats=2, reference=ref)
     assert np.allclose(cal, 0.0)  # the same model as reference: nothing left
+
+
+# ------------------------------------------------------------------ the pipeline, on Ray
+@pytest.mark.ray
+@pytest.mark.slow
+def test_pipeline_audit_run_keeps_bits_in_the_run_dir(tmp_path):
+    """An audit run end to end: the canaries and bits are in the run dir
+    only; q is fixed from N + m; ledger.json says the dataset held canaries;
+    the report and MLflow carry the bound and verdict, never the bits."""
+    import json
+    from pathlib import Path
+
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from privimage_core.dp_finetune import sample_rate_for
+    from privimage_core.config import RayConfig
+    from services.pipeline import run_pipeline
+    from services.ray_runtime import ensure_ray
+    from tests.test_pipeline_e2e import tiny_config
+
+    ensure_ray(RayConfig(), num_cpus=2)
+    try:
+        cfg = from_dict(tiny_config(tmp_path, **{"evaluation.canaries": 64}))
+        s = run_pipeline(cfg, log=lambda _: None)
+    finally:
+        ray.shutdown()
+    run_dir = Path(s["run_dir"])
+    c = ca.CanarySet.load(run_dir / ca.CANARY_FILE)
+    assert len(c) == 64 and c.source == "fashion_mnist"
+    state = json.loads((run_dir / "pipeline_state.json").read_text())
+    assert state["dp_plans"]["finetune"]["sample_rate"] == sample_rate_for(1000 + 64, 50)
+    g = json.loads((run_dir / "ledger.json").read_text())["guarantee"]
+    assert g["audit"]["audit_run"] is True and "AN AUDIT RUN" in g["audit"]["note"]
+    detail = json.loads((run_dir / "canary_audit.json").read_text())
+    assert detail["verdict"] == "inconclusive" and detail["eps_max_all"] < s["epsilon"]
+    assert s["audit_message"].startswith("inconclusive: at most") and s["audit_ok"] is None
+    page = (run_dir / "evaluation_report.html").read_text()
+    assert "Canary audit [non-private, operator only]" in page and "passed" not in page
+    client = MlflowClient(s["mlflow_uri"])
+    ev = next(r for r in client.search_runs(
+        [client.get_run(s["mlflow_run_id"]).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{s['mlflow_run_id']}'") if r.data.tags.get("stage") == "evaluate")
+    assert ev.data.tags["canary_audit_verdict"] == "inconclusive"
+    keys = {k for k in ev.data.metrics if "canary" in k}
+    assert keys == {f"nonprivate_audit.canary_{k}" for k in
+                    ("eps_lb", "eps_max", "eps_max_all", "canaries", "beta", "audit_seconds")}
+    # the bits appear nowhere but the operator's canary file
+    bits_txt = json.dumps(c.included.astype(int).tolist())[1:-1].encode()
+    bits_bin = np.packbits(c.included).tobytes()
+    for p in Path(cfg.run.output_dir).rglob("*"):
+        if p.is_file() and p.name != ca.CANARY_FILE and p.stat().st_size < 200_000_000:
+            data = p.read_bytes()
+            assert bits_txt not in data and bits_bin not in data, p
