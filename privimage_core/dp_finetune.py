@@ -32,7 +32,7 @@ from typing import Callable, Protocol
 import torch
 from opacus import PrivacyEngine
 from opacus.utils.batch_memory_manager import BatchMemoryManager
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
 
 from privimage_core.config import GRAD_SAMPLE_MODES
 from privimage_core.errors import PrivacyBudgetError
@@ -101,7 +101,8 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
                  y: torch.Tensor, batch_size: int, noise_multiplier: float, max_grad_norm: float,
                  ledger: PrivacyLedger, distributed: bool = False,
                  grad_sample_mode: str = "hooks",
-                 mechanism: str = DP_SGD_MECHANISM) -> DPTraining:
+                 mechanism: str = DP_SGD_MECHANISM,
+                 num_records: int | None = None) -> DPTraining:
     """Wrap model, optimizer and the sensitive data with Opacus and attach the
     ledger to the optimizer. ``module`` is DPDDP-wrapped by the caller when
     distributed (Opacus then shards the Poisson sampling across ranks).
@@ -109,11 +110,26 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
     ``grad_sample_mode``: "hooks" (Opacus computes ``grad_sample`` in
     backward; the default, for callers that run their own backward) or
     "vmap" (Opacus ``no_op``: ``dp_finetune`` fills ``grad_sample`` with
-    ``compute_grad_samples``)."""
+    ``compute_grad_samples``).
+
+    ``num_records``: the public record count the sampling rate and Opacus's
+    expected batch size are computed from, instead of ``len(x)``. An audit
+    run (evaluation/canary_audit.py) trains on the sensitive set plus a
+    secret random subset of m canaries and passes N + m here: q must not
+    depend on which canaries were included, or it would leak them and the
+    per-record guarantee the audit tests (fixed q, add/remove one) would not
+    hold."""
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, "
                          f"got '{grad_sample_mode}'")
-    loader = DataLoader(TensorDataset(x, y), batch_size=batch_size)
+    data = TensorDataset(x, y)
+    if num_records is None:
+        loader = DataLoader(data, batch_size=batch_size)
+    else:  # Opacus reads q = 1 / len(loader): make that length the planned one
+        if num_records < len(x):
+            raise ValueError(f"num_records={num_records} is below the {len(x)} rows trained on")
+        loader = DataLoader(data, batch_sampler=BatchSampler(
+            SequentialSampler(range(num_records)), batch_size, drop_last=False))
     q = 1.0 / len(loader)
     record = ledger.begin_dp_sgd(mechanism, noise_multiplier, q)
     # The engine's own accountant is not used: the ledger's hook replaces it below.
@@ -128,6 +144,9 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
         max_grad_norm=max_grad_norm, poisson_sampling=True,
         grad_sample_mode="no_op" if grad_sample_mode == "vmap" else "hooks",
         noise_generator=noise_gen)
+    if num_records is not None:  # Opacus set it from len(x): the noise scale would leak it
+        world = torch.distributed.get_world_size() if distributed else 1
+        dp_opt.expected_batch_size = int(num_records * q) / world
     dp_opt.attach_step_hook(ledger.step_hook(record, q))
     if distributed:  # every rank yields every Poisson draw, empty ones too (W8)
         from privimage_core.poisson_sampler import keep_empty_draws

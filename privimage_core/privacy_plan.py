@@ -24,8 +24,18 @@ def query_sigma(cfg: Config, delta: float) -> float:
     return resolve_sigma_q(s.sigma_q, s.query_epsilon_share, p.target_epsilon, delta, p.accountant)
 
 
+def dp_record_count(cfg: Config, n: int) -> int:
+    """The public record count DP-SGD's sampling rate is computed from: N,
+    plus the m canaries of an audit run (each of which may or may not be in
+    the training set; q must not say which: evaluation/canary_audit.py)."""
+    e = cfg.evaluation
+    return n + (e.canaries if e.canary_audit else 0)
+
+
 def planned_ledger(cfg: Config, method: Method, n: int, delta: float) -> PrivacyLedger:
+    """``n``: the sensitive dataset's size (canaries are added here)."""
     led = PrivacyLedger(cfg.privacy.target_epsilon, delta, cfg.privacy.accountant)
+    n = dp_record_count(cfg, n)
     f = cfg.finetune
     for st in method.stages:
         if st.kind == "semantic_query":

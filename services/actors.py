@@ -137,6 +137,7 @@ class Evaluator:
         self.pm = PipelineMetrics(metrics_run_id) if metrics_run_id else None
         self.synthetic: ImageSet | None = None
         self.precond = None
+        self.family = self.release = self.model_family = None
         self.provenance: dict = {}
 
     def synthesize(self, state: bytes, class_names: list[str], provenance: dict,
@@ -158,6 +159,7 @@ class Evaluator:
         # The loss-threshold audit scores an EDM denoiser; other families are
         # audited through their own audit_loss (canary audit).
         self.precond = release if family == "diffusion" else None
+        self.family, self.release, self.model_family = fam, release, family
         self.synthetic, self.provenance = ds, dict(provenance)
         if self.pm:
             self.pm.eval_metric("synthetic_images", len(ds))
@@ -165,13 +167,18 @@ class Evaluator:
 
     def evaluate(self, real_test: tuple[np.ndarray, np.ndarray], class_names: list[str],
                  sensitive: tuple[np.ndarray, np.ndarray] | None = None,
-                 ledger_epsilon: float | None = None) -> dict:
+                 ledger_epsilon: float | None = None, canaries: dict | None = None,
+                 reference_state: bytes | None = None) -> dict:
         """Non-private evaluation. ``sensitive``: the sensitive training
         images and labels the generator was fine-tuned on (members of the
         audit, the ceiling's training data); never written anywhere.
         ``ledger_epsilon``: the release's epsilon (default: the provenance's).
+        ``canaries``: the run's CanarySet fields (images, labels, included,
+        source, source_index) for the canary audit; ``reference_state``: the
+        public pre-trained weights (state_bytes), which calibrate its scores.
         Returns the numeric metrics (``<metric>_seconds`` for each), plus
-        'report_html' (the one-page report) and 'audit_message'."""
+        'report_html' (the one-page report), 'audit_message', 'audit_verdict'
+        and 'canary_detail' (the audit's counts: operator only)."""
         from privimage_core.evaluation.report import render_html
         from privimage_core.evaluation.suite import run_evaluation
 
@@ -182,11 +189,12 @@ class Evaluator:
                  if sensitive is not None else None)
         eps = ledger_epsilon if ledger_epsilon is not None else self.provenance.get("epsilon")
         logs: list[str] = []
+        canary = self._canary_input(canaries, reference_state, len(class_names))
         res = run_evaluation(self.cfg.evaluation, self.synthetic, test, seed=self.cfg.run.seed,
                              real_train=train, generator=self.precond, ledger_epsilon=eps,
                              delta=self.provenance.get("delta"),
                              fid_cache_dir=str(self.workdir.parent / "fid_cache"),
-                             log=logs.append)
+                             log=logs.append, canary=canary)
         del train, sensitive
         out: dict = dict(res.metrics)
         if self.pm:
@@ -197,7 +205,24 @@ class Evaluator:
         out["audit_message"] = res.audit_message
         out["notes"] = res.notes
         out["log"] = logs
+        out["audit_verdict"] = res.canary["verdict"] if res.canary else None
+        out["canary_detail"] = res.canary
         return out
+
+    def _canary_input(self, canaries: dict | None, reference_state: bytes | None,
+                      num_classes: int):
+        if canaries is None:
+            return None
+        from privimage_core.evaluation.canary_audit import CanaryAuditInput, CanarySet
+        from privimage_core.generator import state_from_bytes
+        from privimage_core.models import build_model
+
+        ref = None
+        if reference_state is not None:
+            model = build_model(self.cfg, self.model_family, num_classes)
+            model.load_state_dict(state_from_bytes(reference_state))
+            ref = self.family.release_module(model).eval()
+        return CanaryAuditInput(CanarySet(**canaries), self.family, self.release, ref)
 
 
 @ray.remote(num_cpus=1)

@@ -62,6 +62,9 @@ def load_inputs(cfg: Config) -> Inputs:
     if d.sensitive_test and same_user_dataset(d.sensitive_test, d.sensitive):
         raise ConfigError("data.sensitive_test names the same files as data.sensitive; point it "
                           "at held-out data of the same classes")
+    if cfg.evaluation.canary_audit:  # canaries must be public, never sensitive records
+        from privimage_core.evaluation.canary_audit import check_canary_source
+        check_canary_source(cfg.evaluation.canary_source, d.sensitive)
     sens = load_source(d.sensitive, split="train", image_size=d.image_size, channels=d.channels,
                        resize=d.resize, class_names=d.class_names)
     validate_sensitive(sens)

@@ -30,6 +30,9 @@ class TrainJob:
     mechanism: str | None = None
     noise_multiplier: float | None = None
     total_steps: int | None = None
+    # The public record count q is computed from (N + m canaries in an audit
+    # run, so that q does not reveal which canaries were included); None: len(data).
+    num_records: int | None = None
     # {"storage": ..., "relpath": ...}: the checkpoint a resumed run continues from.
     resume_checkpoint: dict | None = None
 

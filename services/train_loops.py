@@ -191,7 +191,7 @@ def finetune_loop(config: dict) -> None:
     dp = make_private(dp_module, opt, x, y, batch_size=f.batch_size,
                       noise_multiplier=job.noise_multiplier, max_grad_norm=f.max_grad_norm,
                       ledger=ledger, distributed=world > 1, mechanism=job.mechanism,
-                      grad_sample_mode=f.grad_sample_mode)
+                      grad_sample_mode=f.grad_sample_mode, num_records=job.num_records)
     # A two-player family's post-processing step (a GAN's generator update),
     # checkpointed with the DP optimizer so a resumed stage continues it.
     after = family.after_dp_step(model, f.lr)

@@ -71,9 +71,13 @@ def audit_check(eps_lb: float, ledger_epsilon: float | None) -> dict:
                            f"EXCEEDS the ledger's epsilon {ledger_epsilon:.3f}; the DP "
                            "implementation or its accounting is broken: do not release this model "
                            "or its samples"}
+    # Not "passed": with members from the train split and non-members from the
+    # test split this bound is capped far below usual claims (eps_lb_max) and
+    # its threshold is searched on the same scores; the canary audit
+    # (canary_audit.py) is the check that can fail.
     return {"audit_ok": True,
-            "message": f"privacy audit passed: empirical epsilon lower bound {eps_lb:.3f} <= "
-                       f"ledger epsilon {ledger_epsilon:.3f}"}
+            "message": f"not exceeded (diagnostic, not an audit): empirical epsilon lower bound "
+                       f"{eps_lb:.3f} <= ledger epsilon {ledger_epsilon:.3f}"}
 
 
 def _check_pair(members: ImageSet, nonmembers: ImageSet) -> None:

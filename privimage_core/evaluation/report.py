@@ -87,9 +87,11 @@ def privacy_utility_png(m: dict) -> bytes | None:
     """Left: ledger epsilon vs the audit's empirical bounds. Right: accuracy
     of each classifier trained on synthetic vs on real (ceiling)."""
     eps_bars = [(k, m[key]) for k, key in (("ledger ε", "ledger_epsilon"),
-                                           ("empirical ε lower bound", "mia_eps_lb"),
-                                           ("empirical ε point est.", "mia_eps_point"),
-                                           ("max. detectable ε (n)", "mia_eps_lb_max"))
+                                           ("canary audit ε lower bound", "canary_eps_lb"),
+                                           ("canary audit: most it can show", "canary_eps_max"),
+                                           ("diagnostic ε lower bound", "mia_eps_lb"),
+                                           ("diagnostic ε point est.", "mia_eps_point"),
+                                           ("diagnostic: max. detectable", "mia_eps_lb_max"))
                 if m.get(key) is not None]
     kinds = [k for k in ("lr", "mlp", "cnn") if f"accuracy_{k}" in m]
     if not eps_bars and not kinds:
@@ -98,7 +100,8 @@ def privacy_utility_png(m: dict) -> bytes | None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     ax = axes[0]
     if eps_bars:
-        colors = ["tab:blue", "tab:red", "tab:orange", "tab:gray"][:len(eps_bars)]
+        colors = ["tab:blue", "tab:purple", "tab:pink", "tab:red", "tab:orange",
+                  "tab:gray"][:len(eps_bars)]
         ax.barh([b[0] for b in eps_bars], [b[1] for b in eps_bars], color=colors)
         for i, (_, v) in enumerate(eps_bars):
             ax.text(v, i, f" {v:.3g}", va="center", fontsize=8)
@@ -164,10 +167,10 @@ _ROWS = {
     ],
     "Privacy": [
         ("ledger_epsilon", "ledger epsilon (proven, accountant)"), ("ledger_delta", "ledger delta"),
-        ("mia_eps_lb", "membership audit: empirical epsilon lower bound"),
-        ("mia_eps_point", "membership audit: point estimate (no confidence)"),
-        ("mia_eps_lb_max", "largest bound this audit can show (perfect attack, this n)"),
-        ("mia_auc", "membership audit: AUC"),
+        ("mia_eps_lb", "diagnostic, train-vs-test attack (not an audit): epsilon lower bound"),
+        ("mia_eps_point", "diagnostic: point estimate (no confidence)"),
+        ("mia_eps_lb_max", "largest bound this diagnostic can show (perfect attack, this n)"),
+        ("mia_auc", "diagnostic: AUC"),
         ("mia_tpr_at_1pct_fpr", "TPR at 1% FPR"), ("mia_tpr_at_0_1pct_fpr", "TPR at 0.1% FPR"),
         ("mia_members", "members (sensitive training images)"),
         ("mia_nonmembers", "non-members (held-out real test images)"),
@@ -175,6 +178,35 @@ _ROWS = {
         ("detector_privacy_loss", "detector attack: privacy loss (P - 0.5) / 0.5"),
     ],
 }
+
+
+# ------------------------------------------------------------ canary audit (issue 13 W1)
+_ROWS["Privacy audit: canaries, one run (Steinke et al. 2023) [non-private, operator only]"] = [
+    ("canary_eps_lb", "canary audit: epsilon lower bound (confidence 1 - beta)"),
+    ("canary_eps_max", "most it could show with these guesses (all correct)"),
+    ("canary_eps_max_all", "most it could show with these canaries (all guessed, all correct)"),
+    ("canary_canaries", "canaries (public images; half choose the guesses, half give the bound)"),
+    ("canary_beta", "beta (1 - confidence)"),
+]
+
+
+def _audit_banner(result: EvaluationResult) -> str:
+    """The privacy check's verdict: red for a violation, green for
+    consistent, neutral for inconclusive (never 'passed')."""
+    if not result.audit_message:
+        return ""
+    cls = {False: "fail", True: "ok"}.get(result.audit_ok, "banner")
+    label = "" if result.audit_ok is False else "Canary audit [non-private, operator only]: "
+    return f"<div class={cls} id=audit>{html.escape(label + result.audit_message)}</div>"
+
+
+def _canary_line(m: dict) -> str:
+    if "canary_eps_lb" not in m:
+        return ""
+    return (f"; canary audit lower bound = {_fmt(m['canary_eps_lb'])} (at most "
+            f"{_fmt(m.get('canary_eps_max'))} could be shown with "
+            f"{_fmt(int(m.get('canary_canaries', 0)))} canaries)")
+# ------------------------------------------------------------ end canary audit
 
 
 def _table(title: str, rows, m: dict) -> str:
@@ -201,16 +233,14 @@ def render_html(result: EvaluationResult, synthetic: ImageSet, provenance: dict 
              f"<h1>{html.escape(title)}</h1>",
              f"<div class=banner id=nonprivate><b>NON-PRIVATE EVALUATION.</b> "
              f"{html.escape(NON_PRIVATE_NOTE)}</div>"]
-    if result.audit_ok is False:
-        parts.append(f"<div class=fail id=audit>{html.escape(result.audit_message or '')}</div>")
-    elif result.audit_message:
-        parts.append(f"<div class=ok id=audit>{html.escape(result.audit_message)}</div>")
+    parts.append(_audit_banner(result))
     if prov.get("selection_warning"):  # the query's answer could not be told from noise
         parts.append(f"<div class=banner id=selection>{html.escape(prov['selection_warning'])}</div>")
     eps, delta = m.get("ledger_epsilon", prov.get("epsilon")), m.get("ledger_delta", prov.get("delta"))
     line = f"Release guarantee (privacy ledger): epsilon = {_fmt(eps)}, delta = {_fmt(delta)}"
+    line += _canary_line(m)
     if "mia_eps_lb" in m:
-        line += (f"; empirical lower bound = {_fmt(m['mia_eps_lb'])} "
+        line += (f"; diagnostic train-vs-test empirical lower bound = {_fmt(m['mia_eps_lb'])} "
                  f"({int(round(100 * result.config.get('mia_confidence', 0.95)))}% confidence; "
                  f"point estimate {_fmt(m.get('mia_eps_point'))}, at most "
                  f"{_fmt(m.get('mia_eps_lb_max'))} "

@@ -47,8 +47,12 @@ class EvaluationResult:
     metrics: dict[str, float] = field(default_factory=dict)
     # ROC of the membership audit (fpr, tpr), for the report's plot
     roc: tuple[np.ndarray, np.ndarray] | None = None
+    # The privacy check's verdict (the canary audit, evaluation/canary_audit.py):
+    # audit_ok False = violation, True = consistent, None = inconclusive / not run.
     audit_message: str | None = None
     audit_ok: bool | None = None
+    # The canary audit's full result (operator only: the run dir, never MLflow).
+    canary: dict | None = None
     notes: list[str] = field(default_factory=list)
     # what each metric read (for the report's table)
     config: dict = field(default_factory=dict)
@@ -75,13 +79,17 @@ def run_evaluation(ecfg: EvaluationConfig, synthetic: ImageSet, real_test: Image
                    seed: int = 0, real_train: ImageSet | None = None, generator=None,
                    ledger_epsilon: float | None = None, delta: float | None = None,
                    fid_cache_dir: str | None = None,
-                   log: Callable[[str], None] = lambda s: None) -> EvaluationResult:
+                   log: Callable[[str], None] = lambda s: None,
+                   canary=None) -> EvaluationResult:
     """Every enabled metric of ``ecfg`` on ``synthetic`` against ``real_test``.
 
     ``real_train`` (sensitive; optional): the ceiling classifiers and the
     audit's members. ``generator`` (an EDMPrecond; optional): the membership
     audit. ``ledger_epsilon`` / ``delta``: the release's guarantee, for the
     audit check (delta also enters the lower bound; default 1e-5).
+    ``canary`` (a canary_audit.CanaryAuditInput; optional): the one-run
+    canary audit, the privacy check that can fail; it sets ``audit_ok`` /
+    ``audit_message``. The train-vs-test membership attack is a diagnostic.
     Metrics that cannot run (no generator, too few images) are skipped with a
     note, never silently.
     """
@@ -245,13 +253,31 @@ def run_evaluation(ecfg: EvaluationConfig, synthetic: ImageSet, real_test: Image
                     m[f"mia_{key}"] = a[key]
                 m["mia_members"], m["mia_nonmembers"] = a["num_members"], a["num_nonmembers"]
                 res.roc = (a["fpr"], a["tpr"])
-                res.audit_ok, res.audit_message = a["audit_ok"], a["audit_message"]
-                if a["audit_ok"] is not None:
-                    m["audit_ok"] = float(a["audit_ok"])
+                # A diagnostic, not the audit: members and non-members are not
+                # randomised and the threshold is maximised on the same scores.
+                log("[evaluate] diagnostic (train-vs-test attack, not an audit): "
+                    + a["audit_message"])
                 if a["audit_ok"] is False:
-                    log("[evaluate] !!! " + a["audit_message"] + " !!!")
-                else:
-                    log("[evaluate] " + a["audit_message"])
+                    res.notes.append("diagnostic: " + a["audit_message"])
+    # ------------------------------------------------------------ canary audit (issue 13 W1)
+    if ecfg.canary_audit:
+        if canary is None:
+            skip("canary audit", "no canaries given (a run's audit_canaries.npz and its model)")
+        else:
+            from privimage_core.evaluation.canary_audit import run_canary_audit
+            with timed("canary_audit"):
+                a = run_canary_audit(canary, ledger_epsilon, 1e-5 if delta is None else delta,
+                                     beta=ecfg.canary_beta, repeats=ecfg.canary_repeats)
+            # only aggregates become metrics; counts stay in res.canary (operator only)
+            m.update({f"canary_{k}": float(a[k]) for k in ("eps_lb", "eps_max", "eps_max_all",
+                                                           "canaries", "beta")})
+            res.canary = a
+            res.audit_message = a["message"]
+            res.audit_ok = {"violation": False, "consistent": True}.get(a["verdict"])
+            if res.audit_ok is not None:
+                m["audit_ok"] = float(res.audit_ok)
+            log(("[evaluate] !!! " if res.audit_ok is False else "[evaluate] canary audit: ")
+                + a["message"])
     if ledger_epsilon is not None:
         m["ledger_epsilon"] = float(ledger_epsilon)
     if delta is not None:
@@ -262,5 +288,5 @@ def run_evaluation(ecfg: EvaluationConfig, synthetic: ImageSet, real_test: Image
         "fid_images", "pr_k", "ceiling_images", "sklearn_max_images", "lr_max_iter",
         "mlp_max_iter", "classifier_epochs", "detector_kind", "detector_images",
         "mia_members", "mia_nonmembers", "mia_noise_levels", "mia_repeats", "mia_confidence",
-        "utility_holdout")}}
+        "utility_holdout", "canaries", "canary_beta", "canary_source", "canary_repeats")}}
     return res

@@ -49,12 +49,16 @@ def evaluate(ctx: RunContext, stage: Stage) -> dict:
     from services.actors import Evaluator
 
     set_tag("evaluation", "non-private: uses the real test split; the ceiling and the "
-            "membership audit also read the sensitive training set")
+            "membership diagnostic also read the sensitive training set; the canary audit "
+            "reads the canaries' inclusion bits (operator only)")
     test = ctx.inputs.test
-    # sens_ref: the audit's members and the ceiling's training data (never written)
+    canaries, reference = _canary_args(ctx)
+    # sens_ref: the diagnostic's members and the ceiling's training data (never written)
     ev = ray.get(_evaluator(ctx).evaluate.remote((test.images, test.labels), ctx.class_names,
-                                                 ctx.sens_ref, ctx.ledger.epsilon()))
+                                                 ctx.sens_ref, ctx.ledger.epsilon(),
+                                                 canaries, reference))
     ctx.kill_actors("evaluator")
+    _record_canary_audit(ctx, ev.pop("canary_detail", None), ev.pop("audit_verdict", None))
     report = ctx.run_dir / "evaluation_report.html"
     report.write_text(ev.pop("report_html"))
     ctx.tracker.file_artifact(report)
@@ -72,6 +76,37 @@ def evaluate(ctx: RunContext, stage: Stage) -> dict:
     return {mlflow_key(k): v for k, v in ev.items() if isinstance(v, (int, float))}
 
 
+# ------------------------------------------------------------ canary audit (issue 13 W1)
+CANARY_RESULT_FILE = "canary_audit.json"  # counts + verdict, run dir only (operator)
+
+
+def _canary_args(ctx: RunContext):
+    """(CanarySet fields, public pre-trained weights) for the evaluator, or
+    (None, None) when this run has no canaries."""
+    from dataclasses import asdict
+
+    from privimage_core.evaluation.canary_audit import CANARY_FILE, CanarySet
+
+    path = ctx.run_dir / CANARY_FILE
+    if not ctx.cfg.evaluation.canary_audit or not path.is_file():
+        return None, None
+    init = ctx.values.get("init_state")
+    return asdict(CanarySet.load(path)), state_bytes(init) if init is not None else None
+
+
+def _record_canary_audit(ctx: RunContext, detail: dict | None, verdict: str | None) -> None:
+    """The full result stays in the run dir; MLflow gets the verdict (a tag)
+    and, through the metrics, the bound and what it could show."""
+    import json
+
+    from mlflow import set_tag
+
+    if detail is None:
+        return
+    (ctx.run_dir / CANARY_RESULT_FILE).write_text(json.dumps(detail, indent=2, default=str))
+    set_tag("canary_audit_verdict", verdict)
+
+
 # Metrics computed from the SENSITIVE training set (the membership audit, the
 # train-on-real ceiling, the real rows of the utility matrix): logged under a
 # prefix that says so, and never exported live (issue 13 W7).
@@ -79,6 +114,8 @@ TRAIN_READING_PREFIXES = ("mia_", "ceiling_", "utility_real")
 
 
 def mlflow_key(k: str) -> str:
+    if k.startswith("canary_"):  # the audit reads the secret inclusion bits: operator only
+        return f"nonprivate_audit.{k}"
     return f"nonprivate_train.{k}" if k.startswith(TRAIN_READING_PREFIXES) else k
 
 

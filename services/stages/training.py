@@ -6,10 +6,12 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from privimage_core.dp_finetune import plan_noise
 from privimage_core.errors import PrivacyBudgetError
+from privimage_core.evaluation.canary_audit import CANARY_FILE
 from privimage_core.generator import state_bytes
 from privimage_core.methods import Stage
 from privimage_core.privacy_ledger import PrivacyLedger
@@ -151,13 +153,16 @@ def dp_finetune(ctx: RunContext, stage: Stage) -> dict:
     import mlflow
     import ray
 
+    from privimage_core.privacy_plan import dp_record_count
     from services.train_loops import finetune_loop
 
     f, n, mech = ctx.cfg.finetune, len(ctx.inputs.sensitive), mechanism_of(stage)
+    canaries = audit_canaries(ctx)  # drawn (and saved) before any DP-SGD step
+    n_records = dp_record_count(ctx.cfg, n)
     # `total`: the steps this stage's record holds at the end (a resumed run's
     # record already holds some)
-    sigma, q, total = plan_noise(ctx.ledger, n, f.batch_size, f.steps, f.noise_multiplier,
-                                 mechanism=mech)
+    sigma, q, total = plan_noise(ctx.ledger, n_records, f.batch_size, f.steps,
+                                 f.noise_multiplier, mechanism=mech)
     # Saved BEFORE any DP-SGD step: a run that dies from here on is charged
     # its whole plan by sweeps (spent_upper_bound), and a resume reads the
     # checkpoints' ledgers (resume_ledger).
@@ -170,11 +175,19 @@ def dp_finetune(ctx: RunContext, stage: Stage) -> dict:
             f"(target eps={ctx.ledger.target_epsilon:g}, delta={ctx.ledger.target_delta:.2g})")
     init = ctx.values.get("init_state")
     resume = ctx.resume_checkpoints.get(stage.name)
-    job = _job(ctx, stage, ctx.sens_ref, mlflow.active_run().info.run_id,
+    data_ref = ctx.sens_ref
+    if canaries is not None:  # the audit run's dataset: sensitive + the included canaries
+        ci, cl = canaries.members()
+        s = ctx.inputs.sensitive
+        data_ref = ray.put((np.concatenate([s.images, ci]), np.concatenate([s.labels, cl])))
+        ctx.log(f"[privimage] audit run: each of {len(canaries)} public canaries is in the "
+                f"DP-SGD set with probability 1/2 (the bits stay in {CANARY_FILE}, operator "
+                "only)")
+    job = _job(ctx, stage, data_ref, mlflow.active_run().info.run_id,
                checkpoint_every=max(1, total // 4),
                init_ref=ray.put(state_bytes(init)) if init is not None else None,
                ledger=ctx.ledger.state_dict(), mechanism=mech, noise_multiplier=sigma,
-               total_steps=total,
+               total_steps=total, num_records=n_records if canaries is not None else None,
                resume_checkpoint=resume and {"storage": ctx.storage, "relpath": resume})
     res = _fit(ctx, stage, finetune_loop, job)
     with res.checkpoint.as_directory() as d:
@@ -206,7 +219,16 @@ def guarantee_statement(ctx: RunContext) -> dict:
     from privimage_core.data.subsample import declaration
 
     d = ctx.cfg.data
+    e = ctx.cfg.evaluation
+    audit = {"audit_run": True, "canaries": e.canaries, "canary_source": e.canary_source,
+             "note": f"AN AUDIT RUN: the DP-SGD dataset was the declared dataset plus each of "
+                     f"{e.canaries} public canaries ({e.canary_source} test images, labels "
+                     "drawn uniformly) included independently with probability 1/2; the "
+                     "guarantee covers that dataset. DP-SGD's sampling rate was computed from "
+                     "n_records + canaries, so it does not reveal which were included."} \
+        if e.canary_audit else {"audit_run": False}
     return {
+        "audit": audit,
         "neighbouring_relation": "add or remove one record (image and label) of the sensitive "
                                  "dataset",
         "dataset": d.sensitive, "declared": declaration(d.sensitive),
@@ -217,6 +239,24 @@ def guarantee_statement(ctx: RunContext) -> dict:
                 "materialised with `privimage data subsample` is the dataset, not its source. "
                 "Mechanisms: " + ", ".join(r.name for r in ctx.ledger.records),
     }
+
+
+def audit_canaries(ctx: RunContext):
+    """The run's canaries (a CanarySet) or None when the audit is off. Drawn
+    once from OS entropy and kept in the run dir (operator only: the bits are
+    the audit's secret); a resumed run trains on the same ones."""
+    from privimage_core.evaluation.canary_audit import CanarySet, make_canaries
+
+    e = ctx.cfg.evaluation
+    if not e.canary_audit:
+        return None
+    path = ctx.run_dir / CANARY_FILE
+    if path.is_file():
+        return CanarySet.load(path)
+    d = ctx.cfg.data
+    c = make_canaries(e.canary_source, e.canaries, len(ctx.class_names), d.image_size, d.channels)
+    c.save(path)
+    return c
 
 
 def restore_dp_finetune(ctx: RunContext, stage: Stage, saved: dict) -> None:
