@@ -74,7 +74,8 @@ class EvaluationConfig:
     canary_audit: bool = True
     canaries: int = 500
     canary_beta: float = 0.05
-    canary_source: str = "fashion_mnist"
+    # 'auto': Fashion-MNIST, or MNIST when the sensitive data is Fashion-MNIST.
+    canary_source: str = "auto"
     # Seeds the family's audit loss is averaged over per canary.
     canary_repeats: int = 4
 
@@ -106,8 +107,8 @@ def validate_evaluation(e: EvaluationConfig) -> None:
         f"got {e.mia_noise_levels}; set e.g. [0.1, 0.3, 1.0]")
     _require(0 < e.mia_confidence < 1,
              f"evaluation.mia_confidence must be in (0, 1), got {e.mia_confidence}; set e.g. 0.95")
-    _require(e.canary_source in CANARY_SOURCES,
-             f"evaluation.canary_source must be one of {', '.join(CANARY_SOURCES)}, got "
+    _require(e.canary_source in CANARY_SOURCES + ("auto",),
+             f"evaluation.canary_source must be auto or one of {', '.join(CANARY_SOURCES)}, got "
              f"'{e.canary_source}'")
     _require(16 <= e.canaries <= MAX_CANARIES,
              f"evaluation.canaries must be in [16, {MAX_CANARIES}], got {e.canaries}; set e.g. 500")

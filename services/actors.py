@@ -98,6 +98,8 @@ class PublicSelector:
         ``seed`` (public): PDP-Diffusion's pre-training on the whole pool."""
         pool = self.index.load()
         labels = np.random.default_rng(seed).integers(0, num_classes, len(pool.labels))
+        if self.pm:  # the images pre-training uses: here the whole pool
+            self.pm.selected(len(labels))
         return pool.images, labels.astype(np.int64)
 
     def selected_images(self, selection: dict[int, list[int]]) -> tuple[np.ndarray, np.ndarray]:

@@ -119,11 +119,14 @@ def test_canaries_are_public_images_with_uniform_labels(tmp_path):
     with pytest.raises(DataError, match="canaries must be public data"):
         ca.check_canary_source("fashion_mnist", "fashion_mnist")
     ca.check_canary_source("fashion_mnist", "mnist")
+    # the default picks a public source the sensitive data is not drawn from
+    assert ca.check_canary_source("auto", "mnist") == "fashion_mnist"
+    assert ca.check_canary_source("auto", "fashion_mnist") == "mnist"
 
 
 @pytest.mark.parametrize("bad,match", [
     ({"canaries": 8}, r"evaluation.canaries must be in \[16"),
-    ({"canary_source": "cifar10"}, "evaluation.canary_source must be one of"),
+    ({"canary_source": "cifar10"}, "evaluation.canary_source must be auto or one of"),
     ({"canary_beta": 0.7}, r"evaluation.canary_beta must be in \(0, 0.5\]"),
     ({"canary_repeats": 0}, "evaluation.canary_repeats"),
     ({"canary_audit": "yes"}, "must be true or false"),

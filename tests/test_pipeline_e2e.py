@@ -40,7 +40,8 @@ def tiny_config(tmp_path: Path, sensitive_n: int = 1000, **over) -> dict:
         "pretrain": {"steps": 6, "batch_size": 16},
         "finetune": {"steps": 4, "batch_size": 50, "physical_batch_size": 25},
         "sampling": {"num_images": 40, "num_steps": 2, "batch_size": 40},
-        "evaluation": {"fid": False, "classifier": "lr", "classifier_epochs": 1},
+        "evaluation": {"fid": False, "classifier": "lr", "classifier_epochs": 1,
+                       "canaries": 32, "canary_repeats": 1},
         "ray": {"num_workers": 1, "cpus_per_worker": 1},
         "metrics": {"enabled": True},
     }

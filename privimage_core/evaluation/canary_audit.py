@@ -87,12 +87,26 @@ class CanarySet:
                    str(z["source"]), z["source_index"].astype(np.int64))
 
 
-def check_canary_source(source: str, sensitive: str) -> None:
+def resolve_canary_source(source: str, sensitive: str) -> str:
+    """'auto': Fashion-MNIST's test split, or MNIST's when the sensitive data
+    is (drawn from) Fashion-MNIST; any other value as given."""
+    if source != "auto":
+        return source
+    from privimage_core.data.sources import _same_dataset
+    from privimage_core.data.subsample import lineage
+    origins = lineage(sensitive)
+    return next(s for s in ("fashion_mnist", "mnist")
+                if not any(_same_dataset(s, o) for o in origins))
+
+
+def check_canary_source(source: str, sensitive: str) -> str:
     """Refuse canaries from the sensitive dataset or from a source it was
-    materialised from: canaries must be public, never sensitive records."""
+    materialised from: canaries must be public, never sensitive records.
+    Returns the resolved source."""
     from privimage_core.data.sources import _same_dataset
     from privimage_core.data.subsample import lineage
 
+    source = resolve_canary_source(source, sensitive)
     if source not in CANARY_SOURCES:
         raise DataError(f"canary source {source!r} is unknown; use one of {', '.join(CANARY_SOURCES)}")
     if any(_same_dataset(source, o) for o in lineage(sensitive)):
@@ -101,6 +115,7 @@ def check_canary_source(source: str, sensitive: str) -> None:
         raise DataError(f"evaluation.canary_source {source!r} is (the origin of) the sensitive "
                         f"dataset; canaries must be public data: set evaluation.canary_source: "
                         f"{other}")
+    return source
 
 
 def make_canaries(source: str, m: int, num_classes: int, image_size: int, channels: int,

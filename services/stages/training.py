@@ -218,11 +218,14 @@ def guarantee_statement(ctx: RunContext) -> dict:
     """What the (epsilon, delta) covers, stated where the release is (W4, B1)."""
     from privimage_core.data.subsample import declaration
 
+    from privimage_core.evaluation.canary_audit import resolve_canary_source
+
     d = ctx.cfg.data
     e = ctx.cfg.evaluation
-    audit = {"audit_run": True, "canaries": e.canaries, "canary_source": e.canary_source,
+    src = resolve_canary_source(e.canary_source, d.sensitive)
+    audit = {"audit_run": True, "canaries": e.canaries, "canary_source": src,
              "note": f"AN AUDIT RUN: the DP-SGD dataset was the declared dataset plus each of "
-                     f"{e.canaries} public canaries ({e.canary_source} test images, labels "
+                     f"{e.canaries} public canaries ({src} test images, labels "
                      "drawn uniformly) included independently with probability 1/2; the "
                      "guarantee covers that dataset. DP-SGD's sampling rate was computed from "
                      "n_records + canaries, so it does not reveal which were included."} \
@@ -245,7 +248,8 @@ def audit_canaries(ctx: RunContext):
     """The run's canaries (a CanarySet) or None when the audit is off. Drawn
     once from OS entropy and kept in the run dir (operator only: the bits are
     the audit's secret); a resumed run trains on the same ones."""
-    from privimage_core.evaluation.canary_audit import CanarySet, make_canaries
+    from privimage_core.evaluation.canary_audit import (CanarySet, make_canaries,
+                                                        resolve_canary_source)
 
     e = ctx.cfg.evaluation
     if not e.canary_audit:
@@ -254,7 +258,8 @@ def audit_canaries(ctx: RunContext):
     if path.is_file():
         return CanarySet.load(path)
     d = ctx.cfg.data
-    c = make_canaries(e.canary_source, e.canaries, len(ctx.class_names), d.image_size, d.channels)
+    c = make_canaries(resolve_canary_source(e.canary_source, d.sensitive), e.canaries,
+                      len(ctx.class_names), d.image_size, d.channels)
     c.save(path)
     return c
 
