@@ -137,6 +137,7 @@ class Evaluator:
         self.pm = PipelineMetrics(metrics_run_id) if metrics_run_id else None
         self.synthetic: ImageSet | None = None
         self.precond = None
+        self.family = self.release = None
         self.provenance: dict = {}
 
     def synthesize(self, state: bytes, class_names: list[str], provenance: dict,
@@ -158,6 +159,8 @@ class Evaluator:
         # The loss-threshold audit scores an EDM denoiser; other families are
         # audited through their own audit_loss (canary audit).
         self.precond = release if family == "diffusion" else None
+        # the memorisation check's reconstruction attack asks the family for a denoiser
+        self.family, self.release = fam, release
         self.synthetic, self.provenance = ds, dict(provenance)
         if self.pm:
             self.pm.eval_metric("synthetic_images", len(ds))
@@ -186,7 +189,7 @@ class Evaluator:
                              real_train=train, generator=self.precond, ledger_epsilon=eps,
                              delta=self.provenance.get("delta"),
                              fid_cache_dir=str(self.workdir.parent / "fid_cache"),
-                             log=logs.append)
+                             log=logs.append, family=self.family, release=self.release)
         del train, sensitive
         out: dict = dict(res.metrics)
         if self.pm:
