@@ -361,9 +361,9 @@ def run_memorisation(ecfg, synthetic: ImageSet, members: ImageSet, heldout: Imag
             for k, v in lv.items():
                 m[f"memorisation_recon_sigma{s:g}_{k}"] = float(v)
     codes = [v for v in info["verdicts"].values() if v in VERDICT_CODES]
-    if codes:  # 1 if any check found memorisation, else 0 / -1 (all clear / some inconclusive)
-        m["memorisation_detected"] = max(VERDICT_CODES[v] for v in codes) if \
-            "memorisation" in codes else min(VERDICT_CODES[v] for v in codes)
+    if codes:  # 1: a check found memorisation; else 0 all clear, -1 some inconclusive
+        m["memorisation_detected"] = (1.0 if "memorisation" in codes
+                                      else min(VERDICT_CODES[v] for v in codes))
     if ecfg.memorisation_show_pairs:
         info["grid_png"] = pairs_grid_png(syn, members, heldout, dcr["pairs"])
     return m, info

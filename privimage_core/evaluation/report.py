@@ -220,6 +220,10 @@ def memorisation_section(result: EvaluationResult) -> str:
     out += [f"<li{' class=fail' if 'MEMORISATION' in line else ''}>{html.escape(line)}</li>"
             for line in info.get("messages", [])]
     out.append("</ul>" + _table("Memorisation figures", _MEMO_ROWS, m))
+    out.append("<p>Settings: <code>" + html.escape(str(info.get("config", {}))) + "</code>. "
+               "Verdict 'memorisation' = significant and share / AUC >= 0.5 + effect; "
+               "'inconclusive' = too few images for 80% power against that effect. Each check "
+               "is tested at alpha on its own (no correction across checks).</p>")
     if info.get("grid_png"):
         out.append("<div class=fail>THE GRID BELOW SHOWS SENSITIVE TRAINING IMAGES "
                    "(evaluation.memorisation_show_pairs): operator only, do not share this "
