@@ -77,6 +77,18 @@ def test_dcr_share_near_half_for_fresh_draws_and_one_for_copies():
     assert png[:4] == b"\x89PNG" and len(si) == len(mi) == 16
 
 
+def test_unequal_sizes_weighted_share_is_half_under_null_and_sees_every_copy():
+    """4x more training than held-out images: the raw share sits near 0.8
+    without memorisation; the class-weighted share stays near 0.5. Copies of
+    ANY training image count (no member sample to miss them)."""
+    members, heldout = shapes(600, seed=14), shapes(150, seed=15)
+    r = memo.distance_to_closest_record(shapes(400, seed=16), members, heldout)["pixel"]
+    assert abs(r["share"] - 0.5) < 0.08 and r["p_value"] > 0.05 and r["verdict"] != "memorisation"
+    assert abs(r["share_raw"] - r["share_raw_expected"]) < 0.08 and r["share_raw_expected"] > 0.75
+    c = memo.distance_to_closest_record(noisy_copies(members, 400), members, heldout)["pixel"]
+    assert c["share"] > 0.99 and c["verdict"] == "memorisation"
+
+
 def test_a_hub_does_not_fool_the_permutation_test():
     """Blurry samples all nearest ONE reference: the share is 0 or 1 by the
     luck of which side that reference is on. The binomial test (independent
