@@ -79,6 +79,28 @@ class EvaluationConfig:
     # Seeds the family's audit loss is averaged over per canary.
     canary_repeats: int = 4
 
+    # Memorisation checks (evaluation/memorisation.py), NON-PRIVATE: they read
+    # the sensitive training set. DCR of memorisation_images synthetic images
+    # against EVERY training image and memorisation_heldout held-out test
+    # images in pixel space, and on memorisation_feature_images synthetic
+    # images and class-matched training / held-out pairs in FID-Inception
+    # space (~3-5 images/s on 2 CPU cores; 0 = pixel space only). The
+    # reconstruction attack uses memorisation_reconstruction_images pairs.
+    memorisation: bool = True
+    memorisation_images: int = 500
+    memorisation_heldout: int = 2000
+    memorisation_reconstruction_images: int = 500
+    memorisation_feature_images: int = 100
+    # Noise levels (EDM sigma, images in [-1, 1]) of the one-step reconstruction.
+    memorisation_noise_levels: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    # Significance level, and the smallest effect (share / AUC above 0.5) that counts.
+    memorisation_alpha: float = 0.05
+    memorisation_effect: float = 0.1
+    # Embed the closest synthetic / TRAINING pairs in the report. Off by
+    # default: it puts sensitive training images into the report (an MLflow
+    # artifact); turn on only for an operator's eyes.
+    memorisation_show_pairs: bool = False
+
 
 # Public sources canaries may come from (their test splits; glyphs have none).
 CANARY_SOURCES = ("fashion_mnist", "mnist", "glyphs")
@@ -116,3 +138,16 @@ def validate_evaluation(e: EvaluationConfig) -> None:
              f"evaluation.canary_beta must be in (0, 0.5], got {e.canary_beta}; set e.g. 0.05")
     _require(1 <= e.canary_repeats <= 64,
              f"evaluation.canary_repeats must be in [1, 64], got {e.canary_repeats}; set e.g. 4")
+    for k in ("memorisation_images", "memorisation_heldout", "memorisation_reconstruction_images"):
+        _require(getattr(e, k) >= 2, f"evaluation.{k} must be >= 2, got {getattr(e, k)}; set e.g. 500")
+    _require(e.memorisation_feature_images >= 0,
+             f"evaluation.memorisation_feature_images must be >= 0 (0 = pixel space only), "
+             f"got {e.memorisation_feature_images}")
+    _require(len(e.memorisation_noise_levels) >= 1 and all(
+        0 < s < 1000 and math.isfinite(s) for s in e.memorisation_noise_levels),
+        f"evaluation.memorisation_noise_levels must be a non-empty list of sigmas in (0, 1000), "
+        f"got {e.memorisation_noise_levels}; set e.g. [0.5, 1.0, 2.0]")
+    _require(0 < e.memorisation_alpha < 0.5,
+             f"evaluation.memorisation_alpha must be in (0, 0.5), got {e.memorisation_alpha}")
+    _require(0 < e.memorisation_effect < 0.5,
+             f"evaluation.memorisation_effect must be in (0, 0.5), got {e.memorisation_effect}")

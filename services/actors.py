@@ -196,7 +196,8 @@ class Evaluator:
                              real_train=train, generator=self.precond, ledger_epsilon=eps,
                              delta=self.provenance.get("delta"),
                              fid_cache_dir=str(self.workdir.parent / "fid_cache"),
-                             log=logs.append, canary=canary)
+                             log=logs.append, canary=canary, family=self.family,
+                             release=self.release)
         del train, sensitive
         out: dict = dict(res.metrics)
         if self.pm:

@@ -41,7 +41,9 @@ def tiny_config(tmp_path: Path, sensitive_n: int = 1000, **over) -> dict:
         "finetune": {"steps": 4, "batch_size": 50, "physical_batch_size": 25},
         "sampling": {"num_images": 40, "num_steps": 2, "batch_size": 40},
         "evaluation": {"fid": False, "classifier": "lr", "classifier_epochs": 1,
-                       "canaries": 32, "canary_repeats": 1},
+                       "canaries": 32, "canary_repeats": 1, "memorisation_images": 100,
+                       "memorisation_heldout": 200, "memorisation_reconstruction_images": 100,
+                       "memorisation_feature_images": 0},
         "ray": {"num_workers": 1, "cpus_per_worker": 1},
         "metrics": {"enabled": True},
     }

@@ -9,7 +9,9 @@ curve; the wall time of every metric.
 Real images never enter it: ``render_html`` receives the synthetic set and
 numbers only (``EvaluationResult`` holds no image). The sample grids are
 exact pixels (integer nearest-neighbour upscaling), so a test can look for
-any image in them.
+any image in them. One exception, off by default: with
+``evaluation.memorisation_show_pairs`` the memorisation section shows the
+closest synthetic / TRAINING pairs, and the page then says so at the top.
 """
 from __future__ import annotations
 
@@ -217,6 +219,56 @@ def _table(title: str, rows, m: dict) -> str:
     return f"<h3>{html.escape(title)}</h3><table>{body}</table>"
 
 
+_MEMO_ROWS = [(f"memorisation_dcr_{sp}_{k}", f"DCR {sp} space: {lab}")
+              for sp in ("pixel", "feature") for k, lab in (
+                  ("share", "share of synthetic images nearer a training image (chance 0.5)"),
+                  ("p_value", "permutation p-value (one-sided, vs 0.5)"),
+                  ("binom_p_value", "binomial p-value (assumes independent images)"),
+                  ("min_detectable_share", "share detectable with 80% power"),
+                  ("median_ratio", "median DCR(train) / DCR(held-out)"),
+                  ("share_raw", "raw share (before class weighting)"),
+                  ("share_raw_expected", "raw share expected without memorisation"),
+                  ("images", "synthetic images"), ("references_train", "training images"),
+                  ("references_heldout", "held-out images"))] + [
+    ("memorisation_recon_auc", "reconstruction: AUC, members reconstructed better (chance 0.5)"),
+    ("memorisation_recon_p_value", "reconstruction: Mann-Whitney p-value (Bonferroni)"),
+    ("memorisation_recon_sigma", "reconstruction: strongest noise level (sigma)"),
+    ("memorisation_recon_median_ratio", "reconstruction: median error members / held-out"),
+    ("memorisation_recon_min_detectable_auc", "reconstruction: AUC detectable with 80% power"),
+    ("memorisation_recon_members", "reconstruction: members = held-out images")]
+
+
+def memorisation_section(result: EvaluationResult) -> str:
+    """The memorisation checks: verdicts, numbers and (only when
+    ``memorisation_show_pairs`` put one there) the closest-pair grid, which
+    shows SENSITIVE training images and says so."""
+    info, m = result.memorisation, result.metrics
+    if not info:
+        return ""
+    out = ["<h2 id=memorisation>Memorisation checks [NON-PRIVATE: reads the sensitive training "
+           "set]</h2><p>Distance to closest record and a one-step reconstruction attack "
+           "(Carlini et al. 2023): training images vs class-matched held-out test images. Not "
+           "covered by the release's (epsilon, delta).</p><ul>"]
+    out += [f"<li{' class=fail' if 'MEMORISATION' in line else ''}>{html.escape(line)}</li>"
+            for line in info.get("messages", [])]
+    out.append("</ul>" + _table("Memorisation figures", _MEMO_ROWS, m))
+    out.append("<p>Settings: <code>" + html.escape(str(info.get("config", {}))) + "</code>. "
+               "Verdict 'memorisation' = significant and share / AUC >= 0.5 + effect; "
+               "'inconclusive' = too few images for 80% power against that effect. Each check "
+               "is tested at alpha on its own (no correction across checks).</p>")
+    if info.get("grid_png"):
+        out.append("<div class=fail>THE GRID BELOW SHOWS SENSITIVE TRAINING IMAGES "
+                   "(evaluation.memorisation_show_pairs): operator only, do not share this "
+                   "report.</div><p>Columns: the closest synthetic / training pairs in pixel space."
+                   " Rows: synthetic image, nearest TRAINING image, nearest held-out image.</p>")
+        out.append(_img(info["grid_png"], "closest synthetic / training pairs"))
+    else:
+        out.append("<p>Closest-pair grid not shown: it would show sensitive training images "
+                   "(set evaluation.memorisation_show_pairs: true for an operator-only report)."
+                   "</p>")
+    return "".join(out)
+
+
 def render_html(result: EvaluationResult, synthetic: ImageSet, provenance: dict | None = None,
                 title: str = "PrivImage evaluation report", per_class: int = 10) -> str:
     """The report as one HTML string (images embedded as base64 PNG)."""
@@ -233,6 +285,9 @@ def render_html(result: EvaluationResult, synthetic: ImageSet, provenance: dict 
              f"<h1>{html.escape(title)}</h1>",
              f"<div class=banner id=nonprivate><b>NON-PRIVATE EVALUATION.</b> "
              f"{html.escape(NON_PRIVATE_NOTE)}</div>"]
+    if result.memorisation.get("grid_png"):
+        parts.append("<div class=fail id=shows_training>EXCEPT: this report shows sensitive "
+                     "training images (memorisation pair grid); operator only.</div>")
     parts.append(_audit_banner(result))
     if prov.get("selection_warning"):  # the query's answer could not be told from noise
         parts.append(f"<div class=banner id=selection>{html.escape(prov['selection_warning'])}</div>")
@@ -270,6 +325,7 @@ def render_html(result: EvaluationResult, synthetic: ImageSet, provenance: dict 
                      f"loss at sigma in {html.escape(str(result.config.get('mia_noise_levels')))}, "
                      "same noise draws for members and non-members).</p>")
         parts.append(_img(roc_png(result.roc[0], result.roc[1], m.get("mia_auc")), "ROC"))
+    parts.append(memorisation_section(result))
     if result.notes:
         parts.append("<h2>Skipped</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>"
                                                          for n in result.notes) + "</ul>")

@@ -22,6 +22,13 @@ describes the release; nothing it computes is trained into the release):
   ``utility_holdout`` images is kept out of the synthetic-trained classifiers
   and serves as the synthetic TEST set (synthetic -> synthetic,
   real -> synthetic); LR and MLP train on at most ``sklearn_max_images``.
+
+Memorisation checks (``memorisation_*``; evaluation/memorisation.py): members
+= the SENSITIVE training set (all of it for DCR in pixel space, class-matched
+samples otherwise); held-out = a seeded random part of the test split outside
+every part above in use (disjoint, no selection). Only numbers and verdicts
+come back, plus, with ``memorisation_show_pairs``, a grid that DOES show
+training images.
 """
 from __future__ import annotations
 
@@ -56,6 +63,8 @@ class EvaluationResult:
     notes: list[str] = field(default_factory=list)
     # what each metric read (for the report's table)
     config: dict = field(default_factory=dict)
+    # memorisation checks: verdict messages, settings, optional pair grid (PNG)
+    memorisation: dict = field(default_factory=dict)
 
 
 def _subset(ds: ImageSet, idx, name: str) -> ImageSet:
@@ -80,7 +89,7 @@ def run_evaluation(ecfg: EvaluationConfig, synthetic: ImageSet, real_test: Image
                    ledger_epsilon: float | None = None, delta: float | None = None,
                    fid_cache_dir: str | None = None,
                    log: Callable[[str], None] = lambda s: None,
-                   canary=None) -> EvaluationResult:
+                   canary=None, family=None, release=None) -> EvaluationResult:
     """Every enabled metric of ``ecfg`` on ``synthetic`` against ``real_test``.
 
     ``real_train`` (sensitive; optional): the ceiling classifiers and the
@@ -91,7 +100,9 @@ def run_evaluation(ecfg: EvaluationConfig, synthetic: ImageSet, real_test: Image
     canary audit, the privacy check that can fail; it sets ``audit_ok`` /
     ``audit_message``. The train-vs-test membership attack is a diagnostic.
     Metrics that cannot run (no generator, too few images) are skipped with a
-    note, never silently.
+    note, never silently. ``family`` (a ModelFamily or its name; default
+    diffusion when a generator is given) and ``release`` (its released module;
+    default ``generator``): the memorisation check's reconstruction attack.
     """
     if synthetic.shape != real_test.shape:
         raise DataError(f"synthetic images are {synthetic.shape} but the real test images are "
@@ -278,6 +289,45 @@ def run_evaluation(ecfg: EvaluationConfig, synthetic: ImageSet, real_test: Image
                 m["audit_ok"] = float(res.audit_ok)
             log(("[evaluate] !!! " if res.audit_ok is False else "[evaluate] canary audit: ")
                 + a["message"])
+
+    # ------------------------------------------------------------ memorisation (non-private)
+    if ecfg.memorisation:
+        if real_train is None:
+            skip("memorisation checks", "no real training set (members) given")
+        else:
+            from privimage_core.evaluation import memorisation as memo
+            used = [v for k, v in parts.items() if k != "fid" or ecfg.fid]  # parts in use
+            ho_idx = memo.heldout_indices(len(real_test), used, ecfg.memorisation_heldout, seed)
+            fam = family
+            if isinstance(fam, str) or (fam is None and generator is not None):
+                from privimage_core.models import get_family
+                fam = get_family(fam or "diffusion")
+            rel = release if release is not None else generator
+            den = fam.denoiser(rel) if fam is not None and rel is not None else None
+            why = ("no generator given" if rel is None else "no model family given" if fam is None
+                   else f"the {fam.name} family has no one-step denoiser; DCR covers it")
+            feat = None
+            if ecfg.memorisation_feature_images and ecfg.fid:
+                from privimage_core.errors import MissingWeightsError
+                from privimage_core.evaluation import fid as fidlib
+                try:
+                    inc = fidlib.load_fid_inception(ecfg.fid_weights)
+                    feat = lambda x: fidlib.extract_features(x, inc).astype(np.float32)  # noqa: E731
+                except MissingWeightsError as e:  # pixel space only, and said so
+                    res.notes.append(f"memorisation DCR in Inception space skipped: {e}")
+            try:
+                with timed("memorisation"):
+                    mm, info = memo.run_memorisation(
+                        ecfg, synthetic, real_train, _subset(real_test, ho_idx, "heldout"),
+                        denoise=den, no_denoiser=why, seed=seed, feature_fn=feat)
+            except DataError as e:
+                skip("memorisation checks", str(e))
+            else:
+                m.update(mm)
+                res.memorisation = info
+                for line in info["messages"]:
+                    log("[evaluate] " + ("!!! " + line + " !!!" if "MEMORISATION" in line
+                                         else line))
     if ledger_epsilon is not None:
         m["ledger_epsilon"] = float(ledger_epsilon)
     if delta is not None:

@@ -92,3 +92,10 @@ class ModelFamily(ABC):
     def audit_loss(self, release: nn.Module, x: torch.Tensor, y: torch.Tensor,
                    seed: int = 0) -> torch.Tensor:
         """Per-example loss [B] for the membership audit (lower = more member-like)."""
+
+    def denoiser(self, release: nn.Module) -> Callable | None:
+        """``f(x_noisy, sigma [B], y) -> x0`` in [-1, 1]: the family's one-step
+        reconstruction of a noised image, for the memorisation check's
+        reconstruction attack (Carlini et al. 2023); None where the family has
+        none (a GAN maps latents to images and cannot denoise a given image)."""
+        return None

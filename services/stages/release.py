@@ -108,9 +108,9 @@ def _record_canary_audit(ctx: RunContext, detail: dict | None, verdict: str | No
 
 
 # Metrics computed from the SENSITIVE training set (the membership audit, the
-# train-on-real ceiling, the real rows of the utility matrix): logged under a
-# prefix that says so, and never exported live (issue 13 W7).
-TRAIN_READING_PREFIXES = ("mia_", "ceiling_", "utility_real")
+# train-on-real ceiling, the real rows of the utility matrix, the memorisation
+# checks): logged under a prefix that says so, and never exported live (issue 13 W7).
+TRAIN_READING_PREFIXES = ("mia_", "ceiling_", "utility_real", "memorisation_")
 
 
 def mlflow_key(k: str) -> str:

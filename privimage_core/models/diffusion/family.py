@@ -101,3 +101,11 @@ class DiffusionFamily(ModelFamily):
         sigma, noise = sample_training_noise(x, generator=g)
         with torch.no_grad():
             return edm_loss(release, x, y, sigma, noise)
+
+    def denoiser(self, release):
+        # D(x; sigma) of EDM is the x0 prediction itself (EDM Eq. 2-3).
+        def denoise(x_noisy, sigma, y):
+            with torch.no_grad():
+                return release(x_noisy, sigma, y)
+
+        return denoise
