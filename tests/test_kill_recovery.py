@@ -19,7 +19,7 @@ from tests.test_pipeline_e2e import tiny_config
 
 pytestmark = pytest.mark.ray
 
-STEPS, EVERY = 40, 10
+STEPS, EVERY = 20, 5
 
 
 def _train_workers() -> list:

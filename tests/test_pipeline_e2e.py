@@ -40,7 +40,11 @@ def tiny_config(tmp_path: Path, sensitive_n: int = 1000, **over) -> dict:
         "pretrain": {"steps": 6, "batch_size": 16},
         "finetune": {"steps": 4, "batch_size": 50, "physical_batch_size": 25},
         "sampling": {"num_images": 40, "num_steps": 2, "batch_size": 40},
+        # the headline classifier only: every other (non-private) metric has
+        # its own tests, and each costs seconds per run on 2 cores
         "evaluation": {"fid": False, "classifier": "lr", "classifier_epochs": 1,
+                       "classifiers": ["lr"], "precision_recall": False,
+                       "utility_matrix": False, "detector": False,
                        "canaries": 32, "canary_repeats": 1, "memorisation_images": 100,
                        "memorisation_heldout": 200, "memorisation_reconstruction_images": 100,
                        "memorisation_feature_images": 0},
@@ -182,12 +186,14 @@ def test_no_sensitive_data_leaves(finished_run):
     assert sizes_txt.decode() not in text and probe_labels_txt.decode() not in text
 
 
-@pytest.mark.parametrize("method", ["dpdm", "pdp_diffusion", "dpgan"])
+# DPDM's stages (fine-tuning, release) are DPGAN's with the diffusion family,
+# which the main run covers: opt-in (-m slow) to keep the default suite short.
+@pytest.mark.parametrize("method", [pytest.param("dpdm", marks=pytest.mark.slow),
+                                    "pdp_diffusion", "dpgan"])
 def test_baselines_run_their_own_stages_and_spend_only_dp_sgd(ray_local, tmp_path, method):
     """DPDM (no public data) and PDP-Diffusion (whole pool, no query): no
     semantic-query mechanism in the ledger, all of epsilon to DP-SGD, and
     only their own stages as nested MLflow runs."""
-    import torch
     from mlflow.tracking import MlflowClient
 
     from privimage_core.config import from_dict
@@ -210,14 +216,26 @@ def test_baselines_run_their_own_stages_and_spend_only_dp_sgd(ray_local, tmp_pat
     if method == "pdp_diffusion":  # the whole public pool, not a selection
         assert state["stages"]["pretrain"]["data"] == "public_pool"
         assert state["stages"]["pretrain"]["images"] > 20 * 10
-        # public pre-training is budget-free: a second run with other DP
-        # settings reuses it (cached by a digest of what it depends on)
-        again = run_pipeline(cfg.with_overrides({"finetune.steps": 2}), log=lambda _: None)
-        st2 = json.loads((Path(again["run_dir"]) / "pipeline_state.json").read_text())
-        assert "cached" in st2["stages"]["pretrain"] and "cached" not in state["stages"]["pretrain"]
-        a = torch.load(Path(s["run_dir"]) / "pretrained_generator.pt")
-        b = torch.load(Path(again["run_dir"]) / "pretrained_generator.pt")
-        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert list((Path(cfg.run.output_dir) / "cache").glob("pretrain-*.pt"))
+
+
+@pytest.mark.slow
+def test_public_pretraining_is_reused_across_runs(ray_local, tmp_path):
+    """Public pre-training is budget-free: a second run with other DP settings
+    reuses it (cached by a digest of what it depends on)."""
+    import torch
+
+    from services.pipeline import run_pipeline
+
+    cfg = from_dict({**tiny_config(tmp_path), "method": "pdp_diffusion"})
+    s = run_pipeline(cfg, log=lambda _: None)
+    state = json.loads((Path(s["run_dir"]) / "pipeline_state.json").read_text())
+    again = run_pipeline(cfg.with_overrides({"finetune.steps": 2}), log=lambda _: None)
+    st2 = json.loads((Path(again["run_dir"]) / "pipeline_state.json").read_text())
+    assert "cached" in st2["stages"]["pretrain"] and "cached" not in state["stages"]["pretrain"]
+    a = torch.load(Path(s["run_dir"]) / "pretrained_generator.pt")
+    b = torch.load(Path(again["run_dir"]) / "pretrained_generator.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_during_finetuning_continues_the_ledger(finished_run):
