@@ -159,3 +159,26 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     p = subprocess.run([sys.executable, "-m", "services.cli", "validate", "--set",
                         "privacy.bogus=1"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert p.returncode == 2 and "unknown config key 'privacy.bogus'" in p.stderr
+
+
+def test_generator_typo_and_missing_resume_fail_before_any_budget(tmp_path):
+    """A typo in generator.overrides is caught by building the generator
+    before the data is read (not in a worker after the DP query), and
+    --resume of a directory without run state is one line, not a traceback."""
+    import ray
+
+    from services.pipeline import run_pipeline
+
+    if ray.is_initialized():
+        pytest.skip("an earlier test in this process left Ray running")
+    cfg = from_dict({"run": {"output_dir": str(tmp_path / "runs")},
+                     "generator": {"overrides": {"base_chanels": 16}}})
+    with pytest.raises(ConfigError, match="generator.overrides") as e:
+        run_pipeline(cfg, log=lambda s: None)
+    _one_line(e)
+    with pytest.raises(ConfigError, match="--resume") as e:
+        run_pipeline(from_dict({"run": {"output_dir": str(tmp_path / "runs")}}),
+                     resume_dir=str(tmp_path / "nowhere"), log=lambda s: None)
+    _one_line(e)
+    assert not ray.is_initialized()
+    assert not list((tmp_path / "runs").glob("*/pipeline_state.json"))
