@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 from pathlib import Path
 
@@ -133,7 +134,13 @@ def run_sweep(cfg: Config, log=print) -> dict:
 
     # Absolute paths: trials run in other working directories.
     cfg = cfg.with_overrides({"run.output_dir": os.path.abspath(cfg.run.output_dir)})
-    ray_runtime.ensure_ray(cfg.ray)
+    # A local Ray gets the trial drivers' fractional CPUs on top of the
+    # machine's: a trial only drives (its actors and Ray Train workers ask for
+    # their own CPUs), and without this a 2-core box cannot start a trial's
+    # 2-CPU training worker beside the trial's own 0.1 CPU (Ray CPUs are
+    # logical; the drivers sleep while training runs).
+    extra = math.ceil(cfg.tune.cpus_per_trial * cfg.tune.max_concurrent_trials)
+    ray_runtime.ensure_ray(cfg.ray, num_cpus=(os.cpu_count() or 1) + extra)
     tracker = Tracker(cfg)
     cfg = cfg.with_overrides({"tracking.mlflow_uri": tracker.uri})
     t = cfg.tune
