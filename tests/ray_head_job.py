@@ -123,7 +123,13 @@ class RayHead:
                f"--num-cpus={self.num_cpus}", f"--temp-dir={self.tmp / 'ray'}",
                "--disable-usage-stats", "--min-worker-port=0", "--max-worker-port=0"]
         cmd += [f"--{k}={v}" for k, v in self.ports.items()]
-        self.proc = subprocess.Popen(cmd, env=self.env(), cwd=self.tmp, stdin=subprocess.DEVNULL,
+        # The head's processes learn their own cluster's address: Ray Train's
+        # placement-group cleaner otherwise auto-detects it and fails with
+        # "Found multiple active Ray instances" when another Ray runs on the
+        # host (a second test session, a benchmark). Only for `ray start`:
+        # for the job CLI, RAY_ADDRESS would name the job server instead.
+        env = {**self.env(), "RAY_ADDRESS": f"127.0.0.1:{self.ports['port']}"}
+        self.proc = subprocess.Popen(cmd, env=env, cwd=self.tmp, stdin=subprocess.DEVNULL,
                                      stdout=self.log.open("w"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
         t0 = time.time()
