@@ -19,6 +19,7 @@ from typing import Any
 
 from privimage_core.config_evaluation import EvaluationConfig, validate_evaluation
 from privimage_core.config_infra import MetricsConfig, RayConfig, TrackingConfig
+from privimage_core.config_latent import LatentConfig, validate_latent
 from privimage_core.config_tune import TuneConfig, validate_tune
 from privimage_core.config_types import check_type as _check_type
 from privimage_core.errors import ConfigError
@@ -190,6 +191,7 @@ class Config:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -364,6 +366,7 @@ def validate(cfg: Config) -> None:
     _require(cfg.ray.num_workers >= 0, "ray.num_workers must be >= 0 (0 = in-process)")
     _require(cfg.ray.cpus_per_worker > 0, "ray.cpus_per_worker must be > 0 (Ray rejects 0 CPUs)")
     validate_evaluation(cfg.evaluation)
+    validate_latent(cfg.latent)
     validate_tune(cfg.tune, set(cfg.flat()))
 
 

@@ -63,13 +63,16 @@ def sample_rate_for(n: int, batch_size: int) -> float:
 
 def plan_noise(ledger: PrivacyLedger, n: int, batch_size: int, steps: int,
                noise_multiplier: float | None = None,
-               mechanism: str = DP_SGD_MECHANISM) -> tuple[float, float, int]:
+               mechanism: str = DP_SGD_MECHANISM,
+               epsilon_share: float | None = None) -> tuple[float, float, int]:
     """(sigma, q, total): the DP-SGD record may hold ``total`` steps when
     fine-tuning ends (``dp_finetune`` runs until it does). sigma is calibrated
     after the costs already in the ledger (App. E, Theorem E.3) unless given;
-    total is capped so that the composition never exceeds the target. A
-    resumed run keeps its recorded (sigma, q) and its steps count toward
-    ``steps``."""
+    with ``epsilon_share`` (a stage of several, e.g. dp_ldm's autoencoder)
+    it is calibrated so that this stage ALONE costs at most that share of the
+    target, leaving the rest to later stages. total is capped so that the
+    composition never exceeds the target. A resumed run keeps its recorded
+    (sigma, q) and its steps count toward ``steps``."""
     q = sample_rate_for(n, batch_size)
     prior = next((r for r in ledger.records if r.name == mechanism), None)
     if prior is not None:  # resumed run: keep the recorded mechanism
@@ -77,7 +80,14 @@ def plan_noise(ledger: PrivacyLedger, n: int, batch_size: int, steps: int,
         remaining = max(0, steps - prior.steps)
         further = min(remaining, ledger.max_steps(sigma, prior.sample_rate))
         return sigma, prior.sample_rate, prior.steps + further
-    sigma = noise_multiplier if noise_multiplier is not None else ledger.calibrate_noise(q, steps)
+    if noise_multiplier is not None:
+        sigma = noise_multiplier
+    elif epsilon_share is not None:
+        alone = PrivacyLedger(epsilon_share * ledger.target_epsilon, ledger.target_delta,
+                              ledger.accountant_name)
+        sigma = alone.calibrate_noise(q, steps)
+    else:
+        sigma = ledger.calibrate_noise(q, steps)
     allowed = ledger.max_steps(sigma, q)
     if allowed == 0:
         raise PrivacyBudgetError(

@@ -11,6 +11,9 @@ Stage kinds (what each does lives in ``services/stages/``):
                    option data: "selection" (PrivImage) or "public_pool"
                    (PDP-Diffusion: the whole pool, no query)
   dp_finetune      DP-SGD on the sensitive data                       (DP, Algorithm 1)
+                   option part: which part of a multi-part family this
+                   stage trains (the family's dp_stage_plan says its steps,
+                   learning rate and budget share, or that it is skipped)
   synthesize       sample the synthetic dataset from the DP model     (post-processing)
   evaluate         fidelity, utility, privacy audit                   (non-private)
 
@@ -72,6 +75,16 @@ def _pdp() -> tuple[Stage, ...]:
             Stage("dp_finetune", "finetune")) + _RELEASE
 
 
+def _latent() -> tuple[Stage, ...]:
+    # Seed 003: the autoencoder's DP stage first (its share of epsilon, or
+    # skipped when frozen), then the latent model's on the remainder.
+    return (Stage("public_index", "index"), Stage("query_function", "semantic_query"),
+            Stage("semantic_query", "selection"),
+            Stage("pretrain", "pretrain", {"data": "selection"}),
+            Stage("dp_finetune", "finetune_autoencoder", {"part": "autoencoder"}),
+            Stage("dp_finetune", "finetune", {"part": "latent"})) + _RELEASE
+
+
 def _from_scratch() -> tuple[Stage, ...]:
     return (Stage("dp_finetune", "finetune"),) + _RELEASE
 
@@ -89,6 +102,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "Privimage+G: the PrivImage selection with a GAN (paper App. C)"),
     Method("dpgan", "gan", _from_scratch(),
            "DPGAN: a GAN whose discriminator is trained with DP-SGD from scratch"),
+    Method("dp_ldm", "latent_diffusion", _latent(),
+           "DP-LDM: an autoencoder and a latent diffusion model pre-trained on the "
+           "PrivImage selection, each fine-tuned with DP-SGD (Ge, Zhang & Sun 2024)"),
 )}
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
 

@@ -41,8 +41,17 @@ def planned_ledger(cfg: Config, method: Method, n: int, delta: float) -> Privacy
         if st.kind == "semantic_query":
             led.record_gaussian(QUERY_MECHANISM, query_sigma(cfg, delta), note="plan")
         elif st.kind == "dp_finetune":
+            plan = dp_stage_plan(cfg, method, st)
+            if plan is None:  # the config leaves this stage out
+                continue
             mech = dp_mechanism_name(st.name)
-            sigma, q, total = plan_noise(led, n, f.batch_size, f.steps, f.noise_multiplier,
-                                         mechanism=mech)
+            sigma, q, total = plan_noise(led, n, f.batch_size, plan.steps, f.noise_multiplier,
+                                         mechanism=mech, epsilon_share=plan.epsilon_share)
             led.begin_dp_sgd(mech, sigma, q).steps = total
     return led
+
+
+def dp_stage_plan(cfg: Config, method: Method, stage):
+    """The family's DPStagePlan of a dp_finetune stage (None: skipped)."""
+    from privimage_core.models import get_family
+    return get_family(method.family).dp_stage_plan(cfg, stage.options.get("part"))

@@ -26,6 +26,7 @@ class TrainJob:
     # Weights to start from (ray.ObjectRef of state_bytes), None = random init.
     init_ref: Any = None
     # DP stages only:
+    part: str | None = None        # Stage.options["part"]: the family part trained
     ledger: dict | None = None
     mechanism: str | None = None
     noise_multiplier: float | None = None

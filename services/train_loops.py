@@ -98,9 +98,10 @@ def pretrain_loop(config: dict) -> None:
     cfg, rank, world, dev, family, model, x, y = _setup(job)
     if world > 1:  # each rank trains on its own slice of the (public) data
         x, y = x[rank::world], y[rank::world]
-    release = family.release_module(model)
+    release = family.ema_module(model)
     ema = EMA(release, decay=cfg.pretrain.ema_decay)
-    wrapped = ray.train.torch.prepare_model(model) if world > 1 else model
+    wrapped = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs=family.public_ddp_kwargs or None) if world > 1 else model
     trainer = family.public_trainer(wrapped, lr=cfg.pretrain.lr)
     start = 0
     ckpt = ray.train.get_checkpoint()
@@ -119,7 +120,8 @@ def pretrain_loop(config: dict) -> None:
     def on_step(step, loss, sps):
         progress(step, steps)
         if pm:
-            pm.train_step(job.stage, cfg.pretrain.batch_size // world, loss, sps, worker=str(rank))
+            pm.train_step("pretrain", cfg.pretrain.batch_size // world, loss, sps,
+                          worker=str(rank))
         if rank == 0 and (step % every == 0 or step == steps):
             _log_mlflow(job, {"loss": loss, "samples_per_second": sps * world}, step)
 
@@ -179,22 +181,27 @@ def finetune_loop(config: dict) -> None:
     restored = _restore_dp(job, model, ledger, dev)
     if restored is None and job.init_ref is not None:  # Algorithm 2, line 10
         model.load_state_dict(state_from_bytes(ray.get(job.init_ref)))
-    release = family.release_module(model)
+    part = job.part  # which part of the family this DP stage trains (None: the only one)
+    plan = family.dp_stage_plan(cfg, part)
+    release = family.ema_module(model, part)
     ema = EMA(release, decay=cfg.finetune.ema_decay)
     if restored:
         ema.load_state_dict(restored["ema"])
-    dp_module = family.dp_module(model)
+    dp_module = family.dp_module(model, part)
     if world > 1:
         dp_module = DPDDP(ray.train.torch.prepare_model(dp_module, parallel_strategy=None))
-    opt = torch.optim.Adam(dp_module.parameters(), lr=cfg.finetune.lr)
+    opt = torch.optim.Adam(dp_module.parameters(), lr=plan.lr)
     f = cfg.finetune
+    objective = family.dp_objective(model, part)
+    # a deterministic per-example loss (an autoencoder's) has nothing to average over
+    k = f.noise_multiplicity if getattr(objective, "uses_multiplicity", True) else 1
     dp = make_private(dp_module, opt, x, y, batch_size=f.batch_size,
                       noise_multiplier=job.noise_multiplier, max_grad_norm=f.max_grad_norm,
                       ledger=ledger, distributed=world > 1, mechanism=job.mechanism,
                       grad_sample_mode=f.grad_sample_mode, num_records=job.num_records)
     # A two-player family's post-processing step (a GAN's generator update),
     # checkpointed with the DP optimizer so a resumed stage continues it.
-    after = family.after_dp_step(model, f.lr)
+    after = family.after_dp_step(model, plan.lr)
     if restored:
         dp.optimizer.original_optimizer.load_state_dict(restored["opt"]["dp"])
         if after is not None and restored["opt"].get("after") is not None:
@@ -210,7 +217,7 @@ def finetune_loop(config: dict) -> None:
         # realised Poisson batch size, a count of sensitive records (issue 13
         # W6). Only the expected batch and the stage's total time are exported.
         if pm:
-            pm.train_step(job.stage, f.batch_size // world, None, None, worker=str(rank))
+            pm.train_step("finetune", f.batch_size // world, None, None, worker=str(rank))
         if rank == 0 and (step % every == 0 or step == total):
             eps = ledger.epsilon()
             if pm:
@@ -228,8 +235,7 @@ def finetune_loop(config: dict) -> None:
                         checkpoint_every=job.checkpoint_every,
                         on_checkpoint=lambda s: _report({"step": s, "epsilon": ledger.epsilon()},
                                                         rank, save),
-                        objective=family.dp_objective(model),
-                        noise_multiplicity=f.noise_multiplicity,
+                        objective=objective, noise_multiplicity=k,
                         after_step=after)
     # the last state is always a reported checkpoint (also when a resumed run
     # had no step left to take)

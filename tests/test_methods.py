@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_methods_are_stage_lists_with_the_paper_baselines():
-    assert set(METHODS) == {"privimage", "pdp_diffusion", "dpdm", "privimage_g", "dpgan"}
+    assert set(METHODS) == {"privimage", "pdp_diffusion", "dpdm", "privimage_g", "dpgan", "dp_ldm"}
     kinds = {n: [s.kind for s in m.stages] for n, m in METHODS.items()}
     # PDP-Diffusion: no semantic query (all of epsilon to DP-SGD), whole-pool pre-training
     assert "semantic_query" not in kinds["pdp_diffusion"]

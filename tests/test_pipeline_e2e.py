@@ -295,3 +295,36 @@ def test_progress_line_shows_steps_rate_and_eta(ray_local, monkeypatch):
     assert "steps/s" in lines[0] and "ETA" in lines[0] and "ETA ?" not in lines[-1]
     assert progress.progress_text("x", 50, 100, 10.0) == \
         "[privimage] x: 50/100 steps (50%), 5.00 steps/s, ETA 0m10s"
+
+
+def test_dp_ldm_runs_two_dp_sgd_stages_in_one_ledger(ray_local, tmp_path):
+    """dp_ldm (seed 003): the autoencoder's DP stage (its share of epsilon
+    alone), then the latent model's, composed with the query into one
+    ledger under the target; the latent stage starts from the DP
+    autoencoder and leaves it unchanged; synthesis decodes to pixels."""
+    import torch
+
+    from privimage_core.privacy_ledger import MechanismRecord, PrivacyLedger
+    from services.pipeline import run_pipeline
+
+    cfg = from_dict({**tiny_config(tmp_path), "method": "dp_ldm",
+                     "latent": {"autoencoder_dp_steps": 2, "width": 8}})
+    s = run_pipeline(cfg, log=lambda _: None)
+    recs = s["ledger"]["records"]
+    assert [r["name"] for r in recs] == ["semantic_distribution_query",
+                                         "dp_sgd_finetune_autoencoder", "dp_sgd_finetune"]
+    assert [r["steps"] for r in recs[1:]] == [2, 4]
+    assert 0 < s["epsilon"] <= cfg.privacy.target_epsilon
+    alone = PrivacyLedger(cfg.privacy.target_epsilon, s["delta"])
+    alone.records.append(MechanismRecord(**{k: recs[1][k] for k in
+                                            ("name", "noise_multiplier", "sample_rate", "steps")}))
+    assert alone.epsilon() <= cfg.latent.autoencoder_epsilon_share * cfg.privacy.target_epsilon
+    run = Path(s["run_dir"])
+    pre, ae, rel = (torch.load(run / f, map_location="cpu") for f in
+                    ("pretrained_generator.pt", "dp_finetune_autoencoder.pt", "dp_generator.pt"))
+    ae_keys = [k for k in rel if k.startswith("autoencoder.")]
+    assert ae_keys and all(torch.equal(ae[k], rel[k]) for k in ae_keys)
+    assert not all(torch.equal(pre[k], ae[k]) for k in ae_keys)
+    assert not all(torch.equal(ae[k], rel[k]) for k in rel if k.startswith("diffusion."))
+    man = json.loads((Path(s["synthetic_path"]) / "manifest.json").read_text())
+    assert man["num_images"] == 40 and man["epsilon"] == s["epsilon"]

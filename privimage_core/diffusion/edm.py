@@ -10,6 +10,8 @@ value for data in that range.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 from torch import nn
@@ -178,7 +180,8 @@ def sample(precond: nn.Module, class_labels, num_steps: int = 18, seed: int = 0,
            batch_size: int = 500, solver: str = "heun", device: str | torch.device = "cpu",
            image_shape: tuple[int, int, int] | None = None, start_index: int = 0,
            sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-           channels_last: bool | None = None) -> np.ndarray:
+           channels_last: bool | None = None,
+           decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> np.ndarray:
     """Deterministic EDM sampler (EDM Algorithm 1): Heun's 2nd-order method
     (2 * num_steps - 1 network evaluations) or Euler (num_steps evaluations)
     on the probability-flow ODE, over ``karras_sigmas``.
@@ -194,6 +197,9 @@ def sample(precond: nn.Module, class_labels, num_steps: int = 18, seed: int = 0,
     10-20% faster with oneDNN on this project's CPUs. The weights are converted
     in place (same Parameter objects, so optimisers and Opacus hooks are
     unaffected) and converted back at the end.
+
+    ``decode`` maps the final ODE state (float32) to images in [-1, 1]: a
+    latent model's decoder (models/latent/); None: the state is the image.
     """
     if solver not in ("euler", "heun"):
         raise ValueError(f"solver must be 'euler' or 'heun', got '{solver}'")
@@ -233,6 +239,7 @@ def sample(precond: nn.Module, class_labels, num_steps: int = 18, seed: int = 0,
                         d_next = (x_next - den2) / t_next
                         x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_next)
                     x = x_next
+                x = decode(x.float()) if decode is not None else x
                 img = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
                 outs.append(img.permute(0, 2, 3, 1).contiguous().cpu().numpy())
     finally:
@@ -240,5 +247,7 @@ def sample(precond: nn.Module, class_labels, num_steps: int = 18, seed: int = 0,
             precond.to(memory_format=torch.contiguous_format)
         precond.train(was_training)
     if not outs:
+        if decode is not None:
+            shape = tuple(decode(torch.zeros(1, *shape)).shape[1:])
         return np.zeros((0, shape[1], shape[2], shape[0]), np.uint8)
     return np.concatenate(outs)

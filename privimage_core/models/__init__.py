@@ -11,6 +11,9 @@ _FACTORIES = {
     "diffusion": lambda: __import__("privimage_core.models.diffusion",
                                     fromlist=["DiffusionFamily"]).DiffusionFamily(),
     "gan": lambda: __import__("privimage_core.models.gan", fromlist=["GANFamily"]).GANFamily(),
+    "latent_diffusion": lambda: __import__("privimage_core.models.latent",
+                                           fromlist=["LatentDiffusionFamily"]
+                                           ).LatentDiffusionFamily(),
 }
 
 FAMILY_NAMES: tuple[str, ...] = tuple(_FACTORIES)

@@ -16,6 +16,7 @@ DCGAN example) and run in ``after_dp_step``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Callable, ClassVar, Protocol
 
 import numpy as np
@@ -36,6 +37,24 @@ class DPObjective(Protocol):
              rnd: dict[str, torch.Tensor]) -> torch.Tensor: ...
 
 
+@dataclass(frozen=True)
+class DPStagePlan:
+    """What one DP-SGD stage of a family trains (``part``: the stage's
+    ``options["part"]``, None for a single-stage family) and with what:
+    ``steps`` and ``lr`` of the stage, and ``epsilon_share``: when set, the
+    stage's noise is calibrated so that it ALONE costs at most that share of
+    the run's epsilon (as the semantic query's share, query_budget.py); the
+    last stage (share None) gets what the composed ledger leaves."""
+    steps: int
+    lr: float
+    epsilon_share: float | None = None
+
+
+def no_part(family: str, part: str | None) -> None:
+    if part is not None:
+        raise ValueError(f"the {family} family has one DP part; stage part '{part}' is unknown")
+
+
 class PublicTrainer(ABC):
     """Non-private training on public images (pre-training, Algorithm 2 line 9)."""
 
@@ -54,6 +73,9 @@ class ModelFamily(ABC):
     name: ClassVar[str]
     # Config keys of `generator.preset` this family understands.
     presets: ClassVar[tuple[str, ...]]
+    # Keyword arguments of DDP for multi-worker pre-training (e.g. a family
+    # that trains one part per step needs find_unused_parameters).
+    public_ddp_kwargs: ClassVar[dict] = {}
 
     def options(self, cfg) -> dict:
         """Keyword arguments of ``make`` taken from the run's config (e.g. the
@@ -65,16 +87,30 @@ class ModelFamily(ABC):
              num_classes: int, **options) -> nn.Module:
         """Every network of the family in one module (checkpointed as one state dict)."""
 
-    def dp_module(self, model: nn.Module) -> nn.Module:
+    def dp_stage_plan(self, cfg, part: str | None = None) -> DPStagePlan | None:
+        """Steps, learning rate and budget share of the DP stage training
+        ``part``; None: the run's config leaves this stage out (e.g. a frozen
+        autoencoder). Default: the ``finetune`` section."""
+        no_part(self.name, part)
+        return DPStagePlan(cfg.finetune.steps, cfg.finetune.lr)
+
+    def dp_module(self, model: nn.Module, part: str | None = None) -> nn.Module:
         """The part DP-SGD trains on the sensitive data (default: all of it)."""
+        no_part(self.name, part)
         return model
 
     def release_module(self, model: nn.Module) -> nn.Module:
-        """The part that is released and sampled from (EMA'd; default: all of it)."""
+        """The part that is released and sampled from (default: all of it)."""
         return model
 
+    def ema_module(self, model: nn.Module, part: str | None = None) -> nn.Module:
+        """The submodule whose EMA a training stage keeps and releases
+        (``part`` None: pre-training and a single DP stage). Default: the
+        released module."""
+        return self.release_module(model)
+
     @abstractmethod
-    def dp_objective(self, model: nn.Module) -> DPObjective: ...
+    def dp_objective(self, model: nn.Module, part: str | None = None) -> DPObjective: ...
 
     def after_dp_step(self, model: nn.Module, lr: float) -> Callable[[], None] | None:
         """Post-processing after each noised DP step (a GAN's generator update)."""

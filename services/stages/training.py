@@ -74,15 +74,24 @@ def _with_ema(model_state: dict, ema_shadow: dict, release_prefix: str) -> dict:
     return out
 
 
-def _release_prefix(ctx: RunContext) -> str:
+def _release_prefix(ctx: RunContext, part: str | None = None) -> str:
+    """State-dict prefix of the submodule whose EMA the stage training
+    ``part`` keeps (ModelFamily.ema_module)."""
     from privimage_core.models import build_model, get_family
     fam = get_family(ctx.method.family)
     m = build_model(ctx.cfg, ctx.method.family, len(ctx.class_names))
-    rel = fam.release_module(m)
+    rel = fam.ema_module(m, part)
     for name, mod in m.named_modules():
         if mod is rel:
             return f"{name}." if name else ""
-    raise RuntimeError("release_module must be a submodule of the family's model")
+    raise RuntimeError("ema_module must be a submodule of the family's model")
+
+
+def release_file(stage: Stage) -> str:
+    """The weights a DP stage ends with: the release for the last stage
+    ("finetune"), an intermediate DP output for the others (dp_ldm's
+    autoencoder), which the next stage starts from."""
+    return RELEASE_FILE if stage.name == "finetune" else f"dp_{stage.name}.pt"
 
 
 def _pretrain_key(ctx: RunContext, stage: Stage, labels) -> str:
@@ -156,13 +165,22 @@ def dp_finetune(ctx: RunContext, stage: Stage) -> dict:
     from privimage_core.privacy_plan import dp_record_count
     from services.train_loops import finetune_loop
 
+    from privimage_core.privacy_plan import dp_stage_plan
+
     f, n, mech = ctx.cfg.finetune, len(ctx.inputs.sensitive), mechanism_of(stage)
+    part = stage.options.get("part")
+    plan = dp_stage_plan(ctx.cfg, ctx.method, stage)
+    if plan is None:  # the config leaves this stage out (e.g. a frozen autoencoder)
+        ctx.finish(stage, {"skipped": True})
+        ctx.log(f"[privimage] DP-SGD ({stage.name}): skipped by the config, no budget spent")
+        return {"skipped": 1}
     canaries = audit_canaries(ctx)  # drawn (and saved) before any DP-SGD step
     n_records = dp_record_count(ctx.cfg, n)
     # `total`: the steps this stage's record holds at the end (a resumed run's
     # record already holds some)
-    sigma, q, total = plan_noise(ctx.ledger, n_records, f.batch_size, f.steps,
-                                 f.noise_multiplier, mechanism=mech)
+    sigma, q, total = plan_noise(ctx.ledger, n_records, f.batch_size, plan.steps,
+                                 f.noise_multiplier, mechanism=mech,
+                                 epsilon_share=plan.epsilon_share)
     # Saved BEFORE any DP-SGD step: a run that dies from here on is charged
     # its whole plan by sweeps (spent_upper_bound), and a resume reads the
     # checkpoints' ledgers (resume_ledger).
@@ -170,9 +188,13 @@ def dp_finetune(ctx: RunContext, stage: Stage) -> dict:
         "mechanism": mech, "noise_multiplier": sigma, "sample_rate": q, "total_steps": total}
     ctx.state["ledger"] = ctx.ledger.state_dict()  # also for methods with no query before
     ctx.save()
-    ctx.tracker.params({"noise_multiplier": sigma, "sample_rate": q, "planned_steps": total})
+    ctx.tracker.params({"noise_multiplier": sigma, "sample_rate": q, "planned_steps": total,
+                        **({"epsilon_share": plan.epsilon_share} if plan.epsilon_share else {})})
+    share = (f", {plan.epsilon_share:g} of epsilon for this stage alone"
+             if plan.epsilon_share else "")
     ctx.log(f"[privimage] DP-SGD ({stage.name}): sigma={sigma:.4f}, q={q:.5f}, {total} steps "
-            f"(target eps={ctx.ledger.target_epsilon:g}, delta={ctx.ledger.target_delta:.2g})")
+            f"(target eps={ctx.ledger.target_epsilon:g}, delta={ctx.ledger.target_delta:.2g}"
+            f"{share})")
     init = ctx.values.get("init_state")
     resume = ctx.resume_checkpoints.get(stage.name)
     data_ref = ctx.sens_ref
@@ -188,6 +210,7 @@ def dp_finetune(ctx: RunContext, stage: Stage) -> dict:
                init_ref=ray.put(state_bytes(init)) if init is not None else None,
                ledger=ctx.ledger.state_dict(), mechanism=mech, noise_multiplier=sigma,
                total_steps=total, num_records=n_records if canaries is not None else None,
+               part=part,
                resume_checkpoint=resume and {"storage": ctx.storage, "relpath": resume})
     res = _fit(ctx, stage, finetune_loop, job)
     with res.checkpoint.as_directory() as d:
@@ -199,11 +222,13 @@ def dp_finetune(ctx: RunContext, stage: Stage) -> dict:
                                  f"{ledger.target_epsilon:g}; nothing was released")
     ctx.ledger = ledger
     ctx.state["ledger"] = ledger.state_dict()
-    release = _with_ema(model, ema, _release_prefix(ctx))  # EMA of DP iterates: post-processing
-    torch.save(release, ctx.run_dir / RELEASE_FILE)
+    # EMA of DP iterates: post-processing
+    release = _with_ema(model, ema, _release_prefix(ctx, part))
+    torch.save(release, ctx.run_dir / release_file(stage))
     (ctx.run_dir / "ledger.json").write_text(json.dumps(
         {**ledger.summary(), "guarantee": guarantee_statement(ctx)}, indent=2))
-    ctx.values["release_state"] = release
+    # the next DP stage (if any) starts from this one's DP output
+    ctx.values["release_state"] = ctx.values["init_state"] = release
     steps = ledger.steps_of(mech)
     ctx.finish(stage, {"steps": steps})
     if ctx.pm:
@@ -265,4 +290,7 @@ def audit_canaries(ctx: RunContext):
 
 
 def restore_dp_finetune(ctx: RunContext, stage: Stage, saved: dict) -> None:
-    ctx.values["release_state"] = torch.load(ctx.run_dir / RELEASE_FILE, map_location="cpu")
+    if saved.get("skipped"):
+        return
+    state = torch.load(ctx.run_dir / release_file(stage), map_location="cpu")
+    ctx.values["release_state"] = ctx.values["init_state"] = state

@@ -14,7 +14,7 @@ from torch import nn
 from privimage_core.diffusion.edm import (EDMObjective, EDMPrecond, edm_loss, sample,
                                           sample_training_noise)
 from privimage_core.diffusion.unet import PRESETS, build_unet
-from privimage_core.models.base import ModelFamily, PublicTrainer
+from privimage_core.models.base import ModelFamily, PublicTrainer, no_part
 
 
 def _null_label(model: nn.Module) -> int:
@@ -83,7 +83,8 @@ class DiffusionFamily(ModelFamily):
         model.null_label, model.label_dropout = num_classes, float(label_dropout)
         return model
 
-    def dp_objective(self, model):
+    def dp_objective(self, model, part=None):
+        no_part(self.name, part)
         return EDMObjective(label_dropout=getattr(_precond(model), "label_dropout", 0.0),
                             null_label=_null_label(model))
 

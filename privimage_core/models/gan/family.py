@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from privimage_core.diffusion.edm import LatentStream
-from privimage_core.models.base import ModelFamily, PublicTrainer
+from privimage_core.models.base import ModelFamily, PublicTrainer, no_part
 from privimage_core.models.gan.networks import (PRESETS, ConditionalGAN, Discriminator,
                                                 Generator, build_gan)
 
@@ -216,13 +216,15 @@ class GANFamily(ModelFamily):
         g_steps (G steps per update), g_batch (latents per G step)."""
         return build_gan(preset, image_size, channels, num_classes, **overrides)
 
-    def dp_module(self, model):
+    def dp_module(self, model, part=None):
+        no_part(self.name, part)
         return model.discriminator
 
     def release_module(self, model):
         return model.generator
 
-    def dp_objective(self, model):
+    def dp_objective(self, model, part=None):
+        no_part(self.name, part)
         return GANObjective(model)
 
     def after_dp_step(self, model, lr):
