@@ -156,3 +156,16 @@ def test_image_size_must_divide_by_the_downsampling():
     # the config keeps image sizes multiples of 4; a direct library call may not
     with pytest.raises(ConfigError, match="not divisible by latent.downsample"):
         FAM.make("tiny", {}, 30, 1, 10, downsample=4)
+
+
+def test_reconstruction_attack_runs_in_latent_space():
+    """Noise the latent, denoise once, decode: pixel-shaped output, the same
+    result for the same noise, and a real dependence on the noise level."""
+    _, m = _model()
+    rec = FAM.reconstructor(m)
+    x, y = _batch()
+    noise = torch.randn_like(x)
+    lo, hi = torch.full((4,), 0.1), torch.full((4,), 5.0)
+    a = rec(x, noise, lo, y)
+    assert a.shape == x.shape and torch.equal(a, rec(x, noise, lo, y))
+    assert not torch.allclose(a, rec(x, noise, hi, y))

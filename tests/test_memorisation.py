@@ -110,7 +110,7 @@ def test_reconstruction_not_applicable_without_denoiser_and_inconclusive_when_ti
     members, heldout = shapes(10, seed=31), shapes(10, seed=32)
     r = memo.reconstruction_attack(None, members, heldout, reason="the gan family has none")
     assert r == {"verdict": "not applicable", "reason": "the gan family has none"}
-    perfect = lambda x, s, y: x * 0 + torch.from_numpy(  # noqa: E731
+    perfect = lambda x, n, s, y: x * 0 + torch.from_numpy(  # noqa: E731
         members.images[:len(x)]).permute(0, 3, 1, 2).float() / 127.5 - 1
     small = memo.reconstruction_attack(perfect, members.subset(np.arange(2)),
                                        heldout.subset(np.arange(2)), noise_levels=(1.0,))
@@ -180,7 +180,7 @@ def _control(size: int, steps: int) -> dict:
     fam, out = get_family("diffusion"), {}
     for name, dp in (("non-DP", False), ("DP-SGD", True)):
         model, eps = _train(members, size, steps, dp)
-        rec = memo.reconstruction_attack(fam.denoiser(model), members, heldout)
+        rec = memo.reconstruction_attack(fam.reconstructor(model), members, heldout)
         dcr = memo.distance_to_closest_record(_samples(model, 20, members.class_names),
                                               members, heldout)["pixel"]
         out[name] = {"recon": rec, "dcr": dcr, "eps": eps}

@@ -23,7 +23,8 @@ and they are logged as non-private (``nonprivate_train.memorisation_*``).
 * Reconstruction attack (Carlini et al., USENIX Security 2023, "Extracting
   training data from diffusion models", Sec. 5-6: members are denoised far
   better than held-out images): each target is noised, x + sigma * eps, and
-  denoised in ONE step by the family's x0 prediction (``ModelFamily.denoiser``);
+  denoised in ONE step by the family's x0 prediction (``ModelFamily.reconstructor``;
+  a latent model noises and denoises the target's latent, then decodes);
   members and held-out images of the same class get the same eps (common
   random numbers). A one-sided Mann-Whitney U test per noise level
   (Bonferroni over the levels) asks whether members are reconstructed better.
@@ -242,15 +243,16 @@ def pairs_grid_png(synthetic: ImageSet, members: ImageSet, heldout: ImageSet, pa
     return buf.getvalue()
 
 
-def reconstruction_errors(denoise: Callable, images: ImageSet, sigma: float, seed: int = 0,
+def reconstruction_errors(reconstruct: Callable, images: ImageSet, sigma: float, seed: int = 0,
                           batch_size: int = 250) -> np.ndarray:
     """Per-image mean squared error (in [-1, 1] units) of the one-step
-    reconstruction denoise(x + sigma * eps, sigma, y) of x; eps is seeded per
-    (seed, position), so pair i of two sets sees the same noise."""
+    reconstruction reconstruct(x, eps, sigma, y) of x (for a pixel model
+    the denoiser on x + sigma * eps); eps is seeded per (seed, position),
+    so pair i of two sets sees the same noise."""
     from privimage_core.evaluation.membership import loss_threshold_scores
 
     def err(x, y, s, noise):
-        x0 = denoise(x + s * noise, torch.full((len(x),), float(s), dtype=x.dtype), y)
+        x0 = reconstruct(x, noise, torch.full((len(x),), float(s), dtype=x.dtype), y)
         return ((x0.clamp(-1, 1) - x) ** 2).flatten(1).mean(1)
 
     # loss_threshold_scores returns -(mean loss); with one level it is -error
@@ -258,15 +260,16 @@ def reconstruction_errors(denoise: Callable, images: ImageSet, sigma: float, see
                                   batch_size=batch_size)
 
 
-def reconstruction_attack(denoise: Callable | None, members: ImageSet, heldout: ImageSet,
+def reconstruction_attack(reconstruct: Callable | None, members: ImageSet, heldout: ImageSet,
                           noise_levels: Sequence[float] = (0.5, 1.0, 2.0), alpha: float = 0.05,
                           effect: float = 0.1, seed: int = 0, reason: str = "") -> dict:
     """Members vs held-out reconstruction errors per noise level: median
     errors, AUC = P(member error < held-out error), one-sided Mann-Whitney U
     p-value (Bonferroni-adjusted over the levels), and one verdict (the
-    strongest level). ``denoise`` None -> 'not applicable' with ``reason``."""
-    if denoise is None:
-        return {"verdict": "not applicable", "reason": reason or "the family has no denoiser"}
+    strongest level). ``reconstruct`` None -> 'not applicable' with ``reason``."""
+    if reconstruct is None:
+        return {"verdict": "not applicable",
+                "reason": reason or "the family has no one-step reconstruction"}
     from scipy.stats import mannwhitneyu, norm
 
     n1, n2 = len(members), len(heldout)
@@ -279,8 +282,8 @@ def reconstruction_attack(denoise: Callable | None, members: ImageSet, heldout: 
     min_det = float(min(1.0, 0.5 + (norm.ppf(1 - alpha / L) + _Z_POWER) * se0))
     levels, best = {}, None
     for s in noise_levels:
-        em = reconstruction_errors(denoise, members, s, seed)
-        eh = reconstruction_errors(denoise, heldout, s, seed)
+        em = reconstruction_errors(reconstruct, members, s, seed)
+        eh = reconstruction_errors(reconstruct, heldout, s, seed)
         u = mannwhitneyu(em, eh, alternative="less")
         auc = 1.0 - float(u.statistic) / (n1 * n2)  # U counts pairs member > held-out
         lv = {"auc": auc, "p_value": float(min(1.0, u.pvalue * L)),
@@ -312,7 +315,8 @@ def _message(name: str, r: dict, stat: str) -> str:
 
 
 def run_memorisation(ecfg, synthetic: ImageSet, members: ImageSet, heldout: ImageSet, *,
-                     denoise: Callable | None = None, no_denoiser: str = "", seed: int = 0,
+                     reconstruct: Callable | None = None, no_reconstruction: str = "",
+                     seed: int = 0,
                      feature_fn: Callable | None = None) -> tuple[dict, dict]:
     """Both checks with the ``evaluation.memorisation_*`` settings: DCR of
     ``memorisation_images`` synthetic images against all ``members`` and all
@@ -330,8 +334,8 @@ def run_memorisation(ecfg, synthetic: ImageSet, members: ImageSet, heldout: Imag
     dcr = distance_to_closest_record(syn, members, heldout, features=feature_fn,
                                      feature_images=ecfg.memorisation_feature_images, **kw)
     rm, rh = matched_references(members, heldout, ecfg.memorisation_reconstruction_images, seed)
-    rec = reconstruction_attack(denoise, rm, rh, ecfg.memorisation_noise_levels,
-                                reason=no_denoiser, **kw)
+    rec = reconstruction_attack(reconstruct, rm, rh, ecfg.memorisation_noise_levels,
+                                reason=no_reconstruction, **kw)
     m: dict[str, float] = {}
     info = {"messages": [], "verdicts": {}, "grid_png": None,
             "config": {k: getattr(ecfg, k) for k in (

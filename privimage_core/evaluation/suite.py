@@ -303,7 +303,7 @@ def run_evaluation(ecfg: EvaluationConfig, synthetic: ImageSet, real_test: Image
                 from privimage_core.models import get_family
                 fam = get_family(fam or "diffusion")
             rel = release if release is not None else generator
-            den = fam.denoiser(rel) if fam is not None and rel is not None else None
+            rec = fam.reconstructor(rel) if fam is not None and rel is not None else None
             why = ("no generator given" if rel is None else "no model family given" if fam is None
                    else f"the {fam.name} family has no one-step denoiser; DCR covers it")
             feat = None
@@ -319,7 +319,8 @@ def run_evaluation(ecfg: EvaluationConfig, synthetic: ImageSet, real_test: Image
                 with timed("memorisation"):
                     mm, info = memo.run_memorisation(
                         ecfg, synthetic, real_train, _subset(real_test, ho_idx, "heldout"),
-                        denoise=den, no_denoiser=why, seed=seed, feature_fn=feat)
+                        reconstruct=rec, no_reconstruction=why, seed=seed,
+                        feature_fn=feat)
             except DataError as e:
                 skip("memorisation checks", str(e))
             else:

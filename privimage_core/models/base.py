@@ -129,6 +129,17 @@ class ModelFamily(ABC):
                    seed: int = 0) -> torch.Tensor:
         """Per-example loss [B] for the membership audit (lower = more member-like)."""
 
+    def reconstructor(self, release: nn.Module) -> Callable | None:
+        """``f(x, noise, sigma [B], y) -> x0`` in [-1, 1]: the one-step
+        reconstruction of the clean images ``x`` noised at ``sigma`` with
+        ``noise`` (iid N(0, 1), x's shape), for the memorisation check's
+        reconstruction attack. Default: the denoiser on x + sigma * noise;
+        a latent family noises its latents instead; None: not applicable."""
+        den = self.denoiser(release)
+        if den is None:
+            return None
+        return lambda x, noise, sigma, y: den(x + sigma.reshape(-1, 1, 1, 1) * noise, sigma, y)
+
     def denoiser(self, release: nn.Module) -> Callable | None:
         """``f(x_noisy, sigma [B], y) -> x0`` in [-1, 1]: the family's one-step
         reconstruction of a noised image, for the memorisation check's

@@ -16,6 +16,7 @@ encoder. Sampling runs EDM's ODE in latent space and decodes.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -184,9 +185,25 @@ class LatentDiffusionFamily(ModelFamily):
             sigma, noise = sample_training_noise(z, generator=g)
             return edm_loss(m.diffusion, z, y, sigma, noise)
 
-    # denoiser: None. The memorisation check's reconstruction attack noises
-    # PIXELS; a latent model denoises latents, and encoding a noised image is
-    # not a noised latent, so the attack does not apply (DCR covers it).
+    def reconstructor(self, release):
+        """The reconstruction attack in latent space (Carlini et al. 2023,
+        denoising partly noised targets): encode x, noise the latent at
+        sigma, denoise in one step, decode. The latent noise is the first
+        C*h*w entries of the pixel noise given (still iid N(0, 1), and still
+        common to a member and its held-out pair)."""
+        m = _inner(release)
+        size = int(np.prod(m.latent_shape))
+        if size > m.channels * m.image_size ** 2:
+            return None
+
+        def reconstruct(x, noise, sigma, y):
+            with torch.no_grad():
+                z = m.autoencoder.encode(x)
+                n = noise.flatten(1)[:, :size].reshape(z.shape)
+                z0 = m.diffusion(z + sigma.reshape(-1, 1, 1, 1) * n, sigma, y)
+                return m.autoencoder.decode(z0)
+
+        return reconstruct
 
 
 __all__ = ["LatentDiffusionFamily", "PARTS"]
