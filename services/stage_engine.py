@@ -38,7 +38,8 @@ class RunContext:
     mlflow_run_id: str | None = None
     sens_ref: Any = None           # ray.ObjectRef of the sensitive (images, labels)
     # In-memory outputs handed from stage to stage (public_names, selection,
-    # pretrain_data, init_state, release_state, synthetic, evaluation, ...).
+    # pretrain_data, init_state (what the next training stage starts from),
+    # pretrained_state (public-only weights), release_state, synthetic, ...).
     values: dict = field(default_factory=dict)
     actors: dict = field(default_factory=dict)
     stage_seconds: dict = field(default_factory=dict)

@@ -90,8 +90,12 @@ def _canary_args(ctx: RunContext):
     path = ctx.run_dir / CANARY_FILE
     if not ctx.cfg.evaluation.canary_audit or not path.is_file():
         return None, None
-    init = ctx.values.get("init_state")
-    return asdict(CanarySet.load(path)), state_bytes(init) if init is not None else None
+    # The reference must never have seen a canary: the PUBLIC pre-trained
+    # weights, not init_state (a multi-stage method hands its DP stages'
+    # outputs on through it; after the last stage it is the release itself,
+    # and release - release scores every canary 0).
+    ref = ctx.values.get("pretrained_state")
+    return asdict(CanarySet.load(path)), state_bytes(ref) if ref is not None else None
 
 
 def _record_canary_audit(ctx: RunContext, detail: dict | None, verdict: str | None) -> None:

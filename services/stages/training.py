@@ -130,7 +130,7 @@ def pretrain(ctx: RunContext, stage: Stage) -> dict:
     if ctx.cfg.run.cache_public and cache.is_file():
         init = torch.load(cache, map_location="cpu")
         torch.save(init, ctx.run_dir / PRETRAINED_FILE)
-        ctx.values["init_state"] = init
+        ctx.values["init_state"] = ctx.values["pretrained_state"] = init
         ctx.finish(stage, {"steps": ctx.cfg.pretrain.steps, "images": len(labels),
                            "data": data, "cached": str(cache)})
         ctx.log(f"[privimage] pre-training: reused {cache.name} (public, same settings)")
@@ -146,7 +146,8 @@ def pretrain(ctx: RunContext, stage: Stage) -> dict:
         tmp = cache.with_suffix(f".tmp{os.getpid()}")
         torch.save(init, tmp)
         tmp.replace(cache)  # atomic: concurrent trials never read a half-written file
-    ctx.values["init_state"] = init
+    # public-only weights: the DP stages start here; the canary audit's reference
+    ctx.values["init_state"] = ctx.values["pretrained_state"] = init
     steps = res.metrics.get("step", 0)
     ctx.finish(stage, {"steps": steps, "images": len(labels), "data": data})
     ctx.log(f"[privimage] pre-training done: {steps} steps on {len(labels)} public images "
@@ -155,7 +156,8 @@ def pretrain(ctx: RunContext, stage: Stage) -> dict:
 
 
 def restore_pretrain(ctx: RunContext, stage: Stage, saved: dict) -> None:
-    ctx.values["init_state"] = torch.load(ctx.run_dir / PRETRAINED_FILE, map_location="cpu")
+    state = torch.load(ctx.run_dir / PRETRAINED_FILE, map_location="cpu")
+    ctx.values["init_state"] = ctx.values["pretrained_state"] = state
 
 
 def dp_finetune(ctx: RunContext, stage: Stage) -> dict:
