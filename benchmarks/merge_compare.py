@@ -12,7 +12,7 @@ import statistics
 import sys
 from pathlib import Path
 
-ORDER = ("privimage", "pdp_diffusion", "dpdm", "privimage_g", "dpgan")
+ORDER = ("privimage", "pdp_diffusion", "dpdm", "privimage_g", "dpgan", "dp_ldm")
 VERDICT = {1.0: "memorisation", 0.0: "no evidence", -1.0: "inconclusive"}
 
 
