@@ -187,9 +187,12 @@ def test_no_sensitive_data_leaves(finished_run):
 
 
 # DPDM's stages (fine-tuning, release) are DPGAN's with the diffusion family,
-# which the main run covers: opt-in (-m slow) to keep the default suite short.
+# which the main run covers; PDP-Diffusion's whole-pool pre-training is what
+# the main run's significance fallback runs too, and its query-free ledger is
+# DPGAN's: both opt-in (-m slow) to keep the default suite short.
 @pytest.mark.parametrize("method", [pytest.param("dpdm", marks=pytest.mark.slow),
-                                    "pdp_diffusion", "dpgan"])
+                                    pytest.param("pdp_diffusion", marks=pytest.mark.slow),
+                                    "dpgan"])
 def test_baselines_run_their_own_stages_and_spend_only_dp_sgd(ray_local, tmp_path, method):
     """DPDM (no public data) and PDP-Diffusion (whole pool, no query): no
     semantic-query mechanism in the ledger, all of epsilon to DP-SGD, and
