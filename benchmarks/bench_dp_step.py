@@ -116,12 +116,14 @@ def main() -> None:
              f"torch {torch.__version__}, logical batch {a.batch} (28x28x1) in physical "
              f"batches of {a.physical}, median of {a.repeats}",
              "preset  params   mode   K  ms/logical step  ms/image  ratio to non-private"]
+    rows_t: dict[str, list] = {}
     for preset in a.presets.split(","):
         params = sum(p.numel() for p in build_unet(preset, 28, 1, 10).parameters())
         t_plain = bench_plain(preset, x, y, a.physical, a.repeats)
         found = [("plain", 1, t_plain)]
         found += [(m, k, bench_private(preset, x, y, a.physical, a.repeats, m, k))
                   for m, k in rows]
+        rows_t[preset] = found
         for m, k, t in found:
             lines.append(f"{preset:<7} {params:>8}  {m:<5} {k:>2}  {1000 * t:>15.0f}  "
                          f"{1000 * t / a.batch:>8.2f}  {t / t_plain:>6.2f}")
@@ -134,6 +136,15 @@ def main() -> None:
     out = Path(__file__).parent / "results" / (a.out or f"dp_step-{date}.txt")
     out.parent.mkdir(exist_ok=True)
     out.write_text(text)
+    # the pipeline's default mode (finetune.grad_sample_mode vmap, K = 1)
+    from summary_json import update
+    ratios = {}
+    for preset, found in rows_t.items():
+        t = {(m, k): t for m, k, t in found}
+        if ("vmap", 1) in t and preset in ("tiny", "small"):
+            ratios[f"dp_step_ratio_{preset}"] = round(t[("vmap", 1)] / t[("plain", 1)], 3)
+    if ratios:
+        update(ratios)
 
 
 if __name__ == "__main__":

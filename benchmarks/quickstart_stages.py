@@ -23,6 +23,15 @@ def main() -> None:
     lines.append(f"# epsilon {s['epsilon']:.4f} delta {s['delta']:.1e} "
                  f"FID {s['fid']:.2f} accuracy {s['accuracy']:.4f}")
     run_summary.append("quickstart", lines)
+    from summary_json import update
+    import json
+    cfg = json.loads((Path(s["run_dir"]) / "pipeline_state.json").read_text())["config"]
+    fid5k = s.get("fid") if cfg["evaluation"]["fid"] and \
+        cfg["evaluation"]["fid_images"] >= 5000 else None  # FID at fewer images compares with nothing
+    update({"quickstart_driver_seconds": round(s["total_seconds"], 1),
+            "quickstart_cnn_accuracy": s["accuracy"],
+            **({"quickstart_fid_5k": fid5k} if fid5k is not None else {})},
+           append=("quickstart_driver_seconds", "quickstart_cnn_accuracy"))
 
 
 if __name__ == "__main__":

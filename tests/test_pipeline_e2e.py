@@ -310,8 +310,10 @@ def test_dp_ldm_runs_two_dp_sgd_stages_in_one_ledger(ray_local, tmp_path):
     from privimage_core.privacy_ledger import MechanismRecord, PrivacyLedger
     from services.pipeline import run_pipeline
 
-    cfg = from_dict({**tiny_config(tmp_path), "method": "dp_ldm",
-                     "latent": {"autoencoder_dp_steps": 2, "width": 8}})
+    # the release's evaluation is the main run's (audit and memorisation off here)
+    d = tiny_config(tmp_path, **{"evaluation.canary_audit": False,
+                                 "evaluation.memorisation": False})
+    cfg = from_dict({**d, "method": "dp_ldm", "latent": {"autoencoder_dp_steps": 2, "width": 8}})
     s = run_pipeline(cfg, log=lambda _: None)
     recs = s["ledger"]["records"]
     assert [r["name"] for r in recs] == ["semantic_distribution_query",

@@ -1,0 +1,40 @@
+"""benchmarks/results/summary.json: the headline figures, machine-readable
+(issue 11's keys), rewritten by the benchmark scripts that measure them.
+Every update stamps date, commit and machine; a key no script has measured
+yet stays null rather than being filled by hand."""
+from __future__ import annotations
+
+import datetime
+import json
+import subprocess
+from pathlib import Path
+
+PATH = Path(__file__).parent / "results" / "summary.json"
+KEYS = ("dp_step_ratio_tiny", "dp_step_ratio_small", "quickstart_driver_seconds",
+        "quickstart_cnn_accuracy", "quickstart_fid_5k", "fmnist_cnn_accuracy",
+        "folder400_relative_accuracy")
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=PATH.parent).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def update(values: dict, append: tuple[str, ...] = ()) -> dict:
+    """Set ``values`` (keys of KEYS); keys in ``append`` are lists that
+    gain the value (one entry per run) instead of being replaced."""
+    from bench_dp_step import cpu_name
+
+    unknown = set(values) - set(KEYS)
+    if unknown:
+        raise KeyError(f"not a summary key: {sorted(unknown)}; known: {', '.join(KEYS)}")
+    cur = json.loads(PATH.read_text()) if PATH.is_file() else {}
+    out = {"date": datetime.date.today().isoformat(), "commit": _commit(), "machine": cpu_name()}
+    out.update({k: cur.get(k) for k in KEYS})
+    for k, v in values.items():
+        out[k] = (list(out[k] or []) + [v]) if k in append else v
+    PATH.write_text(json.dumps(out, indent=2) + "\n")
+    return out
