@@ -169,7 +169,11 @@ def accumulate_grad_samples(dp: DPTraining, objective: DPObjective, x: torch.Ten
                             chunk_size: int | None = None) -> None:
     """Leave one per-example gradient (of the loss averaged over the k draws)
     in ``p.grad_sample`` for the physical batch (x, y), in either mode; the
-    caller then calls ``dp.optimizer.step()``."""
+    caller then calls ``dp.optimizer.step()``. An objective with
+    ``uses_multiplicity = False`` (a deterministic loss, e.g. an
+    autoencoder's) has nothing to average over: it runs at k = 1."""
+    if not getattr(objective, "uses_multiplicity", True):
+        noise_multiplicity = 1
     rnd = objective.draw(x, noise_multiplicity)
     if dp.grad_sample_mode == "vmap":
         compute_grad_samples(dp.model, objective, x, y, rnd, chunk_size)

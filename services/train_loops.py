@@ -193,8 +193,6 @@ def finetune_loop(config: dict) -> None:
     opt = torch.optim.Adam(dp_module.parameters(), lr=plan.lr)
     f = cfg.finetune
     objective = family.dp_objective(model, part)
-    # a deterministic per-example loss (an autoencoder's) has nothing to average over
-    k = f.noise_multiplicity if getattr(objective, "uses_multiplicity", True) else 1
     dp = make_private(dp_module, opt, x, y, batch_size=f.batch_size,
                       noise_multiplier=job.noise_multiplier, max_grad_norm=f.max_grad_norm,
                       ledger=ledger, distributed=world > 1, mechanism=job.mechanism,
@@ -235,7 +233,7 @@ def finetune_loop(config: dict) -> None:
                         checkpoint_every=job.checkpoint_every,
                         on_checkpoint=lambda s: _report({"step": s, "epsilon": ledger.epsilon()},
                                                         rank, save),
-                        objective=objective, noise_multiplicity=k,
+                        objective=objective, noise_multiplicity=f.noise_multiplicity,
                         after_step=after)
     # the last state is always a reported checkpoint (also when a resumed run
     # had no step left to take)

@@ -169,3 +169,19 @@ def test_reconstruction_attack_runs_in_latent_space():
     a = rec(x, noise, lo, y)
     assert a.shape == x.shape and torch.equal(a, rec(x, noise, lo, y))
     assert not torch.allclose(a, rec(x, noise, hi, y))
+
+
+def test_autoencoder_stage_runs_at_k1_whatever_the_noise_multiplicity():
+    """A deterministic loss has nothing to average: with noise multiplicity 4
+    the hooks mode still gets one gradient row per example (it would refuse
+    B rows where it expects B x 4)."""
+    from privimage_core.dp_finetune import accumulate_grad_samples, make_private
+    from privimage_core.privacy_ledger import PrivacyLedger
+
+    _, m = _model()
+    mod = FAM.dp_module(m, "autoencoder")
+    x, y = _batch(6)
+    dp = make_private(mod, torch.optim.Adam(mod.parameters()), x, y, 6, 1.0, 1.0,
+                      PrivacyLedger(10.0, 1e-5), grad_sample_mode="hooks")
+    accumulate_grad_samples(dp, FAM.dp_objective(m, "autoencoder"), x, y, noise_multiplicity=4)
+    assert all(p.grad_sample.shape[0] == 6 for p in dp.optimizer.params)

@@ -29,7 +29,9 @@ class DPObjective(Protocol):
     ([B, k, ...] per tensor: k = noise multiplicity), drawn outside the
     forward so that ``loss`` is a pure function (torch.func.vmap refuses
     random ops); ``loss`` returns [B], averaged over the k draws inside the
-    example (DPDM Sec. 3.2: one clipped gradient per example, same cost)."""
+    example (DPDM Sec. 3.2: one clipped gradient per example, same cost).
+    An objective may set ``uses_multiplicity = False`` when its loss draws
+    nothing (it then always runs at k = 1)."""
 
     def draw(self, x: torch.Tensor, k: int) -> dict[str, torch.Tensor]: ...
 

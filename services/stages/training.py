@@ -164,10 +164,8 @@ def dp_finetune(ctx: RunContext, stage: Stage) -> dict:
     import mlflow
     import ray
 
-    from privimage_core.privacy_plan import dp_record_count
+    from privimage_core.privacy_plan import dp_record_count, dp_stage_plan
     from services.train_loops import finetune_loop
-
-    from privimage_core.privacy_plan import dp_stage_plan
 
     f, n, mech = ctx.cfg.finetune, len(ctx.inputs.sensitive), mechanism_of(stage)
     part = stage.options.get("part")
