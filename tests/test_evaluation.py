@@ -76,6 +76,21 @@ def fid_feats(inception):
             (("a", a), ("b", b), ("c", c))} | {"a_images": a.images}
 
 
+def test_cpu_batching_keeps_features(inception, fid_feats, monkeypatch):
+    """The CPU default (batches of fid.CPU_BATCH in channels_last, chosen for
+    speed) gives the features of one NCHW batch, and read-only image arrays
+    (ImageSets hold them) go in without numpy's non-writable warning."""
+    import warnings
+    monkeypatch.setattr(fid, "CPU_BATCH", 3)  # 8 images: batches of 3, 3 and 2
+    x = np.array(fid_feats["a_images"])
+    assert len(x) == N_FID == 8
+    x.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        f = fid.extract_features(x, inception)
+    assert np.abs(f - fid_feats["a"]).max() < 1e-4
+
+
 def test_weights_found_and_verified(inception):
     p = fid.weights_path()
     assert p.name == "default_1.pt" and inception.model_id == fid.WEIGHTS_SHA1

@@ -138,7 +138,8 @@ def make_canaries(source: str, m: int, num_classes: int, image_size: int, channe
 
 
 def _to_model(images: np.ndarray) -> torch.Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    # torch.tensor copies: ImageSets hold read-only arrays, which from_numpy warns about
+    x = torch.tensor(images).permute(0, 3, 1, 2).float()
     return x / 127.5 - 1.0  # the models' [-1, 1] scale
 
 

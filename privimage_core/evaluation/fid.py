@@ -121,7 +121,7 @@ def preprocess(batch_uint8: np.ndarray, resize: str = "nv_bilinear",
     """uint8 [B,H,W,C] -> float [B,3,299,299] in (x-128)/128, the module's input."""
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
-    x = torch.from_numpy(np.ascontiguousarray(batch_uint8)).to(device)
+    x = torch.tensor(batch_uint8, device=device)  # a copy: read-only inputs do not warn
     x = x.permute(0, 3, 1, 2).float()
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
@@ -132,16 +132,28 @@ def preprocess(batch_uint8: np.ndarray, resize: str = "nv_bilinear",
     return (x - 128.0) / 128.0
 
 
+# Measured on a 2-core AMD EPYC (benchmarks/results/inception-2026-12-03.txt):
+# the FID Inception runs 1.5x faster in batches of 8 in channels_last than in
+# batches of 100 in NCHW (6.35 vs 4.25 images/s; features equal to 8e-6);
+# large CPU batches fall out of cache. GPUs keep large batches.
+CPU_BATCH = 8
+
+
 @torch.inference_mode()
-def extract_features(images_uint8, model=None, batch_size: int = 100,
+def extract_features(images_uint8, model=None, batch_size: int | None = None,
                      device: str | torch.device = "cpu", resize: str = "nv_bilinear") -> np.ndarray:
     """uint8 [N,H,W,C] (or ImageSet) -> float64 [N, 2048] pool3 features."""
     x = _as_uint8(images_uint8)
     model = model if model is not None else load_fid_inception()
     model = model.to(device)
+    on_cpu = torch.device(device).type == "cpu"
+    batch_size = batch_size or (CPU_BATCH if on_cpu else 100)
     feats = []
     for i in range(0, len(x), batch_size):
-        f = model(preprocess(x[i:i + batch_size], resize, device))
+        inp = preprocess(x[i:i + batch_size], resize, device)
+        if on_cpu:
+            inp = inp.contiguous(memory_format=torch.channels_last)
+        f = model(inp)
         feats.append(f.reshape(f.shape[0], -1).double().cpu().numpy())
     return np.concatenate(feats) if feats else np.zeros((0, FEATURE_DIM))
 
@@ -220,7 +232,7 @@ class FIDCache:
     def path(self, key: str) -> Path | None:
         return self.dir / f"fid-{key}.npz" if self.dir else None
 
-    def features(self, images, model=None, batch_size: int = 100, device="cpu",
+    def features(self, images, model=None, batch_size: int | None = None, device="cpu",
                  resize: str = "nv_bilinear") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(feats, mu, sigma) of ``images``, from disk when cached."""
         x = _as_uint8(images)
@@ -253,7 +265,7 @@ def cached_stats(images, cache_dir: str | None, model=None) -> tuple[np.ndarray,
 
 
 def compute_fid(synthetic, real, cache_dir: str | None = None, weights: str | None = None,
-                batch_size: int = 100, device: str = "cpu", resize: str = "nv_bilinear",
+                batch_size: int | None = None, device: str = "cpu", resize: str = "nv_bilinear",
                 model=None) -> float:
     """FID between a synthetic and a real image set (uint8 arrays or ImageSets).
 
