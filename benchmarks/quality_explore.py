@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--ema", type=float, default=0.9)
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--k", type=int, default=1, help="noise multiplicity")
+    ap.add_argument("--p-mean", type=float, default=None,
+                    help="fine-tuning's log-normal noise-level mean (EDM's -1.2 if unset)")
     ap.add_argument("--grad-mode", default=None)
     ap.add_argument("--num-images", default="3000",
                     help="comma-separated: every value is sampled from the same DP model")
@@ -80,6 +82,8 @@ def main() -> None:
         kw["noise_multiplicity"] = a.k
     if "objective" in params:
         kw["objective"] = fam.dp_objective(model)
+        if a.p_mean is not None:
+            kw["objective"].p_mean = a.p_mean
     t1 = time.time()
     dp_finetune(dp, ema, model, total, a.physical, **kw)
     t_ft = time.time() - t1

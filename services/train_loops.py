@@ -192,7 +192,7 @@ def finetune_loop(config: dict) -> None:
         dp_module = DPDDP(ray.train.torch.prepare_model(dp_module, parallel_strategy=None))
     opt = torch.optim.Adam(dp_module.parameters(), lr=plan.lr)
     f = cfg.finetune
-    objective = family.dp_objective(model, part)
+    objective = family.dp_objective(model, part, cfg=cfg)
     dp = make_private(dp_module, opt, x, y, batch_size=f.batch_size,
                       noise_multiplier=job.noise_multiplier, max_grad_norm=f.max_grad_norm,
                       ledger=ledger, distributed=world > 1, mechanism=job.mechanism,

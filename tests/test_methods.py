@@ -144,3 +144,21 @@ def test_classifier_free_guidance_reserves_a_null_label_and_mixes_two_passes():
     assert 0.4 < rnd["drop"].float().mean() < 0.6
     with pytest.raises(ConfigError, match="label_dropout"):
         from_dict({"sampling": {"guidance": 1.5}})
+
+
+def test_diffusion_dp_objective_draws_the_configured_noise_levels():
+    """finetune.noise_level_mean/std reach the DP loss of a run (the driver
+    passes its config), and the draws follow them; without a config the
+    family keeps EDM's -1.2."""
+    fam = get_family("diffusion")
+    model = fam.make("tiny", {}, 28, 1, 10)
+    cfg = from_dict({"finetune": {"noise_level_mean": 0.5, "noise_level_std": 0.1}})
+    obj = fam.dp_objective(model, cfg=cfg)
+    x = torch.zeros(4000, 1, 2, 2)
+    g = torch.Generator().manual_seed(0)
+    ln = obj.draw(x, 1, generator=g)["sigma"].log()
+    assert abs(ln.mean().item() - 0.5) < 0.01 and abs(ln.std().item() - 0.1) < 0.01
+    assert fam.dp_objective(model).p_mean == -1.2
+    assert from_dict({}).finetune.noise_level_mean == 0.0
+    with pytest.raises(ConfigError, match="noise_level_std"):
+        from_dict({"finetune": {"noise_level_std": 0}})

@@ -112,7 +112,10 @@ class ModelFamily(ABC):
         return self.release_module(model)
 
     @abstractmethod
-    def dp_objective(self, model: nn.Module, part: str | None = None) -> DPObjective: ...
+    def dp_objective(self, model: nn.Module, part: str | None = None,
+                     cfg=None) -> DPObjective:
+        """The per-example loss DP-SGD clips; ``cfg`` (the run's config, None
+        in unit tests: the family's defaults) carries its settings."""
 
     def after_dp_step(self, model: nn.Module, lr: float) -> Callable[[], None] | None:
         """Post-processing after each noised DP step (a GAN's generator update)."""

@@ -83,10 +83,12 @@ class DiffusionFamily(ModelFamily):
         model.null_label, model.label_dropout = num_classes, float(label_dropout)
         return model
 
-    def dp_objective(self, model, part=None):
+    def dp_objective(self, model, part=None, cfg=None):
         no_part(self.name, part)
+        levels = {} if cfg is None else {"p_mean": cfg.finetune.noise_level_mean,
+                                         "p_std": cfg.finetune.noise_level_std}
         return EDMObjective(label_dropout=getattr(_precond(model), "label_dropout", 0.0),
-                            null_label=_null_label(model))
+                            null_label=_null_label(model), **levels)
 
     def public_trainer(self, model, lr):
         return _EDMTrainer(model, lr, getattr(_precond(model), "label_dropout", 0.0))

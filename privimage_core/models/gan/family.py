@@ -223,7 +223,7 @@ class GANFamily(ModelFamily):
     def release_module(self, model):
         return model.generator
 
-    def dp_objective(self, model, part=None):
+    def dp_objective(self, model, part=None, cfg=None):
         no_part(self.name, part)
         return GANObjective(model)
 

@@ -158,7 +158,7 @@ class LatentDiffusionFamily(ModelFamily):
         m = _inner(model)
         return m.autoencoder if part == "autoencoder" else m.diffusion
 
-    def dp_objective(self, model, part=None):
+    def dp_objective(self, model, part=None, cfg=None):
         m = _inner(model)
         if _part(part) == "autoencoder":
             return AutoencoderObjective()
