@@ -51,11 +51,8 @@ def main() -> None:
     rows.append(f"# extract_features default (batch {fid.CPU_BATCH}, channels_last): "
                 f"{len(x) / (time.perf_counter() - default):.2f} images/s")
     import datetime
-    import subprocess
-    from bench_dp_step import cpu_name
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    header = [f"# FID Inception throughput, {datetime.date.today().isoformat()}, commit {commit}",
+    from bench_dp_step import cpu_name, git_commit
+    header = [f"# FID Inception throughput, {datetime.date.today().isoformat()}, commit {git_commit()}",
               f"# machine: {cpu_name()}; {a.images} MNIST-size images upsampled to 299, "
               f"{a.threads} threads"] + ([f"# note: {a.note}"] if a.note else [])
     run_summary.append("inception", header + rows)
