@@ -379,6 +379,9 @@ def validate(cfg: Config) -> None:
              "sampling.num_images and sampling.num_steps must be >= 1")
     _require(cfg.ray.num_workers >= 0, "ray.num_workers must be >= 0 (0 = in-process)")
     _require(cfg.ray.cpus_per_worker > 0, "ray.cpus_per_worker must be > 0 (Ray rejects 0 CPUs)")
+    _require(cfg.ray.checkpoints_per_stage >= 1,
+             f"ray.checkpoints_per_stage must be >= 1, got {cfg.ray.checkpoints_per_stage}; "
+             "set e.g. 4")
     validate_evaluation(cfg.evaluation)
     validate_latent(cfg.latent)
     validate_tune(cfg.tune, set(cfg.flat()))

@@ -16,6 +16,10 @@ class RayConfig:
     cpus_per_worker: float = 2.0
     storage_path: str | None = None
     max_failures: int = 0
+    # Ray Train checkpoints per training stage (every steps // n steps, plus the
+    # last): what a restarted worker group or a resumed driver can lose is at
+    # most 1/n of a stage; each checkpoint costs a save and a Ray report.
+    checkpoints_per_stage: int = 4
 
 
 @dataclass

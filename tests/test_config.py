@@ -26,6 +26,7 @@ def test_defaults_validate_and_flatten():
         ({"method": "dpgann"}, "method .dpgann. is unknown; use one of privimage"),
         ({"method": "pdp_diffusion", "pretrain": {"steps": 0}}, "use method dpdm"),
     ({"ray": {"cpus_per_worker": 0}}, "Ray rejects 0 CPUs"),
+    ({"ray": {"checkpoints_per_stage": 0}}, "ray.checkpoints_per_stage must be >= 1"),
 ])
 def test_bad_values_are_named(bad, match):
     with pytest.raises(ConfigError, match=match) as e:

@@ -17,7 +17,9 @@ import pytest
 from privimage_core.config import from_dict
 from tests.test_pipeline_e2e import tiny_config
 
-pytestmark = pytest.mark.ray
+# Opt-in (-m slow): 110 s of a 20-minute default suite on 2 cores. The
+# default suite keeps the driver-restart resume (tests/test_pipeline_e2e.py).
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 STEPS, EVERY = 20, 5
 
@@ -54,7 +56,8 @@ def test_killed_worker_recovers_with_the_uninterrupted_ledger(tmp_path):
 
     d = tiny_config(tmp_path, **{"finetune.steps": STEPS, "finetune.batch_size": 100,
                                  "finetune.physical_batch_size": 50,
-                                 "ray.max_failures": 2, "metrics.enabled": False})
+                                 "ray.max_failures": 2, "ray.checkpoints_per_stage": STEPS // EVERY,
+                                 "metrics.enabled": False})
     d["pretrain"]["steps"] = 2
     cfg = from_dict({**d, "method": "dpdm"})
     ensure_ray(RayConfig(), num_cpus=2)

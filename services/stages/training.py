@@ -136,7 +136,7 @@ def pretrain(ctx: RunContext, stage: Stage) -> dict:
         ctx.log(f"[privimage] pre-training: reused {cache.name} (public, same settings)")
         return {"cached": 1, "num_pretrain_images": len(labels)}
     job = _job(ctx, stage, ray.put((images, labels)), mlflow.active_run().info.run_id,
-               checkpoint_every=max(1, ctx.cfg.pretrain.steps // 4))
+               checkpoint_every=max(1, ctx.cfg.pretrain.steps // ctx.cfg.ray.checkpoints_per_stage))
     res = _fit(ctx, stage, pretrain_loop, job)
     model, ema = _model_state(res)
     init = _with_ema(model, ema, _release_prefix(ctx))
@@ -206,7 +206,7 @@ def dp_finetune(ctx: RunContext, stage: Stage) -> dict:
                 f"DP-SGD set with probability 1/2 (the bits stay in {CANARY_FILE}, operator "
                 "only)")
     job = _job(ctx, stage, data_ref, mlflow.active_run().info.run_id,
-               checkpoint_every=max(1, total // 4),
+               checkpoint_every=max(1, total // ctx.cfg.ray.checkpoints_per_stage),
                init_ref=ray.put(state_bytes(init)) if init is not None else None,
                ledger=ctx.ledger.state_dict(), mechanism=mech, noise_multiplier=sigma,
                total_steps=total, num_records=n_records if canaries is not None else None,
