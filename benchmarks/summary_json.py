@@ -12,7 +12,7 @@ from pathlib import Path
 PATH = Path(__file__).parent / "results" / "summary.json"
 KEYS = ("dp_step_ratio_tiny", "dp_step_ratio_small", "quickstart_driver_seconds",
         "quickstart_cnn_accuracy", "quickstart_fid_5k", "fmnist_cnn_accuracy",
-        "folder400_relative_accuracy")
+        "folder400_relative_accuracy", "quality_cpu_cnn_accuracy", "quality_cpu_driver_seconds")
 
 
 def _commit() -> str:
