@@ -2,16 +2,16 @@
 result block in benchmarks/results/data-runs-<date>.txt and its summary.json
 key.
 
-  fmnist     Fashion-MNIST sensitive, public glyphs + MNIST:
-             fmnist_cnn_accuracy = CNN accuracy on the real test split
-  folder400  a user ImageFolder of 400 images per class:
-             folder400_relative_accuracy = CNN accuracy / the same report's
-             train-on-real CNN ceiling
+  fmnist       Fashion-MNIST sensitive, public glyphs + MNIST:
+               fmnist_cnn_accuracy = CNN accuracy on the real test split
+  folder400    a user ImageFolder of 400 images per class:
+               folder400_relative_accuracy = CNN accuracy / the same report's
+               train-on-real CNN ceiling
   quality_cpu  MNIST with configs/quality-cpu.yaml (60-minute budget):
-             quality_cpu_cnn_accuracy and quality_cpu_driver_seconds, one
-             entry per run (lists)
+               quality_cpu_cnn_accuracy and quality_cpu_driver_seconds, one
+               entry per run (lists)
 
-Both figures are non-private evaluation (they read the real test split);
+All figures are non-private evaluation (they read the real test split);
 nothing is selected on them.
 
   python benchmarks/data_runs.py fmnist runs/<run>/summary.json --note "..."
@@ -19,23 +19,28 @@ nothing is selected on them.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import run_summary
-from bench_dp_step import cpu_name
 from summary_json import update
 
-KINDS = {"fmnist": "fmnist_cnn_accuracy", "folder400": "folder400_relative_accuracy",
-         "quality_cpu": "quality_cpu_cnn_accuracy"}
+
+class Kind(NamedTuple):
+    key: str                        # the summary.json key of the accuracy figure
+    relative: bool = False          # CNN accuracy over the report's train-on-real ceiling
+    seconds_key: str | None = None  # set: a repeated setting, both keys are per-run lists
 
 
-def figure(kind: str, evaluation: dict) -> float:
+KINDS = {"fmnist": Kind("fmnist_cnn_accuracy"),
+         "folder400": Kind("folder400_relative_accuracy", relative=True),
+         "quality_cpu": Kind("quality_cpu_cnn_accuracy", seconds_key="quality_cpu_driver_seconds")}
+
+
+def figure(kind: Kind, evaluation: dict) -> float:
     acc = evaluation["accuracy_cnn"]
-    if kind in ("fmnist", "quality_cpu"):
-        return round(acc, 4)
-    return round(acc / evaluation["ceiling_accuracy_cnn"], 4)
+    return round(acc / evaluation["ceiling_accuracy_cnn"] if kind.relative else acc, 4)
 
 
 def main() -> None:
@@ -46,10 +51,9 @@ def main() -> None:
     a = ap.parse_args()
     s = json.loads(Path(a.summary).read_text())
     e = s["evaluation"]
-    value = figure(a.kind, e)
-    lines = [f"# {a.kind} run, {datetime.date.today().isoformat()}",
-             f"# machine: {cpu_name()}; run {Path(s['run_dir']).name}"]
-    lines += [f"# note: {a.note}"] if a.note else []
+    kind = KINDS[a.kind]
+    value = figure(kind, e)
+    lines = run_summary.header(f"{a.kind} run", s, a.note)
     lines.append("CNN / MLP / LR (%): " + " / ".join(f"{100 * e[f'accuracy_{c}']:.1f}"
                                                  for c in ("cnn", "mlp", "lr")))
     lines.append("train-on-real ceiling CNN / MLP / LR (%): " + " / ".join(
@@ -60,13 +64,13 @@ def main() -> None:
                  f"{s['total_seconds']:.0f} s; selection warning: {s.get('selection_warning')}")
     lines.append("stage seconds: " + ", ".join(f"{k} {v:.0f}"
                                                for k, v in s.get("stage_seconds", {}).items()))
-    lines.append(f"{KINDS[a.kind]} = {value}")
+    lines.append(f"{kind.key} = {value}")
     run_summary.append("data-runs", lines)
-    if a.kind == "quality_cpu":  # several runs of one setting: lists
-        update({KINDS[a.kind]: value, "quality_cpu_driver_seconds": round(s["total_seconds"], 1)},
-               append=(KINDS[a.kind], "quality_cpu_driver_seconds"))
+    if kind.seconds_key:
+        update({kind.key: value, kind.seconds_key: round(s["total_seconds"], 1)},
+               append=(kind.key, kind.seconds_key))
     else:
-        update({KINDS[a.kind]: value})
+        update({kind.key: value})
 
 
 if __name__ == "__main__":
