@@ -379,6 +379,10 @@ def validate(cfg: Config) -> None:
              "sampling.num_images and sampling.num_steps must be >= 1")
     _require(cfg.ray.num_workers >= 0, "ray.num_workers must be >= 0 (0 = in-process)")
     _require(cfg.ray.cpus_per_worker > 0, "ray.cpus_per_worker must be > 0 (Ray rejects 0 CPUs)")
+    from privimage_core.config_infra import TRAIN_LOG_LEVELS
+    _require(cfg.ray.train_log_level in TRAIN_LOG_LEVELS,
+             f"ray.train_log_level must be one of {', '.join(TRAIN_LOG_LEVELS)}, "
+             f"got '{cfg.ray.train_log_level}'")
     _require(cfg.ray.checkpoints_per_stage >= 1,
              f"ray.checkpoints_per_stage must be >= 1, got {cfg.ray.checkpoints_per_stage}; "
              "set e.g. 4")

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Levels Ray Train's LoggingConfig accepts for its own console lines.
+TRAIN_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
 
 @dataclass
 class RayConfig:
@@ -20,6 +23,11 @@ class RayConfig:
     # last): what a restarted worker group or a resumed driver can lose is at
     # most 1/n of a stage; each checkpoint costs a save and a Ray report.
     checkpoints_per_stage: int = 4
+    # Ray Train's own console lines (worker group start, "Checkpoint
+    # successfully created", "Reporting training result"): INFO prints one per
+    # checkpoint; WARNING keeps warnings and errors. The stages' progress
+    # lines come from this program, not from Ray Train, and stay.
+    train_log_level: str = "WARNING"
 
 
 @dataclass

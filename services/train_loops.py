@@ -77,9 +77,24 @@ def _log_mlflow(job: TrainJob, metrics: dict, step: int) -> None:
             print(f"[privimage] mlflow logging failed: {e}")
 
 
+def _quiet_ray_train(level: str) -> None:
+    """Apply ray.train_log_level to the line Ray 2.60 prints per report
+    ("Reporting training result ..."): its module logs through
+    ``logging.getLogger(__file__)``, a logger named by the file's path, which
+    the level filter of Ray Train's LoggingConfig (loggers "ray.train.*")
+    does not reach."""
+    import logging
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(level)
+
+
 def _setup(job: TrainJob):
     cfg = from_dict(job.cfg)
     configure_torch(cfg)
+    _quiet_ray_train(cfg.ray.train_log_level)
     rank, world = _ctx()
     dev = _device(cfg)
     family = get_family(job.family)

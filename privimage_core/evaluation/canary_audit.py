@@ -39,6 +39,7 @@ from scipy.special import expit
 from scipy.stats import binom
 
 from privimage_core.config_evaluation import CANARY_SOURCES
+from privimage_core.data.imageset import writable_tensor
 from privimage_core.errors import DataError
 
 CANARY_FILE = "audit_canaries.npz"   # in the run dir: operator only (holds the bits)
@@ -158,7 +159,7 @@ def score_canaries(family, release: torch.nn.Module, images: np.ndarray, labels:
     out = np.zeros(len(labels), dtype=np.float64)
     try:
         for i in range(0, len(labels), batch_size):
-            x, y = _to_model(images[i:i + batch_size]), torch.from_numpy(labels[i:i + batch_size])
+            x, y = _to_model(images[i:i + batch_size]), writable_tensor(labels[i:i + batch_size])
             dev = next(release.parameters()).device
             x, y = x.to(dev), y.to(dev)
             for r in range(repeats):

@@ -40,7 +40,7 @@ def _fit(ctx: RunContext, stage: Stage, loop, job: TrainJob):
 
 
 def _trainer(ctx: RunContext, stage: Stage, loop, job: TrainJob, r):
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     return TorchTrainer(
@@ -48,7 +48,8 @@ def _trainer(ctx: RunContext, stage: Stage, loop, job: TrainJob, r):
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                      resources_per_worker={"CPU": r.cpus_per_worker}),
         run_config=RunConfig(name=trainer_name(ctx.run_dir, stage.name), storage_path=ctx.storage,
-                             failure_config=FailureConfig(max_failures=r.max_failures)))
+                             failure_config=FailureConfig(max_failures=r.max_failures),
+                             logging_config=LoggingConfig(log_level=r.train_log_level)))
 
 
 def _job(ctx: RunContext, stage: Stage, data_ref, mlflow_run_id, **kw) -> TrainJob:
