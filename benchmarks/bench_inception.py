@@ -1,6 +1,8 @@
 """FID Inception throughput on this CPU by batch size and memory format, and
 the largest feature difference against the NCHW batch-100 reference (the
-setting before 2026-12-03). Appends to benchmarks/results/inception-<date>.txt.
+setting before 2026-12-03); then each backend of ``extract_features``
+(torch, OpenVINO) at its default batch. Appends to
+benchmarks/results/inception-<date>.txt.
 
     .venv/bin/python benchmarks/bench_inception.py --note "idle machine"
 """
@@ -46,10 +48,16 @@ def main() -> None:
         for cl in (False, True):
             ips, f = run(bs, cl)
             rows.append(f"{bs:>5}  {str(cl):>13}  {ips:>12.2f}  {np.abs(f - ref).max():.2e}")
-    default = time.perf_counter()
-    fid.extract_features(x, model)
-    rows.append(f"# extract_features default (batch {fid.CPU_BATCH}, channels_last): "
-                f"{len(x) / (time.perf_counter() - default):.2f} images/s")
+    from privimage_core.evaluation import inception_openvino as ovi
+    backends = ["torch"] + (["openvino"] if ovi.available() else [])
+    for backend in backends:
+        fid.extract_features(x[:16], model, backend=backend)  # warm-up / compile once
+        t = time.perf_counter()
+        f = fid.extract_features(x, model, backend=backend)
+        ips = len(x) / (time.perf_counter() - t)
+        rel = (np.linalg.norm(f - ref, axis=1) / np.linalg.norm(ref, axis=1)).max()
+        rows.append(f"# extract_features backend={backend}: {ips:.2f} images/s, max relative "
+                    f"feature difference vs nchw100 {rel:.1e}")
     import datetime
     from bench_dp_step import cpu_name, git_commit
     header = [f"# FID Inception throughput, {datetime.date.today().isoformat()}, commit {git_commit()}",

@@ -27,6 +27,9 @@ def test_defaults_validate_and_flatten():
         ({"method": "pdp_diffusion", "pretrain": {"steps": 0}}, "use method dpdm"),
     ({"ray": {"cpus_per_worker": 0}}, "Ray rejects 0 CPUs"),
     ({"ray": {"checkpoints_per_stage": 0}}, "ray.checkpoints_per_stage must be >= 1"),
+    ({"ray": {"train_log_level": "LOUD"}}, "ray.train_log_level must be one of DEBUG, INFO"),
+    ({"evaluation": {"inception_backend": "tensorrt"}},
+     "evaluation.inception_backend must be one of auto, torch, openvino"),
 ])
 def test_bad_values_are_named(bad, match):
     with pytest.raises(ConfigError, match=match) as e:

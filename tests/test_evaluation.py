@@ -72,7 +72,7 @@ def fid_feats(inception):
     a = shapes(N_FID, size=32, seed=1, channels=3)
     b = shapes(N_FID, size=32, seed=2, channels=3)
     c = noised(b, std=70)
-    return {k: fid.extract_features(v, inception, batch_size=N_FID) for k, v in
+    return {k: fid.extract_features(v, inception, batch_size=N_FID, backend="torch") for k, v in
             (("a", a), ("b", b), ("c", c))} | {"a_images": a.images}
 
 
@@ -87,8 +87,31 @@ def test_cpu_batching_keeps_features(inception, fid_feats, monkeypatch):
     x.setflags(write=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        f = fid.extract_features(x, inception)
+        f = fid.extract_features(x, inception, backend="torch")
     assert np.abs(f - fid_feats["a"]).max() < 1e-4
+
+
+def test_openvino_backend_gives_the_torch_features(inception, fid_feats):
+    """The OpenVINO backend (the CPU default when installed) runs the same
+    float32 network: features equal torch's to float32 rounding, so FIDs
+    and the feature cache do not depend on the backend."""
+    from privimage_core.evaluation import inception_openvino as ovi
+    if not ovi.available():
+        pytest.skip("openvino is not installed (requirements.txt pins it)")
+    assert fid.resolve_backend("auto") == "openvino"
+    assert fid.resolve_backend("torch") == "torch"
+    f = fid.extract_features(fid_feats["a_images"], inception, backend="openvino")
+    ref = fid_feats["a"]
+    assert f.shape == ref.shape
+    rel = np.linalg.norm(f - ref, axis=1) / np.linalg.norm(ref, axis=1)
+    assert rel.max() < 1e-4, rel.max()
+
+
+def test_openvino_backend_refused_where_it_cannot_run():
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        fid.resolve_backend("openvino", device="cuda")
+    with pytest.raises(ValueError, match="must be one of"):
+        fid.resolve_backend("tensorrt")
 
 
 def test_weights_found_and_verified(inception):

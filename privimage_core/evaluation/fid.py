@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from privimage_core.config_evaluation import INCEPTION_BACKENDS
 from privimage_core.errors import DataError, MissingWeightsError
 
 WEIGHTS_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
@@ -139,12 +140,30 @@ def preprocess(batch_uint8: np.ndarray, resize: str = "nv_bilinear",
 CPU_BATCH = 8
 
 
+def resolve_backend(backend: str, device: str | torch.device = "cpu") -> str:
+    """'torch' or 'openvino' for ``evaluation.inception_backend`` on ``device``:
+    'auto' is OpenVINO on a CPU where it is installed, else torch (GPUs
+    always run torch)."""
+    if backend not in INCEPTION_BACKENDS:
+        raise ValueError(f"inception backend must be one of {INCEPTION_BACKENDS}, got {backend!r}")
+    from privimage_core.evaluation import inception_openvino as ovi
+    on_cpu = torch.device(device).type == "cpu"
+    if backend == "openvino":
+        if not on_cpu:
+            raise ValueError("the openvino Inception backend runs on the CPU; set "
+                             "evaluation.inception_backend: torch for a GPU")
+        if not ovi.available():
+            raise MissingWeightsError("evaluation.inception_backend is openvino but the openvino "
+                                      "package is not installed; pip install -r requirements.txt "
+                                      "or set evaluation.inception_backend: torch")
+        return "openvino"
+    if backend == "auto" and on_cpu and ovi.available():
+        return "openvino"
+    return "torch"
+
+
 @torch.inference_mode()
-def extract_features(images_uint8, model=None, batch_size: int | None = None,
-                     device: str | torch.device = "cpu", resize: str = "nv_bilinear") -> np.ndarray:
-    """uint8 [N,H,W,C] (or ImageSet) -> float64 [N, 2048] pool3 features."""
-    x = _as_uint8(images_uint8)
-    model = model if model is not None else load_fid_inception()
+def _torch_features(x: np.ndarray, model, batch_size: int | None, device, resize: str) -> list:
     model = model.to(device)
     on_cpu = torch.device(device).type == "cpu"
     batch_size = batch_size or (CPU_BATCH if on_cpu else 100)
@@ -155,6 +174,35 @@ def extract_features(images_uint8, model=None, batch_size: int | None = None,
             inp = inp.contiguous(memory_format=torch.channels_last)
         f = model(inp)
         feats.append(f.reshape(f.shape[0], -1).double().cpu().numpy())
+    return feats
+
+
+def _openvino_features(x: np.ndarray, model, batch_size: int | None, resize: str) -> list:
+    from privimage_core.evaluation import inception_openvino as ovi
+    batch_size = batch_size or ovi.BATCH
+    feats, cm = [], None
+    for i in range(0, len(x), batch_size):
+        with torch.inference_mode():
+            inp = preprocess(x[i:i + batch_size], resize, "cpu")
+        cm = cm or ovi.compiled(model, inp.clone())
+        feats.append(ovi.run(cm, inp).astype(np.float64))
+    return feats
+
+
+def extract_features(images_uint8, model=None, batch_size: int | None = None,
+                     device: str | torch.device = "cpu", resize: str = "nv_bilinear",
+                     backend: str = "auto") -> np.ndarray:
+    """uint8 [N,H,W,C] (or ImageSet) -> float64 [N, 2048] pool3 features.
+
+    ``backend`` ('auto', 'torch', 'openvino'; ``resolve_backend``): the same
+    float32 network either way, OpenVINO being 1.8x faster on the CPU
+    (privimage_core/evaluation/inception_openvino.py)."""
+    x = _as_uint8(images_uint8)
+    model = model if model is not None else load_fid_inception()
+    if resolve_backend(backend, device) == "openvino" and isinstance(model, torch.jit.ScriptModule):
+        feats = _openvino_features(x, model, batch_size, resize)
+    else:  # test doubles (plain modules) and GPUs run in torch
+        feats = _torch_features(x, model, batch_size, device, resize)
     return np.concatenate(feats) if feats else np.zeros((0, FEATURE_DIM))
 
 
@@ -233,7 +281,8 @@ class FIDCache:
         return self.dir / f"fid-{key}.npz" if self.dir else None
 
     def features(self, images, model=None, batch_size: int | None = None, device="cpu",
-                 resize: str = "nv_bilinear") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 resize: str = "nv_bilinear", backend: str = "auto"
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(feats, mu, sigma) of ``images``, from disk when cached."""
         x = _as_uint8(images)
         model = model if model is not None else load_fid_inception()
@@ -245,7 +294,8 @@ class FIDCache:
                     return d["feats"], d["mu"], d["sigma"]
             except Exception:  # truncated / foreign file: recompute and overwrite
                 pass
-        feats = extract_features(x, model, batch_size=batch_size, device=device, resize=resize)
+        feats = extract_features(x, model, batch_size=batch_size, device=device, resize=resize,
+                                 backend=backend)
         mu, sigma = feature_stats(feats)
         if p is not None:
             p.parent.mkdir(parents=True, exist_ok=True)

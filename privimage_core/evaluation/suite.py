@@ -142,8 +142,10 @@ def run_evaluation(ecfg: EvaluationConfig, synthetic: ImageSet, real_test: Image
             t0 = time.time()
             model = fidlib.load_fid_inception(ecfg.fid_weights)
             cache = fidlib.FIDCache(fid_cache_dir)
-            f_real, _, _ = cache.features(real_test.images[parts["fid"][:n]], model)
-            f_syn = fidlib.extract_features(synthetic.images[syn_idx], model)
+            f_real, _, _ = cache.features(real_test.images[parts["fid"][:n]], model,
+                                          backend=ecfg.inception_backend)
+            f_syn = fidlib.extract_features(synthetic.images[syn_idx], model,
+                                            backend=ecfg.inception_backend)
             feat_s = time.time() - t0
             m["inception_features_seconds"] = feat_s
             m["fid_images"] = n
@@ -312,7 +314,8 @@ def run_evaluation(ecfg: EvaluationConfig, synthetic: ImageSet, real_test: Image
                 from privimage_core.evaluation import fid as fidlib
                 try:
                     inc = fidlib.load_fid_inception(ecfg.fid_weights)
-                    feat = lambda x: fidlib.extract_features(x, inc).astype(np.float32)  # noqa: E731
+                    feat = lambda x: fidlib.extract_features(  # noqa: E731
+                        x, inc, backend=ecfg.inception_backend).astype(np.float32)
                 except MissingWeightsError as e:  # pixel space only, and said so
                     res.notes.append(f"memorisation DCR in Inception space skipped: {e}")
             try:
