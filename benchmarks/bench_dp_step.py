@@ -60,7 +60,9 @@ def chunks(x, y, physical: int):
     return list(zip(x.split(physical), y.split(physical)))
 
 
-def bench_plain(preset: str, x, y, physical: int, repeats: int) -> float:
+def bench_plain(preset: str, x, y, physical: int, repeats: int, k: int = 1) -> float:
+    """Non-private step; ``k`` noise draws per image (B * k rows, the same
+    rows a DP step with noise multiplicity k computes)."""
     model = EDMPrecond(build_unet(preset, 28, 1, 10))
     opt = torch.optim.Adam(model.parameters(), 1e-3)
     obj = EDMObjective()
@@ -68,7 +70,7 @@ def bench_plain(preset: str, x, y, physical: int, repeats: int) -> float:
     def step():
         opt.zero_grad(set_to_none=True)
         for xb, yb in chunks(x, y, physical):
-            (obj.loss(model, xb, yb, obj.draw(xb, 1)).sum() / len(x)).backward()
+            (obj.loss(model, xb, yb, obj.draw(xb, k)).sum() / len(x)).backward()
         opt.step()
 
     return time_steps(step, repeats)
@@ -115,18 +117,22 @@ def main() -> None:
              f"# machine: {cpu_name()}, {torch.get_num_threads()} torch threads, "
              f"torch {torch.__version__}, logical batch {a.batch} (28x28x1) in physical "
              f"batches of {a.physical}, median of {a.repeats}",
-             "preset  params   mode   K  ms/logical step  ms/image  ratio to non-private"]
+             "# ratio: to a non-private step at K = 1; same-K ratio: to a non-private step on "
+             "the same B * K rows (the cost of privacy alone)",
+             "preset  params   mode   K  ms/logical step  ms/image  ratio  same-K ratio"]
     rows_t: dict[str, list] = {}
     for preset in a.presets.split(","):
         params = sum(p.numel() for p in build_unet(preset, 28, 1, 10).parameters())
-        t_plain = bench_plain(preset, x, y, a.physical, a.repeats)
-        found = [("plain", 1, t_plain)]
+        plain = {k: bench_plain(preset, x, y, a.physical, a.repeats, k)
+                 for k in sorted({1} | {k for _, k in rows})}
+        t_plain = plain[1]
+        found = [("plain", k, t) for k, t in plain.items()]
         found += [(m, k, bench_private(preset, x, y, a.physical, a.repeats, m, k))
                   for m, k in rows]
         rows_t[preset] = found
         for m, k, t in found:
             lines.append(f"{preset:<7} {params:>8}  {m:<5} {k:>2}  {1000 * t:>15.0f}  "
-                         f"{1000 * t / a.batch:>8.2f}  {t / t_plain:>6.2f}")
+                         f"{1000 * t / a.batch:>8.2f}  {t / t_plain:>5.2f}  {t / plain[k]:>12.2f}")
     load1 = os.getloadavg()[0]
     lines.insert(2, f"# load average (1 min) {load0:.2f} at start, {load1:.2f} at end "
                     f"({time.time() - t_start:.0f} s): above the core count means other "
@@ -143,6 +149,9 @@ def main() -> None:
         t = {(m, k): t for m, k, t in found}
         if ("vmap", 1) in t and preset in ("tiny", "small"):
             ratios[f"dp_step_ratio_{preset}"] = round(t[("vmap", 1)] / t[("plain", 1)], 3)
+        for k in sorted({k for m, k, _ in found if m == "vmap" and k > 1}):
+            if preset in ("tiny", "small"):  # against the non-private step on the same rows
+                ratios[f"dp_step_ratio_{preset}_k{k}"] = round(t[("vmap", k)] / t[("plain", k)], 3)
     if ratios:
         update(ratios)
 

@@ -1,7 +1,8 @@
 """Fine-tuning settings vs downstream utility, in-process (no Ray), on a
-VALIDATION split: MNIST train images 55,000-59,999 are held out, the first
-55,000 are the sensitive set. The real test split is never read, so the
-defaults chosen from this table are not selected on it (ANCHORS.md).
+VALIDATION split: train images 55,000-59,999 of the sensitive dataset
+(``--dataset``: mnist or fashion_mnist) are held out, the first 55,000 are
+the sensitive set. The real test split is never read, so the defaults chosen
+from this table are not selected on it (ANCHORS.md).
 
 Starts from a pre-trained (public-only) checkpoint, e.g. the cache a
 quickstart run leaves in <output_dir>/cache/pretrain-*.pt, charges the
@@ -25,6 +26,7 @@ import torch
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--init", required=True)
+    ap.add_argument("--dataset", default="mnist", choices=("mnist", "fashion_mnist"))
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--epsilon", type=float, default=10.0)
     ap.add_argument("--query-sigma", type=float, default=100.0)
@@ -40,13 +42,21 @@ def main() -> None:
     ap.add_argument("--grad-mode", default=None)
     ap.add_argument("--num-images", default="3000",
                     help="comma-separated: every value is sampled from the same DP model")
-    ap.add_argument("--sampler-steps", type=int, default=18)
-    ap.add_argument("--solver", default="euler")
+    ap.add_argument("--sampler-steps", default="18", help="comma-separated")
+    ap.add_argument("--solver", default="euler", help="comma-separated: euler, heun")
     ap.add_argument("--guidance", default="0", help="comma-separated guidance scales")
     ap.add_argument("--label-dropout", type=float, default=0.0,
                     help="as the checkpoint was pre-trained (enables guidance)")
-    ap.add_argument("--cls-epochs", type=int, default=8)
+    ap.add_argument("--cls-epochs", default="8", help="comma-separated CNN epochs")
+    ap.add_argument("--save-release", default=None,
+                    help="write the DP model's EMA weights here (for --release runs)")
+    ap.add_argument("--release", default=None,
+                    help="skip DP fine-tuning: sample from these saved weights (a model "
+                         "fine-tuned on the same 55,000 images, e.g. by --save-release)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--train-params", default=None,
+                    help="regex: fine-tune only the parameters whose names match it "
+                         "(re.search), the rest frozen at the pre-trained weights")
     ap.add_argument("--note", default="")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -62,7 +72,7 @@ def main() -> None:
     from privimage_core.synthesize import generate
 
     t0 = time.time()
-    full = load_source("mnist", split="train")
+    full = load_source(a.dataset, split="train")
     sens, val = full.subset(np.arange(55000)), full.subset(np.arange(55000, 60000))
     fam = get_family("diffusion")
     model = fam.make(a.preset, {}, 28, 1, 10, label_dropout=a.label_dropout)
@@ -70,33 +80,49 @@ def main() -> None:
     ledger = PrivacyLedger(a.epsilon, 1e-5)
     ledger.record_gaussian(QUERY_MECHANISM, a.query_sigma)
     sigma, q, total = plan_noise(ledger, len(sens), a.batch, a.steps)
-    x, y = sens.to_tensor(), torch.from_numpy(sens.labels).long()
-    ema = EMA(model, decay=a.ema)
-    opt = torch.optim.Adam(model.parameters(), lr=a.lr)
-    mp = {"grad_sample_mode": a.grad_mode} if a.grad_mode else {"grad_sample_mode": "vmap"}
-    dp = make_private(model, opt, x, y, batch_size=a.batch, noise_multiplier=sigma,
-                      max_grad_norm=a.clip, ledger=ledger, **mp)
-    kw = {}
-    params = inspect.signature(dp_finetune).parameters
-    if "noise_multiplicity" in params:
-        kw["noise_multiplicity"] = a.k
-    if "objective" in params:
-        kw["objective"] = fam.dp_objective(model)
-        if a.p_mean is not None:
-            kw["objective"].p_mean = a.p_mean
-    t1 = time.time()
-    dp_finetune(dp, ema, model, total, a.physical, **kw)
-    t_ft = time.time() - t1
+    t_ft = 0.0
     release = fam.make(a.preset, {}, 28, 1, 10, label_dropout=a.label_dropout)
-    release.load_state_dict(ema.shadow)
+    if a.release:
+        release.load_state_dict(torch.load(a.release, map_location="cpu"))
+    else:
+        x, y = sens.to_tensor(), torch.from_numpy(sens.labels).long()
+        if a.train_params:
+            import re
+            for n, p in model.named_parameters():
+                p.requires_grad_(re.search(a.train_params, n) is not None)
+            print(json.dumps({"trainable": sum(p.numel() for p in model.parameters()
+                                               if p.requires_grad)}), flush=True)
+        ema = EMA(model, decay=a.ema)
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=a.lr)
+        mp = {"grad_sample_mode": a.grad_mode} if a.grad_mode else {"grad_sample_mode": "vmap"}
+        dp = make_private(model, opt, x, y, batch_size=a.batch, noise_multiplier=sigma,
+                          max_grad_norm=a.clip, ledger=ledger, **mp)
+        kw = {}
+        params = inspect.signature(dp_finetune).parameters
+        if "noise_multiplicity" in params:
+            kw["noise_multiplicity"] = a.k
+        if "objective" in params:
+            kw["objective"] = fam.dp_objective(model)
+            if a.p_mean is not None:
+                kw["objective"].p_mean = a.p_mean
+        t1 = time.time()
+        dp_finetune(dp, ema, model, total, a.physical, **kw)
+        t_ft = time.time() - t1
+        release.load_state_dict(ema.shadow)
+        if a.save_release:
+            torch.save(ema.shadow, a.save_release)
     release.eval()
-    for w in [float(v) for v in a.guidance.split(",")]:
-        for n in [int(v) for v in a.num_images.split(",")]:
-            t2 = time.time()
-            syn = generate(fam, release, n, full.class_names, a.sampler_steps, a.solver,
-                           seed=0, batch_size=500, guidance=w)
-            t_s = time.time() - t2
-            clf = train_classifier("cnn", syn, seed=0, epochs=a.cls_epochs)
+    grid = [(w, n, st, so) for w in (float(v) for v in a.guidance.split(","))
+            for n in (int(v) for v in a.num_images.split(","))
+            for st in (int(v) for v in a.sampler_steps.split(","))
+            for so in a.solver.split(",")]
+    for w, n, st, so in grid:
+        t2 = time.time()
+        syn = generate(fam, release, n, full.class_names, st, so, seed=0, batch_size=500,
+                       guidance=w)
+        t_s = time.time() - t2
+        for ep in (int(v) for v in a.cls_epochs.split(",")):
+            clf = train_classifier("cnn", syn, seed=0, epochs=ep)
             acc = accuracy(clf.predict_images(val), val.labels)
             print(json.dumps({
                 "val_accuracy_cnn": round(acc, 4), "epsilon": round(ledger.epsilon(), 4),
@@ -104,7 +130,8 @@ def main() -> None:
                 "finetune_s": round(t_ft, 1), "sample_s": round(t_s, 1),
                 "total_s": round(time.time() - t0, 1),
                 **{k: v for k, v in vars(a).items() if k not in ("init",)},
-                "guidance": w, "num_images": n}), flush=True)
+                "guidance": w, "num_images": n, "sampler_steps": st, "solver": so,
+                "cls_epochs": ep}), flush=True)
 
 
 if __name__ == "__main__":
