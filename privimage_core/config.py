@@ -134,12 +134,24 @@ class GeneratorConfig:
     label_dropout: float = 0.0
 
 
+# Arithmetic of public pre-training (privimage_core/pretrain.resolve_precision):
+# "auto" = bf16 autocast where the hardware runs it natively (a CPU with AMX,
+# a CUDA GPU with bf16) and the family supports it, else fp32.
+PRETRAIN_PRECISIONS = ("auto", "fp32", "bf16")
+
+
 @dataclass
 class PretrainConfig:
     steps: int = 900
     batch_size: int = 128
     lr: float = 2e-3
     ema_decay: float = 0.995
+    # One of PRETRAIN_PRECISIONS. bf16 only changes the public stage's
+    # arithmetic (weights and optimizer stay fp32; DP-SGD always runs fp32).
+    # Measured on a 2-core Intel Xeon with AMX (quality-explore-2026-12-06):
+    # 900 steps in 70 s instead of 115 s, and the same downstream CNN
+    # accuracy after DP fine-tuning (validation split, two runs each).
+    precision: str = "auto"
 
 
 # Per-sample gradient engines for DP-SGD (privimage_core/dp_finetune.make_private).
@@ -183,7 +195,9 @@ class FinetuneConfig:
 
 @dataclass
 class SamplingConfig:
-    num_images: int = 3000
+    # 5,000: enough for a comparable FID (evaluation.fid_images) and for the
+    # downstream classifiers.
+    num_images: int = 5000
     num_steps: int = 18
     solver: str = "euler"
     batch_size: int = 500
@@ -362,6 +376,9 @@ def validate(cfg: Config) -> None:
              f"finetune.grad_sample_mode must be one of {', '.join(GRAD_SAMPLE_MODES)}, "
              f"got '{f.grad_sample_mode}'")
     _require(cfg.pretrain.steps >= 0, "pretrain.steps must be >= 0")
+    _require(cfg.pretrain.precision in PRETRAIN_PRECISIONS,
+             f"pretrain.precision must be one of {', '.join(PRETRAIN_PRECISIONS)}, "
+             f"got '{cfg.pretrain.precision}'")
     for sec in ("pretrain", "finetune"):
         dec = getattr(cfg, sec).ema_decay
         _require(0 <= dec < 1, f"{sec}.ema_decay must be in [0, 1), got {dec}")

@@ -17,19 +17,22 @@ def _require(cond: bool, msg: str) -> None:
 class EvaluationConfig:
     """What the evaluator measures (privimage_core/evaluation/suite.py). All of
     it is non-private evaluation (real test split; the ceiling and the
-    membership audit also read the sensitive training set). Defaults keep the
-    quickstart's evaluation under about 3 minutes on 2 CPU cores: FID-Inception
-    (~3-5 images/s there) dominates; the real side's features are cached."""
+    membership audit also read the sensitive training set). FID and KID use
+    5,000 images per side by default, the size published FIDs use (ANCHORS.md):
+    the Inception pass over the synthetic side is most of the evaluation's
+    time on a CPU (~3 min on 2 cores with OpenVINO); the real side's features
+    are cached by content hash after the first run."""
     # Semantic distribution similarity (paper Eq. 5) of the sensitive classes
     # to the selected public data and to the whole public pool, computed by
     # the selector from the noisy histograms (a DP output) and public counts:
     # the one metric here that is private (evaluation/semantic_similarity.py).
     sds: bool = True
     fid: bool = True
-    # Images per side for FID and precision/recall (one Inception pass serves
-    # both). FID is biased upward at small N: compare runs only at equal N;
-    # the paper uses 5,000 (configs/cluster.yaml).
-    fid_images: int = 200
+    # Images per side for FID, KID and precision/recall (one Inception pass
+    # serves all). FID is biased upward at small N and the bias depends on
+    # the model: only FIDs at equal N compare, and published ones use 5,000+
+    # (the synthetic side is min(fid_images, sampling.num_images)).
+    fid_images: int = 5000
     fid_weights: str | None = None
     # Which runtime runs the FID Inception (one of INCEPTION_BACKENDS):
     # 'auto' = OpenVINO on a CPU where installed (same float32 network, 1.8x

@@ -117,7 +117,12 @@ def pretrain_loop(config: dict) -> None:
     ema = EMA(release, decay=cfg.pretrain.ema_decay)
     wrapped = ray.train.torch.prepare_model(
         model, parallel_strategy_kwargs=family.public_ddp_kwargs or None) if world > 1 else model
-    trainer = family.public_trainer(wrapped, lr=cfg.pretrain.lr)
+    from privimage_core.pretrain import resolve_precision
+    precision = resolve_precision(cfg.pretrain.precision, dev, family.public_precisions)
+    if rank == 0:
+        print(f"[privimage] pre-training arithmetic: {precision} "
+              f"(pretrain.precision: {cfg.pretrain.precision})")
+    trainer = family.public_trainer(wrapped, lr=cfg.pretrain.lr, precision=precision)
     start = 0
     ckpt = ray.train.get_checkpoint()
     if ckpt:

@@ -121,8 +121,14 @@ class ModelFamily(ABC):
         """Post-processing after each noised DP step (a GAN's generator update)."""
         return None
 
+    # Arithmetic its public trainer can run (pretrain.resolve_precision).
+    public_precisions: ClassVar[tuple[str, ...]] = ("fp32",)
+
     @abstractmethod
-    def public_trainer(self, model: nn.Module, lr: float) -> PublicTrainer: ...
+    def public_trainer(self, model: nn.Module, lr: float,
+                       precision: str = "fp32") -> PublicTrainer:
+        """The non-private trainer of the public stage; ``precision`` is a
+        resolved value from ``public_precisions``."""
 
     @abstractmethod
     def sample(self, release: nn.Module, labels: np.ndarray, num_steps: int, solver: str,

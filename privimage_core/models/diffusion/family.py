@@ -45,17 +45,22 @@ class GuidedDenoiser(nn.Module):
 
 
 class _EDMTrainer(PublicTrainer):
-    def __init__(self, model: nn.Module, lr: float, label_dropout: float):
+    def __init__(self, model: nn.Module, lr: float, label_dropout: float,
+                 precision: str = "fp32"):
         self.model = model.train()
         self.opt = torch.optim.Adam(model.parameters(), lr=lr)
         self.label_dropout, self.null = label_dropout, _null_label(model)
+        self.bf16 = precision == "bf16"
 
     def step(self, x, y, generator):
         sigma, noise = sample_training_noise(x, generator=generator)
         if self.label_dropout:
             drop = torch.rand(len(y), generator=generator).to(y.device) < self.label_dropout
             y = torch.where(drop, torch.full_like(y, self.null), y)
-        loss = edm_loss(self.model, x, y, sigma, noise).mean()
+        # bf16 autocast around the forward only: weights, gradients and Adam
+        # stay fp32 (public data, no privacy consequence).
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss = edm_loss(self.model, x, y, sigma, noise).float().mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -90,8 +95,10 @@ class DiffusionFamily(ModelFamily):
         return EDMObjective(label_dropout=getattr(_precond(model), "label_dropout", 0.0),
                             null_label=_null_label(model), **levels)
 
-    def public_trainer(self, model, lr):
-        return _EDMTrainer(model, lr, getattr(_precond(model), "label_dropout", 0.0))
+    public_precisions = ("fp32", "bf16")
+
+    def public_trainer(self, model, lr, precision="fp32"):
+        return _EDMTrainer(model, lr, getattr(_precond(model), "label_dropout", 0.0), precision)
 
     def sample(self, release, labels, num_steps, solver, seed, batch_size, guidance=0.0):
         net = GuidedDenoiser(release, guidance) if guidance else release

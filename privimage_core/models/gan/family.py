@@ -232,7 +232,7 @@ class GANFamily(ModelFamily):
         # entropy; G's latents are public randomness either way.
         return GeneratorStep(model, lr, seed=int(torch.randint(0, 2 ** 62, (1,))))
 
-    def public_trainer(self, model, lr):
+    def public_trainer(self, model, lr, precision="fp32"):  # fp32 only
         return _GANTrainer(model, lr)
 
     def sample(self, release, labels, num_steps, solver, seed, batch_size, guidance=0.0):

@@ -166,7 +166,7 @@ class LatentDiffusionFamily(ModelFamily):
         return LatentObjective(m, EDMObjective(label_dropout=d.label_dropout,
                                                null_label=d.null_label))
 
-    def public_trainer(self, model, lr):
+    def public_trainer(self, model, lr, precision="fp32"):  # fp32 only
         return _LatentTrainer(model, lr)
 
     def sample(self, release, labels, num_steps, solver, seed, batch_size, guidance=0.0):
