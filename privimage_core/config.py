@@ -20,8 +20,11 @@ from typing import Any
 from privimage_core.config_evaluation import EvaluationConfig, validate_evaluation
 from privimage_core.config_infra import MetricsConfig, RayConfig, TrackingConfig
 from privimage_core.config_latent import LatentConfig, validate_latent
+from privimage_core.config_training import (  # noqa: F401 (re-exported)
+    GRAD_SAMPLE_MODES, PRETRAIN_PRECISIONS, FinetuneConfig, PretrainConfig, validate_training)
 from privimage_core.config_tune import TuneConfig, validate_tune
 from privimage_core.config_types import check_type as _check_type
+from privimage_core.config_types import require as _require
 from privimage_core.errors import ConfigError
 
 
@@ -132,65 +135,6 @@ class GeneratorConfig:
     # Classifier-free guidance (diffusion): the share of training examples
     # whose label is replaced by the null label, in pre-training and DP-SGD.
     label_dropout: float = 0.0
-
-
-# Arithmetic of public pre-training (privimage_core/pretrain.resolve_precision):
-# "auto" = bf16 autocast where the hardware runs it natively (a CPU with AMX,
-# a CUDA GPU with bf16) and the family supports it, else fp32.
-PRETRAIN_PRECISIONS = ("auto", "fp32", "bf16")
-
-
-@dataclass
-class PretrainConfig:
-    steps: int = 900
-    batch_size: int = 128
-    lr: float = 2e-3
-    ema_decay: float = 0.995
-    # One of PRETRAIN_PRECISIONS. bf16 only changes the public stage's
-    # arithmetic (weights and optimizer stay fp32; DP-SGD always runs fp32).
-    # Measured on a 2-core Intel Xeon with AMX (quality-explore-2026-12-06):
-    # 900 steps in 70 s instead of 115 s, and the same downstream CNN
-    # accuracy after DP fine-tuning (validation split, two runs each).
-    precision: str = "auto"
-
-
-# Per-sample gradient engines for DP-SGD (privimage_core/dp_finetune.make_private).
-GRAD_SAMPLE_MODES = ("vmap", "hooks")
-
-
-@dataclass
-class FinetuneConfig:
-    """DP-SGD fine-tuning (Sec. 3.4, Algorithm 1)."""
-    # Planned optimizer steps; training stops earlier if the budget would be exceeded.
-    steps: int = 60
-    # Expected logical batch size (Poisson sampling rate = batch_size / N).
-    batch_size: int = 512
-    # Physical batch for memory (BatchMemoryManager virtual steps).
-    physical_batch_size: int = 128
-    # Chosen on a validation split (benchmarks/results/quality-explore-2026-12-02.txt):
-    # 4e-3 gave CNN 83.2% against 75.5% at 1e-3 (MNIST, eps 10, 60 steps).
-    lr: float = 4e-3
-    max_grad_norm: float = 1.0
-    # None: calibrated from the target epsilon after the query's cost.
-    noise_multiplier: float | None = None
-    # Few DP steps: a short EMA horizon, else the EMA stays at the pre-trained weights.
-    ema_decay: float = 0.9
-    # DPDM noise multiplicity: noise draws per image, averaged inside its loss
-    # before clipping (same privacy cost, lower gradient variance, K x compute).
-    noise_multiplicity: int = 1
-    # "vmap": torch.func per-sample grads (faster); "hooks": Opacus's hooks.
-    grad_sample_mode: str = "vmap"
-    # Noise levels drawn in the DP fine-tuning loss of the pixel diffusion
-    # family: ln(sigma) ~ N(mean, std^2) (EDM's training distribution). EDM's
-    # -1.2 spends most draws on nearly clean images, whose gradients carry
-    # little under DP noise; DPDM (Dockhorn et al. 2022, Sec. 3.3) also moves
-    # the DP loss towards larger sigma. Chosen on a validation split
-    # (benchmarks/results/quality-explore-2026-12-03.txt, MNIST, eps 10, the
-    # quickstart's 60 steps, one run each): CNN 84.4 / 88.6 / 90.7 / 92.0% at
-    # -1.2 / -0.8 / -0.5 / 0.0. Pre-training keeps EDM's -1.2; the latent
-    # family keeps it too (not measured there).
-    noise_level_mean: float = 0.0
-    noise_level_std: float = 1.2
 
 
 @dataclass
@@ -316,11 +260,6 @@ def load_config(path: str | os.PathLike | None, overrides: dict[str, Any] | None
     return cfg
 
 
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
-
-
 def validate(cfg: Config) -> None:
     """Range checks that need no data. Data-dependent checks (delta < 1/N) run
     in :func:`validate_against_data` once the sensitive size is known."""
@@ -361,27 +300,7 @@ def validate(cfg: Config) -> None:
         _require(len(d.class_names) > 0 and all(n.strip() for n in d.class_names)
                  and len(set(d.class_names)) == len(d.class_names),
                  "data.class_names must list distinct, non-empty class names, or be null")
-    f = cfg.finetune
-    _require(f.steps >= 1 and f.batch_size >= 1 and f.physical_batch_size >= 1,
-             "finetune.steps, batch_size and physical_batch_size must be >= 1")
-    _require(f.max_grad_norm > 0, f"finetune.max_grad_norm must be > 0, got {f.max_grad_norm}")
-    _require(f.noise_level_std > 0 and -5 <= f.noise_level_mean <= 3,
-             f"finetune.noise_level_mean must be in [-5, 3] and noise_level_std > 0, got "
-             f"{f.noise_level_mean}, {f.noise_level_std}; set e.g. 0.0 and 1.2")
-    _require(f.noise_multiplier is None or f.noise_multiplier > 0,
-             "finetune.noise_multiplier must be > 0 or null (calibrated)")
-    _require(f.noise_multiplicity >= 1,
-             f"finetune.noise_multiplicity must be >= 1, got {f.noise_multiplicity}; set e.g. 1")
-    _require(f.grad_sample_mode in GRAD_SAMPLE_MODES,
-             f"finetune.grad_sample_mode must be one of {', '.join(GRAD_SAMPLE_MODES)}, "
-             f"got '{f.grad_sample_mode}'")
-    _require(cfg.pretrain.steps >= 0, "pretrain.steps must be >= 0")
-    _require(cfg.pretrain.precision in PRETRAIN_PRECISIONS,
-             f"pretrain.precision must be one of {', '.join(PRETRAIN_PRECISIONS)}, "
-             f"got '{cfg.pretrain.precision}'")
-    for sec in ("pretrain", "finetune"):
-        dec = getattr(cfg, sec).ema_decay
-        _require(0 <= dec < 1, f"{sec}.ema_decay must be in [0, 1), got {dec}")
+    validate_training(cfg.pretrain, cfg.finetune)
     from privimage_core.methods import check_method
     check_method(cfg.method, cfg.generator.preset, cfg.pretrain.steps)
     _require(cfg.sampling.solver in ("euler", "heun"),

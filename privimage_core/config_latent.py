@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from privimage_core.errors import ConfigError
+from privimage_core.config_types import require as _require
 
 # How the autoencoder meets the sensitive data: "dp" fine-tunes it with
 # DP-SGD (the seed's DP-aware compression, its own ledger mechanism);
@@ -35,11 +35,6 @@ class LatentConfig:
     autoencoder_dp_steps: int = 10
     autoencoder_dp_lr: float = 1e-3
     autoencoder_epsilon_share: float = 0.1
-
-
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
 
 
 def validate_latent(c: LatentConfig) -> None:

@@ -11,14 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from privimage_core.errors import ConfigError
+from privimage_core.config_types import require as _require
 
 TUNE_METRICS = {"accuracy": "max", "fid": "min", "kid": "min"}
-
-
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
 
 
 @dataclass

@@ -9,6 +9,12 @@ from typing import Any
 from privimage_core.errors import ConfigError
 
 
+def require(cond: bool, msg: str) -> None:
+    """Raise the one-line ConfigError ``msg`` (naming the key and the fix) unless ``cond``."""
+    if not cond:
+        raise ConfigError(msg)
+
+
 def check_type(key: str, value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)

@@ -106,13 +106,29 @@ def test_glyph_augmentation_and_seed_change_pixels():
 def test_glyph_cache_and_font_discovery(tmp_path):
     fonts = discover_fonts()
     assert len(fonts) >= 10 and fonts == sorted(fonts)
-    assert not any("Symbol" in f or "D050000L" in f for f in fonts)  # Latin->Greek / dingbats
+    wrong = [f for f in fonts if "Symbol" in f or "D050000L" in f]  # Latin->Greek / dingbats
+    assert not wrong, f"fonts that map Latin letters to other glyphs got in: {wrong}"
     chosen = select_fonts(fonts, 4)
     assert len(chosen) == 4 and select_fonts(fonts, 4) == chosen
     first = render_glyphs(chars="7", max_fonts=3, per_font=2, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("glyphs-*.npz"))) == 1
     again = render_glyphs(chars="7", max_fonts=3, per_font=2, cache_dir=tmp_path)
     assert np.array_equal(first.images, again.images)
+
+
+def test_without_the_glyph_name_check_dingbats_get_in(monkeypatch, tmp_path):
+    """Control for the check above: it is the cmap glyph-name check (fontTools)
+    that keeps URW's D050000L dingbats out, and a scan without it is cached
+    under another key, never reused by a process that has fontTools."""
+    from privimage_core.data import glyphs
+    if not any("D050000L" in f for f in glyphs._font_files(glyphs.FONT_DIRS)):
+        pytest.skip("fonts-urw-base35 (D050000L) is not installed")
+    monkeypatch.setattr(glyphs, "_have_fonttools", lambda: False)
+    unchecked = discover_fonts(cache_dir=tmp_path)
+    assert any("D050000L" in f for f in unchecked)
+    monkeypatch.undo()
+    assert not any("D050000L" in f for f in discover_fonts(cache_dir=tmp_path))
+    assert len(list(tmp_path.glob("fonts-*.json"))) == 2
 
 
 def test_no_fonts_error_names_fix(tmp_path):

@@ -53,13 +53,22 @@ def _font_files(dirs: Sequence[str]) -> list[str]:
     return sorted(out)
 
 
+def _have_fonttools() -> bool:
+    try:
+        import fontTools.ttLib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _names_match(font_path: str, chars: str) -> bool:
     """True unless the cmap sends a char to a glyph named for another char
-    (Standard Symbols maps 'A' to 'Alpha'); fontTools is optional."""
-    try:
-        from fontTools.ttLib import TTFont
-    except ImportError:
+    (Standard Symbols maps 'A' to 'Alpha', D050000L maps it to a dingbat).
+    Needs fontTools (in requirements.txt, also a matplotlib dependency);
+    without it the check passes and such fonts get in as label noise."""
+    if not _have_fonttools():
         return True
+    from fontTools.ttLib import TTFont
     try:
         cmap = TTFont(font_path, lazy=True, fontNumber=0).getBestCmap() or {}
     except Exception:  # unreadable tables: let the PIL check decide
@@ -103,7 +112,10 @@ def discover_fonts(dirs: Sequence[str] = FONT_DIRS, chars: str = ALL_CHARS,
     """
     files = _font_files(dirs)
     stamp = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in files]
-    key = hashlib.sha256(json.dumps([RENDER_VERSION, chars, stamp]).encode()).hexdigest()[:16]
+    # The key names the filter too: a list scanned without fontTools (no glyph
+    # name check) must not be reused by a process that has it, nor the reverse.
+    key = hashlib.sha256(json.dumps([RENDER_VERSION, chars, stamp, _have_fonttools()])
+                         .encode()).hexdigest()[:16]
     if key in _DISCOVERED:
         return list(_DISCOVERED[key])
     cache_file = Path(cache_dir or data_dir()) / f"fonts-{key}.json"

@@ -1,0 +1,91 @@
+"""The training sections of the config (``pretrain:``, ``finetune:``): the
+public pre-training (paper Sec. 3.3) and DP-SGD fine-tuning (Sec. 3.4)
+settings and their allowed values. Re-exported by privimage_core.config."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from privimage_core.config_types import require as _require
+
+
+# Arithmetic of public pre-training (privimage_core/pretrain.resolve_precision):
+# "auto" = bf16 autocast where the hardware runs it natively (a CPU with AMX,
+# a CUDA GPU with bf16) and the family supports it, else fp32.
+PRETRAIN_PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class PretrainConfig:
+    steps: int = 900
+    batch_size: int = 128
+    lr: float = 2e-3
+    ema_decay: float = 0.995
+    # One of PRETRAIN_PRECISIONS. bf16 only changes the public stage's
+    # arithmetic (weights and optimizer stay fp32; DP-SGD always runs fp32).
+    # Measured on a 2-core Intel Xeon with AMX (quality-explore-2026-12-06):
+    # 900 steps in 70 s instead of 115 s, and the same downstream CNN
+    # accuracy after DP fine-tuning (validation split, two runs each).
+    precision: str = "auto"
+
+
+# Per-sample gradient engines for DP-SGD (privimage_core/dp_finetune.make_private).
+GRAD_SAMPLE_MODES = ("vmap", "hooks")
+
+
+@dataclass
+class FinetuneConfig:
+    """DP-SGD fine-tuning (Sec. 3.4, Algorithm 1)."""
+    # Planned optimizer steps; training stops earlier if the budget would be exceeded.
+    steps: int = 60
+    # Expected logical batch size (Poisson sampling rate = batch_size / N).
+    batch_size: int = 512
+    # Physical batch for memory (BatchMemoryManager virtual steps).
+    physical_batch_size: int = 128
+    # Chosen on a validation split (benchmarks/results/quality-explore-2026-12-02.txt):
+    # 4e-3 gave CNN 83.2% against 75.5% at 1e-3 (MNIST, eps 10, 60 steps).
+    lr: float = 4e-3
+    max_grad_norm: float = 1.0
+    # None: calibrated from the target epsilon after the query's cost.
+    noise_multiplier: float | None = None
+    # Few DP steps: a short EMA horizon, else the EMA stays at the pre-trained weights.
+    ema_decay: float = 0.9
+    # DPDM noise multiplicity: noise draws per image, averaged inside its loss
+    # before clipping (same privacy cost, lower gradient variance, K x compute).
+    noise_multiplicity: int = 1
+    # "vmap": torch.func per-sample grads (faster); "hooks": Opacus's hooks.
+    grad_sample_mode: str = "vmap"
+    # Noise levels drawn in the DP fine-tuning loss of the pixel diffusion
+    # family: ln(sigma) ~ N(mean, std^2) (EDM's training distribution). EDM's
+    # -1.2 spends most draws on nearly clean images, whose gradients carry
+    # little under DP noise; DPDM (Dockhorn et al. 2022, Sec. 3.3) also moves
+    # the DP loss towards larger sigma. Chosen on a validation split
+    # (benchmarks/results/quality-explore-2026-12-03.txt, MNIST, eps 10, the
+    # quickstart's 60 steps, one run each): CNN 84.4 / 88.6 / 90.7 / 92.0% at
+    # -1.2 / -0.8 / -0.5 / 0.0. Pre-training keeps EDM's -1.2; the latent
+    # family keeps it too (not measured there).
+    noise_level_mean: float = 0.0
+    noise_level_std: float = 1.2
+
+
+def validate_training(pretrain: PretrainConfig, finetune: FinetuneConfig) -> None:
+    """Range checks of the two training sections (one-line errors with the fix)."""
+    f = finetune
+    _require(f.steps >= 1 and f.batch_size >= 1 and f.physical_batch_size >= 1,
+             "finetune.steps, batch_size and physical_batch_size must be >= 1")
+    _require(f.max_grad_norm > 0, f"finetune.max_grad_norm must be > 0, got {f.max_grad_norm}")
+    _require(f.noise_level_std > 0 and -5 <= f.noise_level_mean <= 3,
+             f"finetune.noise_level_mean must be in [-5, 3] and noise_level_std > 0, got "
+             f"{f.noise_level_mean}, {f.noise_level_std}; set e.g. 0.0 and 1.2")
+    _require(f.noise_multiplier is None or f.noise_multiplier > 0,
+             "finetune.noise_multiplier must be > 0 or null (calibrated)")
+    _require(f.noise_multiplicity >= 1,
+             f"finetune.noise_multiplicity must be >= 1, got {f.noise_multiplicity}; set e.g. 1")
+    _require(f.grad_sample_mode in GRAD_SAMPLE_MODES,
+             f"finetune.grad_sample_mode must be one of {', '.join(GRAD_SAMPLE_MODES)}, "
+             f"got '{f.grad_sample_mode}'")
+    _require(pretrain.steps >= 0, "pretrain.steps must be >= 0")
+    _require(pretrain.precision in PRETRAIN_PRECISIONS,
+             f"pretrain.precision must be one of {', '.join(PRETRAIN_PRECISIONS)}, "
+             f"got '{pretrain.precision}'")
+    for sec, c in (("pretrain", pretrain), ("finetune", finetune)):
+        _require(0 <= c.ema_decay < 1, f"{sec}.ema_decay must be in [0, 1), got {c.ema_decay}")
