@@ -5,12 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from privimage_core.errors import ConfigError
-
-
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
+from privimage_core.config_types import require as _require
 
 
 @dataclass
@@ -100,7 +95,8 @@ class EvaluationConfig:
     memorisation_feature_images: int = 100
     # Noise levels (EDM sigma, images in [-1, 1]) of the one-step reconstruction.
     memorisation_noise_levels: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
-    # Significance level, and the smallest effect (share / AUC above 0.5) that counts.
+    # Family-wise significance level over the three checks (each runs at
+    # alpha / 3), and the smallest effect (share / AUC above 0.5) that counts.
     memorisation_alpha: float = 0.05
     memorisation_effect: float = 0.1
     # Embed the closest synthetic / TRAINING pairs in the report. Off by

@@ -11,6 +11,7 @@ import io
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -28,11 +29,14 @@ def balanced_labels(num_images: int, num_classes: int) -> np.ndarray:
 
 def generate(family, release: torch.nn.Module, num_images: int, class_names: list[str],
              num_steps: int, solver: str = "euler", seed: int = 0,
-             batch_size: int = 500, guidance: float = 0.0) -> ImageSet:
-    """``num_images`` class-balanced samples of a model family's released module."""
+             batch_size: int = 500, guidance: float = 0.0,
+             progress: Callable[[int, int], None] | None = None) -> ImageSet:
+    """``num_images`` class-balanced samples of a model family's released
+    module; ``progress(done, total)`` hears each finished batch."""
     labels = balanced_labels(num_images, len(class_names))
+    tick = None if progress is None else (lambda done: progress(done, num_images))
     images = family.sample(release, labels, num_steps=num_steps, solver=solver, seed=seed,
-                           batch_size=batch_size, guidance=guidance)
+                           batch_size=batch_size, guidance=guidance, progress=tick)
     return ImageSet(images, labels, list(class_names), name="synthetic")
 
 

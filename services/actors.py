@@ -143,7 +143,7 @@ class Evaluator:
         self.provenance: dict = {}
 
     def synthesize(self, state: bytes, class_names: list[str], provenance: dict,
-                   family: str = "diffusion") -> dict:
+                   family: str = "diffusion", progress_board: str | None = None) -> dict:
         from privimage_core.generator import state_from_bytes
         from privimage_core.models import build_model, get_family
         from privimage_core.synthesize import generate, write_dataset
@@ -154,9 +154,10 @@ class Evaluator:
         model = build_model(c, family, len(class_names))
         model.load_state_dict(state_from_bytes(state))
         release = fam.release_module(model).eval()
+        from services.progress import ProgressPoster
         ds = generate(fam, release, c.sampling.num_images, class_names, c.sampling.num_steps,
                       c.sampling.solver, seed=c.run.seed, batch_size=c.sampling.batch_size,
-                      guidance=c.sampling.guidance)
+                      guidance=c.sampling.guidance, progress=ProgressPoster(progress_board))
         out = write_dataset(ds, self.workdir / "synthetic", provenance)
         # The loss-threshold audit scores an EDM denoiser; other families are
         # audited through their own audit_loss (canary audit).
@@ -170,7 +171,7 @@ class Evaluator:
     def evaluate(self, real_test: tuple[np.ndarray, np.ndarray], class_names: list[str],
                  sensitive: tuple[np.ndarray, np.ndarray] | None = None,
                  ledger_epsilon: float | None = None, canaries: dict | None = None,
-                 reference_state: bytes | None = None) -> dict:
+                 reference_state: bytes | None = None, progress_board: str | None = None) -> dict:
         """Non-private evaluation. ``sensitive``: the sensitive training
         images and labels the generator was fine-tuned on (members of the
         audit, the ceiling's training data); never written anywhere.
@@ -183,6 +184,7 @@ class Evaluator:
         and 'canary_detail' (the audit's counts: operator only)."""
         from privimage_core.evaluation.report import render_html
         from privimage_core.evaluation.suite import run_evaluation
+        from services.progress import ProgressPoster
 
         if self.synthetic is None:
             raise RuntimeError("Evaluator.evaluate needs synthesize() first")
@@ -197,7 +199,7 @@ class Evaluator:
                              delta=self.provenance.get("delta"),
                              fid_cache_dir=str(self.workdir.parent / "fid_cache"),
                              log=logs.append, canary=canary, family=self.family,
-                             release=self.release)
+                             release=self.release, progress=ProgressPoster(progress_board))
         del train, sensitive
         out: dict = dict(res.metrics)
         if self.pm:

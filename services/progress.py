@@ -71,18 +71,19 @@ def _fmt_seconds(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def progress_text(label: str, step: int, total: int, elapsed: float, start_step: int = 0) -> str:
+def progress_text(label: str, step: int, total: int, elapsed: float, start_step: int = 0,
+                  unit: str = "steps") -> str:
     done = step - start_step
     rate = done / elapsed if elapsed > 0 and done > 0 else 0.0
     eta = _fmt_seconds((total - step) / rate) if rate > 0 else "?"
     pct = 100.0 * step / total if total else 0.0
-    return (f"[privimage] {label}: {step}/{total} steps ({pct:.0f}%), "
-            f"{rate:.2f} steps/s, ETA {eta}")
+    return (f"[privimage] {label}: {step}/{total} {unit} ({pct:.0f}%), "
+            f"{rate:.2f} {unit}/s, ETA {eta}")
 
 
 @contextmanager
 def progress_line(run_id: str, stage: str, label: str, log: Callable[[str], None],
-                  stream=None, tty: bool | None = None):
+                  stream=None, tty: bool | None = None, unit: str = "steps"):
     """Yield the board's name (for the TrainJob) and draw its line until the block ends."""
     import ray
 
@@ -111,13 +112,14 @@ def progress_line(run_id: str, stage: str, label: str, log: Callable[[str], None
                 state["first"] = (now, step)
                 continue
             t0, s0 = state["first"]
-            text = progress_text(label, step, total, now - t0, s0)
+            text = progress_text(label, step, total, now - t0, s0, unit)
             if tty:
                 stream.write("\r" + text.ljust(100)[:120])
                 stream.flush()
                 state["drawn"] = True
-            elif not state["last_log"] or now - state["last_log"] >= LOG_SECONDS:
-                state["last_log"] = now
+            elif (not state["last_log"] or now - state["last_log"] >= LOG_SECONDS) \
+                    and step != state.get("last_step"):  # no repeats of a finished count
+                state["last_log"], state["last_step"] = now, step
                 log(text)
 
     thread = threading.Thread(target=draw, daemon=True, name=f"progress-{stage}")

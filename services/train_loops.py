@@ -118,10 +118,8 @@ def pretrain_loop(config: dict) -> None:
     wrapped = ray.train.torch.prepare_model(
         model, parallel_strategy_kwargs=family.public_ddp_kwargs or None) if world > 1 else model
     from privimage_core.pretrain import resolve_precision
+    # resolved here, on the worker's hardware; reported to the driver's log
     precision = resolve_precision(cfg.pretrain.precision, dev, family.public_precisions)
-    if rank == 0:
-        print(f"[privimage] pre-training arithmetic: {precision} "
-              f"(pretrain.precision: {cfg.pretrain.precision})")
     trainer = family.public_trainer(wrapped, lr=cfg.pretrain.lr, precision=precision)
     start = 0
     ckpt = ray.train.get_checkpoint()
@@ -152,10 +150,12 @@ def pretrain_loop(config: dict) -> None:
     step = pretrain(trainer, lambda: ema.update(release), x.to(dev), y.to(dev), steps,
                     max(1, cfg.pretrain.batch_size // world), seed=cfg.run.seed + 7919 * rank,
                     start_step=start, on_step=on_step, checkpoint_every=job.checkpoint_every,
-                    on_checkpoint=lambda s: _report({"step": s}, rank, lambda d: save(d, s)))
+                    on_checkpoint=lambda s: _report({"step": s, "precision": precision}, rank,
+                                                    lambda d: save(d, s)))
     ck = job.checkpoint_every
     if not ck or step % ck != 0 or step == start:
-        _report({"step": step, "seconds": time.time() - t0}, rank, lambda d: save(d, step))
+        _report({"step": step, "seconds": time.time() - t0, "precision": precision}, rank,
+                lambda d: save(d, step))
 
 
 def _restore_dp(job: TrainJob, model, ledger: PrivacyLedger, dev):

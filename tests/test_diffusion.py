@@ -361,3 +361,13 @@ def test_bf16_public_trainer_learns_in_fp32_weights():
         assert all(p.dtype == torch.float32 for p in model.parameters())
         assert all(v.dtype == torch.float32 for st in tr.opt.state.values()
                    for v in st.values() if torch.is_tensor(v) and v.numel() > 1)
+
+
+def test_sampler_reports_progress_per_batch():
+    from privimage_core.models import get_family
+    fam = get_family("diffusion")
+    model = fam.make("tiny", {}, 28, 1, 10)
+    seen = []
+    out = fam.sample(model, np.arange(7) % 10, num_steps=1, solver="euler", seed=0,
+                     batch_size=3, progress=seen.append)
+    assert len(out) == 7 and seen == [3, 6, 7]

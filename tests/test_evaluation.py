@@ -114,6 +114,17 @@ def test_openvino_backend_refused_where_it_cannot_run():
         fid.resolve_backend("tensorrt")
 
 
+def test_feature_passes_report_progress(inception, fid_feats):
+    """Each backend reports the images done after every batch (the
+    evaluation's progress line), ending at the total."""
+    from privimage_core.evaluation import inception_openvino as ovi
+    for backend in ["torch"] + (["openvino"] if ovi.available() else []):
+        seen = []
+        fid.extract_features(fid_feats["a_images"], inception, batch_size=3, backend=backend,
+                             progress=seen.append)
+        assert seen == [3, 6, 8], (backend, seen)
+
+
 def test_weights_found_and_verified(inception):
     p = fid.weights_path()
     assert p.name == "default_1.pt" and inception.model_id == fid.WEIGHTS_SHA1
@@ -136,6 +147,10 @@ def test_noised_set_scores_worse(fid_feats):
     p_worse, _ = precision_recall(fid_feats["a"], fid_feats["c"], k=3)
     assert p_worse < p_same
     assert precision_recall(fid_feats["a"], fid_feats["a"], k=3) == (1.0, 1.0)
+    # duplicates (k-th neighbour at distance 0, fast matrix-product distances)
+    # still lie inside their own hyperspheres
+    dup = np.repeat(fid_feats["a"][:2], 4, axis=0)
+    assert precision_recall(dup, dup, k=3) == (1.0, 1.0)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pytorch-fid passes sqrtm(disp=)

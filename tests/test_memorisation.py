@@ -274,3 +274,29 @@ def test_bad_memorisation_config(bad, match):
     with pytest.raises(ConfigError, match=match) as e:
         from_dict({"evaluation": bad})
     assert "\n" not in str(e.value)
+
+
+def test_checks_share_the_family_wise_level(monkeypatch):
+    """Each of the three checks runs at alpha / 3 (Bonferroni), so a release
+    that memorises nothing raises a false alarm in at most alpha of runs."""
+    seen = []
+
+    def fake_dcr(*a, alpha, **k):
+        seen.append(("dcr", alpha))
+        raise StopIteration  # only the level matters here
+
+    def fake_rec(*a, alpha, **k):
+        seen.append(("reconstruction", alpha))
+        raise StopIteration
+
+    monkeypatch.setattr(memo, "distance_to_closest_record", fake_dcr)
+    ds = shapes(8, size=8)
+    with pytest.raises(StopIteration):
+        memo.run_memorisation(EvaluationConfig(memorisation_alpha=0.06), ds, ds, ds)
+    assert seen == [("dcr", pytest.approx(0.02))]
+    monkeypatch.setattr(memo, "distance_to_closest_record",
+                        lambda *a, **k: {"pixel": {}, "pairs": ([], [], [])})
+    monkeypatch.setattr(memo, "reconstruction_attack", fake_rec)
+    with pytest.raises(StopIteration):
+        memo.run_memorisation(EvaluationConfig(memorisation_alpha=0.06), ds, ds, ds)
+    assert seen[-1] == ("reconstruction", pytest.approx(0.02))

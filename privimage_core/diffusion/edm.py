@@ -181,7 +181,8 @@ def sample(precond: nn.Module, class_labels, num_steps: int = 18, seed: int = 0,
            image_shape: tuple[int, int, int] | None = None, start_index: int = 0,
            sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
            channels_last: bool | None = None,
-           decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> np.ndarray:
+           decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+           progress: Callable[[int], None] | None = None) -> np.ndarray:
     """Deterministic EDM sampler (EDM Algorithm 1): Heun's 2nd-order method
     (2 * num_steps - 1 network evaluations) or Euler (num_steps evaluations)
     on the probability-flow ODE, over ``karras_sigmas``.
@@ -200,6 +201,7 @@ def sample(precond: nn.Module, class_labels, num_steps: int = 18, seed: int = 0,
 
     ``decode`` maps the final ODE state (float32) to images in [-1, 1]: a
     latent model's decoder (models/latent/); None: the state is the image.
+    ``progress(done)`` is called with the images finished after each batch.
     """
     if solver not in ("euler", "heun"):
         raise ValueError(f"solver must be 'euler' or 'heun', got '{solver}'")
@@ -242,6 +244,8 @@ def sample(precond: nn.Module, class_labels, num_steps: int = 18, seed: int = 0,
                 x = decode(x.float()) if decode is not None else x
                 img = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
                 outs.append(img.permute(0, 2, 3, 1).contiguous().cpu().numpy())
+                if progress is not None:
+                    progress(i + b)
     finally:
         if channels_last:
             precond.to(memory_format=torch.contiguous_format)

@@ -163,7 +163,8 @@ def resolve_backend(backend: str, device: str | torch.device = "cpu") -> str:
 
 
 @torch.inference_mode()
-def _torch_features(x: np.ndarray, model, batch_size: int | None, device, resize: str) -> list:
+def _torch_features(x: np.ndarray, model, batch_size: int | None, device, resize: str,
+                    progress=None) -> list:
     model = model.to(device)
     on_cpu = torch.device(device).type == "cpu"
     batch_size = batch_size or (CPU_BATCH if on_cpu else 100)
@@ -174,10 +175,13 @@ def _torch_features(x: np.ndarray, model, batch_size: int | None, device, resize
             inp = inp.contiguous(memory_format=torch.channels_last)
         f = model(inp)
         feats.append(f.reshape(f.shape[0], -1).double().cpu().numpy())
+        if progress is not None:
+            progress(i + len(inp))
     return feats
 
 
-def _openvino_features(x: np.ndarray, model, batch_size: int | None, resize: str) -> list:
+def _openvino_features(x: np.ndarray, model, batch_size: int | None, resize: str,
+                       progress=None) -> list:
     from privimage_core.evaluation import inception_openvino as ovi
     batch_size = batch_size or ovi.BATCH
     feats, cm = [], None
@@ -186,23 +190,26 @@ def _openvino_features(x: np.ndarray, model, batch_size: int | None, resize: str
             inp = preprocess(x[i:i + batch_size], resize, "cpu")
         cm = cm or ovi.compiled(model, inp.clone())
         feats.append(ovi.run(cm, inp).astype(np.float64))
+        if progress is not None:
+            progress(i + len(inp))
     return feats
 
 
 def extract_features(images_uint8, model=None, batch_size: int | None = None,
                      device: str | torch.device = "cpu", resize: str = "nv_bilinear",
-                     backend: str = "auto") -> np.ndarray:
+                     backend: str = "auto", progress=None) -> np.ndarray:
     """uint8 [N,H,W,C] (or ImageSet) -> float64 [N, 2048] pool3 features.
 
     ``backend`` ('auto', 'torch', 'openvino'; ``resolve_backend``): the same
     float32 network either way, OpenVINO being 1.8x faster on the CPU
-    (privimage_core/evaluation/inception_openvino.py)."""
+    (privimage_core/evaluation/inception_openvino.py). ``progress(done)``
+    hears the images finished after each batch."""
     x = _as_uint8(images_uint8)
     model = model if model is not None else load_fid_inception()
     if resolve_backend(backend, device) == "openvino" and isinstance(model, torch.jit.ScriptModule):
-        feats = _openvino_features(x, model, batch_size, resize)
+        feats = _openvino_features(x, model, batch_size, resize, progress)
     else:  # test doubles (plain modules) and GPUs run in torch
-        feats = _torch_features(x, model, batch_size, device, resize)
+        feats = _torch_features(x, model, batch_size, device, resize, progress)
     return np.concatenate(feats) if feats else np.zeros((0, FEATURE_DIM))
 
 
@@ -281,7 +288,7 @@ class FIDCache:
         return self.dir / f"fid-{key}.npz" if self.dir else None
 
     def features(self, images, model=None, batch_size: int | None = None, device="cpu",
-                 resize: str = "nv_bilinear", backend: str = "auto"
+                 resize: str = "nv_bilinear", backend: str = "auto", progress=None
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(feats, mu, sigma) of ``images``, from disk when cached."""
         x = _as_uint8(images)
@@ -295,7 +302,7 @@ class FIDCache:
             except Exception:  # truncated / foreign file: recompute and overwrite
                 pass
         feats = extract_features(x, model, batch_size=batch_size, device=device, resize=resize,
-                                 backend=backend)
+                                 backend=backend, progress=progress)
         mu, sigma = feature_stats(feats)
         if p is not None:
             p.parent.mkdir(parents=True, exist_ok=True)
@@ -303,6 +310,12 @@ class FIDCache:
             np.savez(tmp, feats=feats, mu=mu, sigma=sigma)
             tmp.replace(p)  # atomic: concurrent evaluators never read half a file
         return feats, mu, sigma
+
+    def cached(self, images, model, resize: str = "nv_bilinear") -> bool:
+        """Whether ``features`` would read these images' features from disk."""
+        key = _images_key(_as_uint8(images), getattr(model, "model_id", "custom"), resize)
+        p = self.path(key)
+        return p is not None and p.is_file()
 
     def stats(self, images, model=None, **kw) -> tuple[np.ndarray, np.ndarray]:
         _, mu, sigma = self.features(images, model, **kw)

@@ -30,7 +30,12 @@ and they are logged as non-private (``nonprivate_train.memorisation_*``).
   (Bonferroni over the levels) asks whether members are reconstructed better.
   Families without a denoiser (the GAN) get "not applicable"; DCR covers them.
 
-Verdicts: "memorisation" = significant at ``alpha`` AND an effect of at least
+A run makes up to three such tests (DCR in pixel and in feature space, the
+reconstruction attack), so each runs at ``alpha / 3`` (Bonferroni): the
+chance that a release which does not memorise gets a "memorisation" alarm
+from any of them is at most ``alpha``, not about three times it.
+
+Verdicts: "memorisation" = significant at its level AND an effect of at least
 ``effect`` (share or AUC >= 0.5 + effect: a tiny shift between the train and
 test splits becomes significant with enough images, and is not memorisation);
 "no evidence" = not significant and the check had >= 80% power against that
@@ -48,6 +53,7 @@ from privimage_core.errors import DataError
 
 VERDICT_CODES = {"memorisation": 1.0, "no evidence": 0.0, "inconclusive": -1.0}
 PERMUTATIONS = 1999
+CHECKS = 3  # DCR pixel, DCR feature, reconstruction: the Bonferroni divisor
 _Z_POWER = 0.8416  # standard normal quantile of 0.8: the power "no evidence" needs
 
 
@@ -330,7 +336,8 @@ def run_memorisation(ecfg, synthetic: ImageSet, members: ImageSet, heldout: Imag
     rng = np.random.default_rng([seed, 43])
     n = min(ecfg.memorisation_images, len(synthetic))
     syn = synthetic.subset(np.sort(rng.choice(len(synthetic), n, replace=False)), "memorisation")
-    kw = dict(alpha=ecfg.memorisation_alpha, effect=ecfg.memorisation_effect, seed=seed)
+    # family-wise level alpha over the (up to) three checks (module docstring)
+    kw = dict(alpha=ecfg.memorisation_alpha / CHECKS, effect=ecfg.memorisation_effect, seed=seed)
     dcr = distance_to_closest_record(syn, members, heldout, features=feature_fn,
                                      feature_images=ecfg.memorisation_feature_images, **kw)
     rm, rh = matched_references(members, heldout, ecfg.memorisation_reconstruction_images, seed)

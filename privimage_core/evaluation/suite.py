@@ -89,13 +89,17 @@ def run_evaluation(ecfg: EvaluationConfig, synthetic: ImageSet, real_test: Image
                    ledger_epsilon: float | None = None, delta: float | None = None,
                    fid_cache_dir: str | None = None,
                    log: Callable[[str], None] = lambda s: None,
-                   canary=None, family=None, release=None) -> EvaluationResult:
+                   canary=None, family=None, release=None,
+                   progress: Callable[[int, int], None] | None = None) -> EvaluationResult:
     """Every enabled metric of ``ecfg`` on ``synthetic`` against ``real_test``.
 
     ``real_train`` (sensitive; optional): the ceiling classifiers and the
     audit's members. ``generator`` (an EDMPrecond; optional): the membership
     audit. ``ledger_epsilon`` / ``delta``: the release's guarantee, for the
     audit check (delta also enters the lower bound; default 1e-5).
+    ``progress(done, total)`` (optional) hears the FID Inception passes, the
+    long part on a CPU (images of both sides; the real side only when its
+    features are not cached).
     ``canary`` (a canary_audit.CanaryAuditInput; optional): the one-run
     canary audit, the privacy check that can fail; it sets ``audit_ok`` /
     ``audit_message``. The train-vs-test membership attack is a diagnostic.
@@ -142,10 +146,20 @@ def run_evaluation(ecfg: EvaluationConfig, synthetic: ImageSet, real_test: Image
             t0 = time.time()
             model = fidlib.load_fid_inception(ecfg.fid_weights)
             cache = fidlib.FIDCache(fid_cache_dir)
-            f_real, _, _ = cache.features(real_test.images[parts["fid"][:n]], model,
-                                          backend=ecfg.inception_backend)
+            real_imgs = real_test.images[parts["fid"][:n]]
+            # one progress count over both passes (the real one only when not cached)
+            todo = n + (0 if cache.cached(real_imgs, model) else n)
+            base = {"done": 0}
+
+            def tick(done: int) -> None:
+                if progress is not None:
+                    progress(base["done"] + done, todo)
+
+            f_real, _, _ = cache.features(real_imgs, model, backend=ecfg.inception_backend,
+                                          progress=tick)
+            base["done"] = todo - n
             f_syn = fidlib.extract_features(synthetic.images[syn_idx], model,
-                                            backend=ecfg.inception_backend)
+                                            backend=ecfg.inception_backend, progress=tick)
             feat_s = time.time() - t0
             m["inception_features_seconds"] = feat_s
             m["fid_images"] = n

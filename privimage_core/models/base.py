@@ -132,8 +132,10 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def sample(self, release: nn.Module, labels: np.ndarray, num_steps: int, solver: str,
-               seed: int, batch_size: int, guidance: float = 0.0) -> np.ndarray:
-        """uint8 [N, H, W, C] images for ``labels`` from the released module."""
+               seed: int, batch_size: int, guidance: float = 0.0,
+               progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """uint8 [N, H, W, C] images for ``labels`` from the released module;
+        ``progress(done)`` (optional) hears the images finished so far."""
 
     @abstractmethod
     def audit_loss(self, release: nn.Module, x: torch.Tensor, y: torch.Tensor,

@@ -32,9 +32,12 @@ def synthesize(ctx: RunContext, stage: Stage) -> dict:
     if ctx.values.get("selection_note"):  # DP outputs only (query_budget.py)
         provenance.update(selection_warning=ctx.values["selection_note"],
                           pretrain_data_fallback=ctx.values.get("selection_fallback"))
-    syn = ray.get(_evaluator(ctx).synthesize.remote(
-        state_bytes(ctx.values["release_state"]), ctx.class_names, provenance,
-        ctx.method.family))
+    from services.progress import progress_line
+    with progress_line(ctx.mlflow_run_id or "run", stage.name, "sampling", ctx.log,
+                       unit="images") as board:
+        syn = ray.get(_evaluator(ctx).synthesize.remote(
+            state_bytes(ctx.values["release_state"]), ctx.class_names, provenance,
+            ctx.method.family, board))
     ctx.values["synthetic"] = syn
     sample_grid_png(read_dataset(syn["path"]), ctx.run_dir / "samples.png")
     ctx.tracker.file_artifact(ctx.run_dir / "samples.png")
@@ -54,9 +57,13 @@ def evaluate(ctx: RunContext, stage: Stage) -> dict:
     test = ctx.inputs.test
     canaries, reference = _canary_args(ctx)
     # sens_ref: the diagnostic's members and the ceiling's training data (never written)
-    ev = ray.get(_evaluator(ctx).evaluate.remote((test.images, test.labels), ctx.class_names,
-                                                 ctx.sens_ref, ctx.ledger.epsilon(),
-                                                 canaries, reference))
+    from services.progress import progress_line
+    with progress_line(ctx.mlflow_run_id or "run", stage.name, "evaluation: FID Inception",
+                       ctx.log, unit="images") as board:
+        ev = ray.get(_evaluator(ctx).evaluate.remote((test.images, test.labels),
+                                                     ctx.class_names, ctx.sens_ref,
+                                                     ctx.ledger.epsilon(), canaries, reference,
+                                                     board))
     ctx.kill_actors("evaluator")
     _record_canary_audit(ctx, ev.pop("canary_detail", None), ev.pop("audit_verdict", None))
     report = ctx.run_dir / "evaluation_report.html"

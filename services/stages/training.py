@@ -150,9 +150,12 @@ def pretrain(ctx: RunContext, stage: Stage) -> dict:
     # public-only weights: the DP stages start here; the canary audit's reference
     ctx.values["init_state"] = ctx.values["pretrained_state"] = init
     steps = res.metrics.get("step", 0)
-    ctx.finish(stage, {"steps": steps, "images": len(labels), "data": data})
+    precision = res.metrics.get("precision", "fp32")
+    mlflow.set_tag("pretrain_precision", precision)  # resolved on the worker's hardware
+    ctx.finish(stage, {"steps": steps, "images": len(labels), "data": data,
+                       "precision": precision})
     ctx.log(f"[privimage] pre-training done: {steps} steps on {len(labels)} public images "
-            f"({data})")
+            f"({data}; {precision} arithmetic, pretrain.precision: {ctx.cfg.pretrain.precision})")
     return {"steps": steps, "num_pretrain_images": len(labels)}
 
 

@@ -100,10 +100,11 @@ class DiffusionFamily(ModelFamily):
     def public_trainer(self, model, lr, precision="fp32"):
         return _EDMTrainer(model, lr, getattr(_precond(model), "label_dropout", 0.0), precision)
 
-    def sample(self, release, labels, num_steps, solver, seed, batch_size, guidance=0.0):
+    def sample(self, release, labels, num_steps, solver, seed, batch_size, guidance=0.0,
+               progress=None):
         net = GuidedDenoiser(release, guidance) if guidance else release
         return sample(net, torch.as_tensor(labels), num_steps=num_steps, seed=seed,
-                      batch_size=batch_size, solver=solver)
+                      batch_size=batch_size, solver=solver, progress=progress)
 
     def audit_loss(self, release, x, y, seed=0):
         # Fixed public noise (seeded): the same draws for members and non-members.

@@ -185,7 +185,8 @@ def _find_generator(release: nn.Module) -> Generator:
     raise TypeError("the GAN family samples from a Generator module")
 
 
-def generate(release: nn.Module, labels, seed: int, batch_size: int) -> torch.Tensor:
+def generate(release: nn.Module, labels, seed: int, batch_size: int,
+             progress=None) -> torch.Tensor:
     """Float images in [-1, 1], [N, C, H, W] on the generator's device.
     Image i's latent is the i-th draw of ``LatentStream(seed)``, so the images
     do not depend on the batch size (GroupNorm is per image)."""
@@ -200,6 +201,8 @@ def generate(release: nn.Module, labels, seed: int, batch_size: int) -> torch.Te
         for i in range(0, len(labels), batch_size):
             y = labels[i:i + batch_size].to(dev)
             outs.append(g(latents.next(len(y)).float().to(dev), y).clamp(-1, 1))
+            if progress is not None:
+                progress(i + len(y))
     return torch.cat(outs)
 
 
@@ -235,7 +238,8 @@ class GANFamily(ModelFamily):
     def public_trainer(self, model, lr, precision="fp32"):  # fp32 only
         return _GANTrainer(model, lr)
 
-    def sample(self, release, labels, num_steps, solver, seed, batch_size, guidance=0.0):
+    def sample(self, release, labels, num_steps, solver, seed, batch_size, guidance=0.0,
+               progress=None):
         """One generator pass per image: ``num_steps`` and ``solver`` (the
         diffusion sampler's settings) are ignored."""
         if guidance:
@@ -244,7 +248,7 @@ class GANFamily(ModelFamily):
         was_training = release.training
         release.eval()
         try:
-            x = generate(release, labels, seed, batch_size)
+            x = generate(release, labels, seed, batch_size, progress)
         finally:
             release.train(was_training)
         img = ((x + 1) * 127.5).round().to(torch.uint8)

@@ -169,12 +169,13 @@ class LatentDiffusionFamily(ModelFamily):
     def public_trainer(self, model, lr, precision="fp32"):  # fp32 only
         return _LatentTrainer(model, lr)
 
-    def sample(self, release, labels, num_steps, solver, seed, batch_size, guidance=0.0):
+    def sample(self, release, labels, num_steps, solver, seed, batch_size, guidance=0.0,
+               progress=None):
         m = _inner(release)
         net = GuidedDenoiser(m.diffusion, guidance) if guidance else m.diffusion
         return sample(net, torch.as_tensor(labels), num_steps=num_steps, seed=seed,
                       batch_size=batch_size, solver=solver, image_shape=m.latent_shape,
-                      decode=m.autoencoder.decode)
+                      decode=m.autoencoder.decode, progress=progress)
 
     def audit_loss(self, release, x, y, seed=0):
         # The latent model's denoising loss at fixed public noise (seeded).
