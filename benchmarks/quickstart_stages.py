@@ -3,7 +3,8 @@
     bash scripts/quickstart.sh            # writes runs/<run>/summary.json
     .venv/bin/python benchmarks/quickstart_stages.py runs/<run>/summary.json --note "idle machine"
 Appends one block per run to benchmarks/results/quickstart-<date>.txt (say in
---note what else the CPU was doing).
+--note what else the CPU was doing) and the run to summary.json's lists
+(--new-series on the first run of new defaults).
 """
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ def main() -> None:
     lines.append(f"{'total (driver)':<16} {s['total_seconds']:>7.1f}")
     lines.append(f"# epsilon {s['epsilon']:.4f} delta {s['delta']:.1e} "
                  f"FID {s['fid']:.2f} accuracy {s['accuracy']:.4f}")
+    ev = s.get("evaluation", {})
+    extra = [f"{k} {ev[k]:.4f}" for k in ("kid", "kid_std", "accuracy_mlp", "accuracy_lr",
+                                          "precision", "recall") if k in ev]
+    if extra:
+        lines.append("# " + ", ".join(extra))
     run_summary.append("quickstart", lines)
     from summary_json import update
     import json
@@ -31,7 +37,8 @@ def main() -> None:
     update({"quickstart_driver_seconds": round(s["total_seconds"], 1),
             "quickstart_cnn_accuracy": s["accuracy"],
             **({"quickstart_fid_5k": fid5k} if fid5k is not None else {})},
-           append=("quickstart_driver_seconds", "quickstart_cnn_accuracy"))
+           append=("quickstart_driver_seconds", "quickstart_cnn_accuracy"),
+           new_series=s["new_series"])
 
 
 if __name__ == "__main__":

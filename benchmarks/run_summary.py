@@ -12,12 +12,16 @@ from bench_dp_step import cpu_name
 
 
 def load(description: str) -> tuple[dict, str]:
-    """(summary dict, note) from the command line: SUMMARY [--note TEXT]."""
+    """(summary dict, note) from the command line: SUMMARY [--note TEXT]
+    [--new-series]; the flag is kept in the dict as ``summary["new_series"]``."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("summary", help="runs/<run>/summary.json")
     ap.add_argument("--note", default="", help="conditions of the run (load, what changed)")
+    ap.add_argument("--new-series", action="store_true",
+                    help="start summary.json's per-run lists anew (the defaults changed: "
+                         "earlier runs measured other settings)")
     a = ap.parse_args()
-    return json.loads(Path(a.summary).read_text()), a.note
+    return {**json.loads(Path(a.summary).read_text()), "new_series": a.new_series}, a.note
 
 
 def header(title: str, summary: dict, note: str) -> list[str]:

@@ -23,9 +23,10 @@ def _commit() -> str:
         return "unknown"
 
 
-def update(values: dict, append: tuple[str, ...] = ()) -> dict:
+def update(values: dict, append: tuple[str, ...] = (), new_series: bool = False) -> dict:
     """Set ``values`` (keys of KEYS); keys in ``append`` are lists that
-    gain the value (one entry per run) instead of being replaced."""
+    gain the value (one entry per run) instead of being replaced, unless
+    ``new_series`` starts them anew (runs of earlier defaults are dropped)."""
     from bench_dp_step import cpu_name
 
     unknown = set(values) - set(KEYS)
@@ -35,6 +36,6 @@ def update(values: dict, append: tuple[str, ...] = ()) -> dict:
     out = {"date": datetime.date.today().isoformat(), "commit": _commit(), "machine": cpu_name()}
     out.update({k: cur.get(k) for k in KEYS})
     for k, v in values.items():
-        out[k] = (list(out[k] or []) + [v]) if k in append else v
+        out[k] = (list([] if new_series else out[k] or []) + [v]) if k in append else v
     PATH.write_text(json.dumps(out, indent=2) + "\n")
     return out
