@@ -123,10 +123,12 @@ def test_without_the_glyph_name_check_dingbats_get_in(monkeypatch, tmp_path):
     from privimage_core.data import glyphs
     if not any("D050000L" in f for f in glyphs._font_files(glyphs.FONT_DIRS)):
         pytest.skip("fonts-urw-base35 (D050000L) is not installed")
+    have = glyphs._have_fonttools
+    monkeypatch.setattr(glyphs, "_DISCOVERED", {})  # scan, not an earlier test's memo
     monkeypatch.setattr(glyphs, "_have_fonttools", lambda: False)
     unchecked = discover_fonts(cache_dir=tmp_path)
     assert any("D050000L" in f for f in unchecked)
-    monkeypatch.undo()
+    monkeypatch.setattr(glyphs, "_have_fonttools", have)
     assert not any("D050000L" in f for f in discover_fonts(cache_dir=tmp_path))
     assert len(list(tmp_path.glob("fonts-*.json"))) == 2
 
