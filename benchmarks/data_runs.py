@@ -48,6 +48,9 @@ def main() -> None:
     ap.add_argument("kind", choices=sorted(KINDS))
     ap.add_argument("summary", help="runs/<run>/summary.json")
     ap.add_argument("--note", default="", help="conditions of the run (load, what changed)")
+    ap.add_argument("--variant", action="store_true",
+                    help="a variant of the target's setting (another method or option): "
+                         "the block is written, summary.json's key is left alone")
     a = ap.parse_args()
     s = json.loads(Path(a.summary).read_text())
     e = s["evaluation"]
@@ -58,14 +61,16 @@ def main() -> None:
                                                  for c in ("cnn", "mlp", "lr")))
     lines.append("train-on-real ceiling CNN / MLP / LR (%): " + " / ".join(
         f"{100 * e[f'ceiling_accuracy_{c}']:.1f}" for c in ("cnn", "mlp", "lr")))
-    lines.append(f"FID ({e.get('fid_images')} images) {e.get('fid', float('nan')):.1f}; "
-                 f"KID {e.get('kid', float('nan')):.4f} +- {e.get('kid_std', float('nan')):.4f}")
+    lines.append(f"FID ({e['fid_images']} images) {e['fid']:.1f}; KID {e['kid']:.4f} +- "
+                 f"{e['kid_std']:.4f}" if "fid" in e else "FID / KID: not computed (evaluation.fid off)")
     lines.append(f"epsilon {s['epsilon']:.4f} delta {s['delta']:.1e}; driver "
                  f"{s['total_seconds']:.0f} s; selection warning: {s.get('selection_warning')}")
     lines.append("stage seconds: " + ", ".join(f"{k} {v:.0f}"
                                                for k, v in s.get("stage_seconds", {}).items()))
-    lines.append(f"{kind.key} = {value}")
+    lines.append(f"{kind.key}{' (variant, not the headline key)' if a.variant else ''} = {value}")
     run_summary.append("data-runs", lines)
+    if a.variant:
+        return
     if kind.seconds_key:
         update({kind.key: value, kind.seconds_key: round(s["total_seconds"], 1)},
                append=(kind.key, kind.seconds_key))

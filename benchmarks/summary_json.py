@@ -10,7 +10,9 @@ import subprocess
 from pathlib import Path
 
 PATH = Path(__file__).parent / "results" / "summary.json"
-KEYS = ("dp_step_ratio_tiny", "dp_step_ratio_small", "quickstart_driver_seconds",
+KEYS = ("dp_step_ratio_tiny", "dp_step_ratio_small",
+        # the K = 4 noise-multiplicity step against a non-private step on the same rows
+        "dp_step_ratio_tiny_k4", "dp_step_ratio_small_k4", "quickstart_driver_seconds",
         "quickstart_cnn_accuracy", "quickstart_fid_5k", "fmnist_cnn_accuracy",
         "folder400_relative_accuracy", "quality_cpu_cnn_accuracy", "quality_cpu_driver_seconds")
 
