@@ -33,7 +33,8 @@ FONT_DIRS = ("/usr/share/fonts",)
 FONT_EXTS = (".ttf", ".otf", ".ttc")  # Type 1 copies (.pfb) duplicate the urw-base35 OTFs
 # Fonts whose cmap maps Latin letters to pictures, keycaps or decorated initials:
 # their glyphs would be label noise.
-_EXCLUDE_NAMES = re.compile(r"\b(symbols?|dingbats?|keyboard|initials|ornaments?|emoji|icons?)\b", re.I)
+# "symbol" and "dingbat" also inside CamelCase names (OpenSymbol, ZapfDingbats).
+_EXCLUDE_NAMES = re.compile(r"(symbol|dingbat)|\b(keyboard|initials|ornaments?|emoji|icons?)\b", re.I)
 _GENERIC_GLYPH = re.compile(r"^(glyph|gid|cid|g|index)\d+$")
 _DIGIT_NAMES = "zero one two three four five six seven eight nine".split()
 RENDER_PX = 64          # draw large, then downsample: anti-aliased strokes like MNIST's
@@ -71,8 +72,8 @@ def _names_match(font_path: str, chars: str) -> bool:
     from fontTools.ttLib import TTFont
     try:
         cmap = TTFont(font_path, lazy=True, fontNumber=0).getBestCmap() or {}
-    except Exception:  # unreadable tables: let the PIL check decide
-        return True
+    except Exception:  # unreadable cmap: its letters cannot be checked, leave it out
+        return False
     for c in chars:
         name = cmap.get(ord(c))
         if name is None:
