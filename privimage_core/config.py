@@ -302,7 +302,7 @@ def validate(cfg: Config) -> None:
                  "data.class_names must list distinct, non-empty class names, or be null")
     validate_training(cfg.pretrain, cfg.finetune)
     from privimage_core.methods import check_method
-    check_method(cfg.method, cfg.generator.preset, cfg.pretrain.steps)
+    check_method(cfg.method, cfg.generator.preset, cfg.pretrain.steps, cfg.pretrain.precision)
     _require(cfg.sampling.solver in ("euler", "heun"),
              f"sampling.solver must be 'euler' or 'heun', got '{cfg.sampling.solver}'")
     _require(0 <= cfg.generator.label_dropout < 1,

@@ -115,7 +115,8 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def check_method(name: str, preset: str, pretrain_steps: int) -> Method:
+def check_method(name: str, preset: str, pretrain_steps: int,
+                 pretrain_precision: str = "auto") -> Method:
     """The method, or one clear error for combinations it cannot run."""
     from privimage_core.models import FAMILY_NAMES, get_family
 
@@ -131,4 +132,8 @@ def check_method(name: str, preset: str, pretrain_steps: int) -> Method:
     if m.has("pretrain") and pretrain_steps < 1:
         raise ConfigError(f"method '{name}' pre-trains but pretrain.steps is {pretrain_steps}; "
                           "set pretrain.steps >= 1, or use method dpdm / dpgan for no pre-training")
+    if pretrain_precision not in ("auto", *fam.public_precisions):
+        raise ConfigError(f"pretrain.precision '{pretrain_precision}' is not one the {m.family} "
+                          f"family pre-trains in (method '{name}'); use auto or one of "
+                          f"{', '.join(fam.public_precisions)}")
     return m

@@ -30,6 +30,9 @@ def test_defaults_validate_and_flatten():
     ({"ray": {"train_log_level": "LOUD"}}, "ray.train_log_level must be one of DEBUG, INFO"),
     ({"evaluation": {"inception_backend": "tensorrt"}},
      "evaluation.inception_backend must be one of auto, torch, openvino"),
+    ({"pretrain": {"precision": "fp8"}}, "pretrain.precision must be one of auto, fp32, bf16"),
+    ({"method": "dpgan", "pretrain": {"precision": "bf16"}},
+     "pretrain.precision 'bf16' is not one the gan family pre-trains in"),
 ])
 def test_bad_values_are_named(bad, match):
     with pytest.raises(ConfigError, match=match) as e:

@@ -353,9 +353,14 @@ def test_bf16_public_trainer_learns_in_fp32_weights():
 
         start = eval_loss()
         tr = fam.public_trainer(model, lr=3e-3, precision=precision)
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        seen = []  # the arithmetic the trainer's forward really ran in
+        hook = conv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
         g = torch.Generator().manual_seed(1)
         for _ in range(60):
             tr.step(x, y, g)
+        hook.remove()
+        assert set(seen) == {torch.bfloat16 if precision == "bf16" else torch.float32}
         end = eval_loss()
         assert end < 0.6 * start, (precision, start, end)
         assert all(p.dtype == torch.float32 for p in model.parameters())

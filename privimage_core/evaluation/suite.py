@@ -149,17 +149,15 @@ def run_evaluation(ecfg: EvaluationConfig, synthetic: ImageSet, real_test: Image
             real_imgs = real_test.images[parts["fid"][:n]]
             # one progress count over both passes (the real one only when not cached)
             todo = n + (0 if cache.cached(real_imgs, model) else n)
-            base = {"done": 0}
 
-            def tick(done: int) -> None:
-                if progress is not None:
-                    progress(base["done"] + done, todo)
+            def ticker(offset: int):
+                return None if progress is None else (lambda done: progress(offset + done, todo))
 
             f_real, _, _ = cache.features(real_imgs, model, backend=ecfg.inception_backend,
-                                          progress=tick)
-            base["done"] = todo - n
+                                          progress=ticker(0))
             f_syn = fidlib.extract_features(synthetic.images[syn_idx], model,
-                                            backend=ecfg.inception_backend, progress=tick)
+                                            backend=ecfg.inception_backend,
+                                            progress=ticker(todo - n))
             feat_s = time.time() - t0
             m["inception_features_seconds"] = feat_s
             m["fid_images"] = n
