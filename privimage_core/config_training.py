@@ -28,8 +28,12 @@ class PretrainConfig:
     precision: str = "auto"
 
 
-# Per-sample gradient engines for DP-SGD (privimage_core/dp_finetune.make_private).
-GRAD_SAMPLE_MODES = ("vmap", "hooks")
+# Per-example clipping engines for DP-SGD (privimage_core/dp_finetune.make_private):
+# "ghost" = book-keeping ghost clipping (privimage_core/ghost_clipping.py, the
+# clipped sum without per-sample gradients), "vmap" = torch.func per-sample
+# gradients, "hooks" = Opacus's hooks; "auto" = ghost where every trainable
+# layer is one it supports, else vmap.
+GRAD_SAMPLE_MODES = ("auto", "ghost", "vmap", "hooks")
 
 
 @dataclass
@@ -52,8 +56,10 @@ class FinetuneConfig:
     # DPDM noise multiplicity: noise draws per image, averaged inside its loss
     # before clipping (same privacy cost, lower gradient variance, K x compute).
     noise_multiplicity: int = 1
-    # "vmap": torch.func per-sample grads (faster); "hooks": Opacus's hooks.
-    grad_sample_mode: str = "vmap"
+    # One of GRAD_SAMPLE_MODES. Measured (benchmarks/results/dp_step-2026-12-06b.txt,
+    # small preset, batch 256, 2 cores): ghost 1.14x a non-private step at
+    # K = 1 against vmap's 1.88x, and 1.47x against 1.62x at K = 4.
+    grad_sample_mode: str = "auto"
     # Noise levels drawn in the DP fine-tuning loss of the pixel diffusion
     # family: ln(sigma) ~ N(mean, std^2) (EDM's training distribution). EDM's
     # -1.2 spends most draws on nearly clean images, whose gradients carry

@@ -2,9 +2,11 @@
 DP-SGD through stock Opacus.
 
 - Poisson sampling at rate q = logical batch / N (Opacus DPDataLoader).
-- Per-sample gradients, clipped to ``max_grad_norm``: either ``torch.func``
-  vmap over the whole model with Opacus's ``no_op`` mode
-  (privimage_core/per_sample_grads.py) or Opacus's hooks. The loss is a
+- Per-sample gradients, clipped to ``max_grad_norm``: ``torch.func`` vmap
+  over the whole model with Opacus's ``no_op`` mode
+  (privimage_core/per_sample_grads.py), Opacus's hooks, or book-keeping
+  ghost clipping (privimage_core/ghost_clipping.py: the clipped sum without
+  per-sample gradients, into Opacus's fast-gradient-clipping optimizer). The loss is a
   ``DPObjective``, so model families other than diffusion plug in; DPDM's
   noise multiplicity (k draws per example averaged inside its loss) keeps one
   clipped gradient per example, so it costs no privacy.
@@ -31,11 +33,14 @@ from typing import Callable, Protocol
 
 import torch
 from opacus import PrivacyEngine
+from opacus.optimizers import (DistributedDPOptimizerFastGradientClipping,
+                               DPOptimizerFastGradientClipping)
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
 
 from privimage_core.config import GRAD_SAMPLE_MODES
 from privimage_core.errors import PrivacyBudgetError
+from privimage_core.ghost_clipping import BookKeepingClipper, unsupported_parameters
 from privimage_core.per_sample_grads import compute_grad_samples, fold_multiplicity
 from privimage_core.privacy_ledger import MechanismRecord, PrivacyLedger
 
@@ -105,6 +110,17 @@ class DPTraining:
     sample_rate: float
     engine: PrivacyEngine
     grad_sample_mode: str = "hooks"  # "vmap": Opacus no_op + torch.func per-sample grads
+    clipper: BookKeepingClipper | None = None  # "ghost": the clipped sum, no per-sample grads
+
+
+def resolve_grad_sample_mode(mode: str, module: torch.nn.Module) -> str:
+    """"auto" -> "ghost" when book-keeping clipping supports every trainable
+    layer of ``module``, else "vmap"; other modes unchanged."""
+    if mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got '{mode}'")
+    if mode == "auto":
+        return "vmap" if unsupported_parameters(module) else "ghost"
+    return mode
 
 
 def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
@@ -118,9 +134,11 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
     distributed (Opacus then shards the Poisson sampling across ranks).
 
     ``grad_sample_mode``: "hooks" (Opacus computes ``grad_sample`` in
-    backward; the default, for callers that run their own backward) or
+    backward; the default, for callers that run their own backward),
     "vmap" (Opacus ``no_op``: ``dp_finetune`` fills ``grad_sample`` with
-    ``compute_grad_samples``).
+    ``compute_grad_samples``) or "ghost" (Opacus ``no_op`` for the model and
+    its fast-gradient-clipping optimizer, which only adds the noise:
+    ``accumulate_grad_samples`` leaves the clipped sum in ``p.grad``).
 
     ``num_records``: the public record count the sampling rate and Opacus's
     expected batch size are computed from, instead of ``len(x)``. An audit
@@ -129,9 +147,7 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
     depend on which canaries were included, or it would leak them and the
     per-record guarantee the audit tests (fixed q, add/remove one) would not
     hold."""
-    if grad_sample_mode not in GRAD_SAMPLE_MODES:
-        raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, "
-                         f"got '{grad_sample_mode}'")
+    grad_sample_mode = resolve_grad_sample_mode(grad_sample_mode, module)
     data = TensorDataset(x, y)
     if num_records is None:
         loader = DataLoader(data, batch_size=batch_size)
@@ -152,8 +168,21 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
     model, dp_opt, dp_loader = engine.make_private(
         module=module, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm, poisson_sampling=True,
-        grad_sample_mode="no_op" if grad_sample_mode == "vmap" else "hooks",
+        grad_sample_mode="hooks" if grad_sample_mode == "hooks" else "no_op",
         noise_generator=noise_gen)
+    clipper = None
+    if grad_sample_mode == "ghost":
+        # The clipped sum arrives in p.grad: Opacus's optimizer for its own
+        # ghost mode accumulates it over virtual steps, adds the noise once,
+        # divides by the expected batch size (rank 0 noises under DDP).
+        clipper = BookKeepingClipper(model)
+        cls = (DistributedDPOptimizerFastGradientClipping if distributed
+               else DPOptimizerFastGradientClipping)
+        dp_opt = cls(dp_opt.original_optimizer, noise_multiplier=dp_opt.noise_multiplier,
+                     max_grad_norm=dp_opt.max_grad_norm,
+                     expected_batch_size=dp_opt.expected_batch_size,
+                     loss_reduction=dp_opt.loss_reduction, generator=dp_opt.generator,
+                     secure_mode=dp_opt.secure_mode)
     if num_records is not None:  # Opacus set it from len(x): the noise scale would leak it
         world = torch.distributed.get_world_size() if distributed else 1
         dp_opt.expected_batch_size = int(num_records * q) / world
@@ -161,7 +190,7 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
     if distributed:  # every rank yields every Poisson draw, empty ones too (W8)
         from privimage_core.poisson_sampler import keep_empty_draws
         dp_loader = keep_empty_draws(dp_loader)
-    return DPTraining(model, dp_opt, dp_loader, record, q, engine, grad_sample_mode)
+    return DPTraining(model, dp_opt, dp_loader, record, q, engine, grad_sample_mode, clipper)
 
 
 def accumulate_grad_samples(dp: DPTraining, objective: DPObjective, x: torch.Tensor,
@@ -175,6 +204,10 @@ def accumulate_grad_samples(dp: DPTraining, objective: DPObjective, x: torch.Ten
     if not getattr(objective, "uses_multiplicity", True):
         noise_multiplicity = 1
     rnd = objective.draw(x, noise_multiplicity)
+    if dp.grad_sample_mode == "ghost":
+        dp.clipper.clipped_grad(lambda: objective.loss(dp.model, x, y, rnd), len(x),
+                                dp.optimizer.max_grad_norm)
+        return
     if dp.grad_sample_mode == "vmap":
         compute_grad_samples(dp.model, objective, x, y, rnd, chunk_size)
         return

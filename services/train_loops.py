@@ -251,7 +251,8 @@ def finetune_loop(config: dict) -> None:
     start = dp.record.steps
     steps = dp_finetune(dp, ema, release, total, f.physical_batch_size, on_step=on_step,
                         checkpoint_every=job.checkpoint_every,
-                        on_checkpoint=lambda s: _report({"step": s, "epsilon": ledger.epsilon()},
+                        on_checkpoint=lambda s: _report({"step": s, "epsilon": ledger.epsilon(),
+                                                         "grad_sample_mode": dp.grad_sample_mode},
                                                         rank, save),
                         objective=objective, noise_multiplicity=f.noise_multiplicity,
                         after_step=after)
@@ -259,6 +260,6 @@ def finetune_loop(config: dict) -> None:
     # had no step left to take)
     ck = job.checkpoint_every
     if not ck or steps % ck != 0 or steps == start:
-        _report({"step": steps, "epsilon": ledger.epsilon(), "seconds": time.time() - t0},
-                rank, save)
+        _report({"step": steps, "epsilon": ledger.epsilon(), "seconds": time.time() - t0,
+                 "grad_sample_mode": dp.grad_sample_mode}, rank, save)
 

@@ -1,7 +1,7 @@
-"""torch.func per-sample gradients (Opacus no_op mode) and noise multiplicity:
-equal to per-example backprop, equal to the hooks mode through the whole
-Opacus step, empty Poisson batches still step, and the ledger does not
-depend on the mode."""
+"""torch.func per-sample gradients (Opacus no_op mode), book-keeping ghost
+clipping and noise multiplicity: equal to per-example backprop, equal to the
+hooks mode through the whole Opacus step, empty Poisson batches still step,
+and the ledger does not depend on the mode."""
 from __future__ import annotations
 
 import copy
@@ -99,7 +99,7 @@ def test_opacus_step_vmap_equals_hooks(k):
     x, y = _batch()
     base = _model()
     grads, norms = {}, None
-    for mode in ("vmap", "hooks"):
+    for mode in ("vmap", "hooks", "ghost"):
         dp, led = _private(mode, copy.deepcopy(base), x, y)
         torch.manual_seed(7)  # the objective draws from the global generator
         accumulate_grad_samples(dp, EDMObjective(), x, y, noise_multiplicity=k)
@@ -110,7 +110,7 @@ def test_opacus_step_vmap_equals_hooks(k):
         grads[mode] = [p.grad.detach().clone() for p in dp.optimizer.params]
         assert led.records[0].steps == 1
     assert (norms > 0.05).all()  # every example is clipped: clipping is exercised
-    assert _close(grads["vmap"], grads["hooks"])
+    assert _close(grads["vmap"], grads["hooks"]) and _close(grads["ghost"], grads["hooks"])
     if k > 1:
         # control: hooks without folding the K rows per example clips each row
         # on its own (k times the sensitivity); that must not match
@@ -122,14 +122,18 @@ def test_opacus_step_vmap_equals_hooks(k):
         assert not _close(grads["vmap"], [p.grad for p in dp.optimizer.params])
 
 
-def test_empty_poisson_batch_still_steps_and_is_recorded():
+@pytest.mark.parametrize("mode", ["vmap", "ghost"])
+def test_empty_poisson_batch_still_steps_and_is_recorded(mode):
     x, y = _batch()
     model = _model()
     w0 = [p.detach().clone() for p in model.parameters()]
     led = PrivacyLedger(50.0, 1e-5)
-    dp, _ = _private("vmap", model, x, y, sigma=1.0, clip=1.0, ledger=led)
+    dp, _ = _private(mode, model, x, y, sigma=1.0, clip=1.0, ledger=led)
     accumulate_grad_samples(dp, EDMObjective(), x[:0], y[:0], noise_multiplicity=2)
-    assert all(p.grad_sample.shape == (0, *p.shape) for p in dp.optimizer.params)
+    if mode == "vmap":
+        assert all(p.grad_sample.shape == (0, *p.shape) for p in dp.optimizer.params)
+    else:  # the clipped sum of no example
+        assert all(torch.count_nonzero(p.grad) == 0 for p in dp.optimizer.params)
     dp.optimizer.step()
     assert led.records[0].steps == 1 and led.epsilon() > 0
     # the update is pure noise: N(0, (sigma C)^2) / expected batch, not zero
@@ -162,9 +166,10 @@ def _run(mode, k, steps=3):
 def test_ledger_is_unchanged_by_the_mode():
     v_done, v_calls, v_led = _run("vmap", 2)
     h_done, h_calls, h_led = _run("hooks", 2)
-    assert v_done == h_done == 3 and v_led == h_led
+    g_done, g_calls, g_led = _run("ghost", 2)
+    assert v_done == h_done == g_done == 3 and v_led == h_led == g_led
     assert v_led[:3] == (3, 0.8, 0.5)
-    assert v_calls == h_calls == [1, 2, 3]
+    assert v_calls == h_calls == g_calls == [1, 2, 3]
 
 
 def test_config_keys_are_validated():
@@ -172,5 +177,7 @@ def test_config_keys_are_validated():
     assert (cfg.finetune.noise_multiplicity, cfg.finetune.grad_sample_mode) == (4, "hooks")
     with pytest.raises(ConfigError, match="finetune.noise_multiplicity must be >= 1"):
         from_dict({"finetune": {"noise_multiplicity": 0}})
-    with pytest.raises(ConfigError, match="finetune.grad_sample_mode must be one of vmap, hooks"):
+    assert from_dict({}).finetune.grad_sample_mode == "auto"
+    with pytest.raises(ConfigError,
+                       match="finetune.grad_sample_mode must be one of auto, ghost, vmap, hooks"):
         from_dict({"finetune": {"grad_sample_mode": "ew"}})

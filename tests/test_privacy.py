@@ -13,7 +13,8 @@ import pytest
 import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from privimage_core.dp_finetune import DP_SGD_MECHANISM, make_private, plan_noise
+from privimage_core.dp_finetune import (DP_SGD_MECHANISM, accumulate_grad_samples, make_private,
+                                       plan_noise)
 from privimage_core.errors import PrivacyBudgetError
 from privimage_core.privacy_ledger import RDP_ALPHAS, PrivacyLedger, compose_ledgers
 from privimage_core.semantic_distribution import (QUERY_MECHANISM, class_histograms, noise_std,
@@ -217,7 +218,17 @@ def _free_port() -> int:
     return port
 
 
-def _dist_worker(rank, world, port, out_dir, sigma, C, n):
+class _SumObjective:
+    uses_multiplicity = False
+
+    def draw(self, x, k):
+        return {}
+
+    def loss(self, model, x, y, rnd):
+        return model(x).sum(dim=1)
+
+
+def _dist_worker(rank, world, port, out_dir, sigma, C, n, mode):
     import torch.distributed as dist
     from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
     torch.set_num_threads(1)
@@ -232,9 +243,12 @@ def _dist_worker(rank, world, port, out_dir, sigma, C, n):
     x = torch.zeros(n, 100)
     y = torch.zeros(n, dtype=torch.long)
     dp = make_private(model, opt, x, y, batch_size=n // 4, noise_multiplier=sigma,
-                      max_grad_norm=C, ledger=led, distributed=True)
+                      max_grad_norm=C, ledger=led, distributed=True, grad_sample_mode=mode)
     xb = torch.zeros(8, 100)
-    dp.model(xb).sum().backward()
+    if mode == "ghost":  # the clipped sum in p.grad, Opacus's fast-clipping DDP optimizer
+        accumulate_grad_samples(dp, _SumObjective(), xb, torch.zeros(8))
+    else:
+        dp.model(xb).sum().backward()
     dp.optimizer.step()
     g = model.module.fc.weight.grad.detach().clone()
     total_expected = dp.optimizer.expected_batch_size * world
@@ -243,11 +257,12 @@ def _dist_worker(rank, world, port, out_dir, sigma, C, n):
     dist.destroy_process_group()
 
 
-def test_distributed_noise_added_once_per_logical_step(tmp_path):
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_distributed_noise_added_once_per_logical_step(tmp_path, mode):
     import torch.multiprocessing as mp
     sigma, C, n, world = 1.3, 2.0, 4000, 2
-    mp.spawn(_dist_worker, args=(world, _free_port(), str(tmp_path), sigma, C, n), nprocs=world,
-             join=True)
+    mp.spawn(_dist_worker, args=(world, _free_port(), str(tmp_path), sigma, C, n, mode),
+             nprocs=world, join=True)
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
     # all-reduced: both ranks hold the same gradient

@@ -234,12 +234,16 @@ def dp_finetune(ctx: RunContext, stage: Stage) -> dict:
     # the next DP stage (if any) starts from this one's DP output
     ctx.values["release_state"] = ctx.values["init_state"] = release
     steps = ledger.steps_of(mech)
-    ctx.finish(stage, {"steps": steps})
+    # resolved on the worker from the model's layers (finetune.grad_sample_mode auto)
+    clipping = res.metrics.get("grad_sample_mode", f.grad_sample_mode)
+    mlflow.set_tag(f"clipping_{stage.name}", clipping)
+    ctx.finish(stage, {"steps": steps, "grad_sample_mode": clipping})
     if ctx.pm:
         ctx.pm.epsilon(eps, ledger.target_epsilon)
     ctx.tracker.file_artifact(ctx.run_dir / "ledger.json")
     ctx.log(f"[privimage] DP fine-tuning done: epsilon={eps:.4f} at "
-            f"delta={ledger.target_delta:.2g} ({steps} steps)")
+            f"delta={ledger.target_delta:.2g} ({steps} steps; per-example clipping: {clipping}, "
+            f"finetune.grad_sample_mode: {f.grad_sample_mode})")
     return {"epsilon": eps, "delta": ledger.target_delta, "steps": steps}
 
 

@@ -1,0 +1,121 @@
+"""Book-keeping ghost clipping (privimage_core/ghost_clipping.py): the
+per-example norms and the clipped sum equal those of per-example backprop,
+for every layer kind it supports (ghost and instantiated convolutions,
+attention's 1x1 convolutions, Linear, Embedding, GroupNorm), with noise
+multiplicity and with a layer called several times per forward (a GAN
+discriminator); "auto" falls back to vmap on a layer it does not support.
+Under DDP (noise added once): tests/test_privacy.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from privimage_core import ghost_clipping
+from privimage_core.diffusion.edm import EDMObjective, EDMPrecond
+from privimage_core.diffusion.unet import build_unet
+from privimage_core.dp_finetune import make_private, resolve_grad_sample_mode
+from privimage_core.ghost_clipping import BookKeepingClipper
+from privimage_core.models import get_family
+from privimage_core.privacy_ledger import PrivacyLedger
+
+torch.set_num_threads(1)
+
+
+def _unet(preset="small", size=16, classes=3, seed=0):
+    torch.manual_seed(seed)
+    m = EDMPrecond(build_unet(preset, size, 1, classes))
+    with torch.no_grad():  # EDM's zero-initialised layers would give zero gradients
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m
+
+
+def _loop(model, loss_of, n):
+    """Reference: one backward per example."""
+    out = []
+    for i in range(n):
+        model.zero_grad(set_to_none=True)
+        loss_of(i).backward()
+        out.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    model.zero_grad(set_to_none=True)
+    return torch.stack(out).double()
+
+
+def _clipped_reference(per, clip):
+    norms = per.norm(dim=1)
+    c = (clip / (norms + 1e-6)).clamp(max=1.0)
+    return norms, (c[:, None] * per).sum(0)
+
+
+def _ghost(model, loss_all, b, clip):
+    bk = BookKeepingClipper(model)
+    norms = bk.clipped_grad(loss_all, b, clip).double()
+    return norms, torch.cat([p.grad.flatten() for p in model.parameters()]).double()
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_unet_norms_and_clipped_sum_equal_per_example_backprop(k):
+    # "small" at 16x16 has attention at 8x8, convolutions on both sides of
+    # the ghost/instantiate rule, the class Embedding and the noise MLP
+    model, obj = _unet(), EDMObjective()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(5, 1, 16, 16, generator=g) * 2 - 1, torch.randint(0, 3, (5,), generator=g)
+    rnd = obj.draw(x, k)
+    per = _loop(model, lambda i: obj.loss(model, x[i:i + 1], y[i:i + 1],
+                                          {n: v[i:i + 1] for n, v in rnd.items()}).sum(), 5)
+    clip = float(per.norm(dim=1).median())  # some examples clipped, some not
+    ref_norms, ref_sum = _clipped_reference(per, clip)
+    norms, got = _ghost(model, lambda: obj.loss(model, x, y, rnd), 5, clip)
+    torch.testing.assert_close(norms, ref_norms, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got, ref_sum, rtol=1e-4, atol=1e-6)
+    assert (ref_norms > clip).any() and (ref_norms < clip).any()
+
+
+def test_a_missing_layer_norm_is_caught(monkeypatch):
+    """Control: a clipper that leaves GroupNorm out of the norm clips too
+    little and must fail the comparison above."""
+    real = ghost_clipping._norms_and_sum
+
+    def without_groupnorm(m, x, g, b):
+        sq, fn = real(m, x, g, b)
+        return (torch.zeros_like(sq) if isinstance(m, nn.GroupNorm) else sq), fn
+
+    monkeypatch.setattr(ghost_clipping, "_norms_and_sum", without_groupnorm)
+    model, obj = _unet(), EDMObjective()
+    x, y = torch.rand(4, 1, 16, 16) * 2 - 1, torch.tensor([0, 1, 2, 0])
+    rnd = obj.draw(x, 1)
+    per = _loop(model, lambda i: obj.loss(model, x[i:i + 1], y[i:i + 1],
+                                          {n: v[i:i + 1] for n, v in rnd.items()}).sum(), 4)
+    ref_norms, _ = _clipped_reference(per, 1.0)
+    norms, _ = _ghost(model, lambda: obj.loss(model, x, y, rnd), 4, 1.0)
+    assert not torch.allclose(norms, ref_norms, rtol=1e-5)
+
+
+def test_gan_discriminator_called_per_draw_equals_per_example_backprop():
+    fam = get_family("gan")
+    torch.manual_seed(0)
+    gan = fam.make("tiny", {}, 28, 1, 10)
+    d, obj = fam.dp_module(gan), fam.dp_objective(gan)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.rand(4, 1, 28, 28, generator=g) * 2 - 1, torch.randint(0, 10, (4,), generator=g)
+    rnd = obj.draw(x, 2)  # D runs 1 + 2 times per forward
+    per = _loop(d, lambda i: obj.loss(d, x[i:i + 1], y[i:i + 1],
+                                      {n: v[i:i + 1] for n, v in rnd.items()}).sum(), 4)
+    clip = float(per.norm(dim=1).median())
+    ref_norms, ref_sum = _clipped_reference(per, clip)
+    norms, got = _ghost(d, lambda: obj.loss(d, x, y, rnd), 4, clip)
+    torch.testing.assert_close(norms, ref_norms, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got, ref_sum, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_uses_ghost_only_where_every_layer_is_supported():
+    assert resolve_grad_sample_mode("auto", _unet("tiny", 8)) == "ghost"
+    ln = nn.Sequential(nn.Conv2d(1, 4, 3), nn.LayerNorm(6))
+    assert resolve_grad_sample_mode("auto", ln) == "vmap"
+    assert resolve_grad_sample_mode("hooks", ln) == "hooks"
+    x, y = torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"cannot clip 1\.weight, 1\.bias .*use grad_sample_mode vmap"):
+        make_private(ln, torch.optim.SGD(ln.parameters(), lr=0.1), x, y, batch_size=2,
+                     noise_multiplier=1.0, max_grad_norm=1.0, ledger=PrivacyLedger(10, 1e-5),
+                     grad_sample_mode="ghost")
