@@ -57,8 +57,9 @@ class FinetuneConfig:
     # before clipping (same privacy cost, lower gradient variance, K x compute).
     noise_multiplicity: int = 1
     # One of GRAD_SAMPLE_MODES. Measured (benchmarks/results/dp_step-2026-12-06b.txt,
-    # small preset, batch 256, 2 cores): ghost 1.14x a non-private step at
-    # K = 1 against vmap's 1.88x, and 1.47x against 1.62x at K = 4.
+    # batch 256, 2 cores), times a non-private step: ghost 1.38 (tiny) and
+    # 1.46 (small) at K = 1 against vmap's 1.81 and 2.15; 1.13 and 1.30 against
+    # 1.36 and 1.57 at K = 4.
     grad_sample_mode: str = "auto"
     # Noise levels drawn in the DP fine-tuning loss of the pixel diffusion
     # family: ln(sigma) ~ N(mean, std^2) (EDM's training distribution). EDM's
