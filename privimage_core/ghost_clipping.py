@@ -85,6 +85,10 @@ class _Layer:
         return torch.cat(parts, dim=1).reshape(-1, *tensors[0].shape[1:])
 
 
+def _trainable(p) -> bool:
+    return p is not None and p.requires_grad
+
+
 def _tokens(t: torch.Tensor, b: int) -> torch.Tensor:
     """[B*k, ..., C] rows -> [B, k*..., C]: an example's k rows and all its
     positions become one example's tokens (the row order is example-major)."""
@@ -169,35 +173,44 @@ def _norms_and_sum(m: nn.Module, x: torch.Tensor, g: torch.Tensor, b: int):
     c -> {param: clipped sum} to call once the clip factors are known), from
     the layer's input ``x`` and output gradient ``g`` over B * k rows."""
     rows = x.shape[0]
+    if rows % b:
+        raise RuntimeError(f"{type(m).__name__} saw {rows} rows for {b} examples; the "
+                           "objective must give each example the same number of consecutive "
+                           "rows (use grad_sample_mode vmap)")
     k = rows // b
+    # a frozen weight or bias is neither in the norm nor in the update
+    w_on, b_on = _trainable(m.weight), _trainable(getattr(m, "bias", None))
+    zero = torch.zeros(b, dtype=g.dtype, device=g.device)
     if isinstance(m, nn.Conv2d):
-        sq, per = _conv_sq_norm(m, x, g, b, k)
+        sq, per = _conv_sq_norm(m, x, g, b, k) if w_on else (zero, None)
         gb = g.sum((2, 3)).reshape(b, k, -1).sum(1)                  # [B, p] bias gradients
-        if m.bias is not None:
+        if b_on:
             sq = sq + gb.pow(2).sum(1)
 
         def clipped(c):
-            if per is not None:
-                w = torch.einsum("b,b...->...", c, per)
-            else:
+            out = {}
+            if w_on and per is not None:
+                out[m.weight] = torch.einsum("b,b...->...", c, per)
+            elif w_on:
                 gc = g * c.repeat_interleave(k)[:, None, None, None]
-                w = torch.nn.grad.conv2d_weight(x, m.weight.shape, gc, m.stride, m.padding,
-                                                m.dilation, m.groups)
-            out = {m.weight: w}
-            if m.bias is not None:
+                out[m.weight] = torch.nn.grad.conv2d_weight(x, m.weight.shape, gc, m.stride,
+                                                            m.padding, m.dilation, m.groups)
+            if b_on:
                 out[m.bias] = c @ gb
             return out
         return sq, clipped
     if isinstance(m, nn.Linear):
         a, gt = _tokens(x, b), _tokens(g, b)                         # [B, k*..., d], [B, k*..., p]
-        sq = _sq_norm(a, gt)
-        if m.bias is not None:
+        sq = _sq_norm(a, gt) if w_on else zero
+        if b_on:
             sq = sq + gt.sum(1).pow(2).sum(1)
 
         def clipped(c):
             gc = gt * c[:, None, None]
-            out = {m.weight: gc.reshape(-1, gc.shape[-1]).t() @ a.reshape(-1, a.shape[-1])}
-            if m.bias is not None:
+            out = {}
+            if w_on:
+                out[m.weight] = gc.reshape(-1, gc.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
+            if b_on:
                 out[m.bias] = gc.sum((0, 1))
             return out
         return sq, clipped
@@ -212,19 +225,12 @@ def _norms_and_sum(m: nn.Module, x: torch.Tensor, g: torch.Tensor, b: int):
             w.index_add_(0, idx.reshape(-1), (gt * c[:, None, None]).reshape(-1, gt.shape[-1]))
             return {m.weight: w}
         return sq, clipped
-    if isinstance(m, nn.GroupNorm):
-        xhat = F.group_norm(x, m.num_groups, eps=m.eps)
-        dims = tuple(range(2, x.dim()))
-        gw = (g * xhat).sum(dims).reshape(b, k, -1).sum(1) if dims else (g * xhat).reshape(b, k, -1).sum(1)
-        gb = g.sum(dims).reshape(b, k, -1).sum(1) if dims else g.reshape(b, k, -1).sum(1)
-        sq = torch.zeros(b, dtype=g.dtype, device=g.device)
-        parts = []
-        if m.weight is not None and m.weight.requires_grad:
-            sq = sq + gw.pow(2).sum(1)
-            parts.append((m.weight, gw))
-        if m.bias is not None and m.bias.requires_grad:
-            sq = sq + gb.pow(2).sum(1)
-            parts.append((m.bias, gb))
+    if isinstance(m, nn.GroupNorm):  # per-channel scale and shift of the normalised input
+        per_ch = (g * F.group_norm(x, m.num_groups, eps=m.eps)).flatten(2).sum(2)
+        gw = per_ch.reshape(b, k, -1).sum(1)                         # [B, C]
+        gb = g.flatten(2).sum(2).reshape(b, k, -1).sum(1)
+        parts = [(p, per) for p, per, on in ((m.weight, gw, w_on), (m.bias, gb, b_on)) if on]
+        sq = sum((per.pow(2).sum(1) for _, per in parts), zero)
 
         def clipped(c):
             return {p: c @ per for p, per in parts}

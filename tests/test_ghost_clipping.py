@@ -72,6 +72,33 @@ def test_unet_norms_and_clipped_sum_equal_per_example_backprop(k):
     assert (ref_norms > clip).any() and (ref_norms < clip).any()
 
 
+def test_frozen_weights_are_left_out_of_norm_and_update():
+    """A layer with a frozen weight and a trainable bias (fine-tuning a
+    subset, benchmarks/quality_explore.py --train-params): the norm is that
+    of the trainable parameters' gradient only, and frozen ones get none."""
+    model, obj = _unet("tiny", 8), EDMObjective()
+    for name, p in model.named_parameters():
+        if name.endswith("weight") and ("conv" in name or "emb" in name):
+            p.requires_grad_(False)
+    x, y = torch.rand(4, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 0])
+    rnd = obj.draw(x, 2)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    per = []
+    for i in range(4):
+        model.zero_grad(set_to_none=True)
+        obj.loss(model, x[i:i + 1], y[i:i + 1], {n: v[i:i + 1] for n, v in rnd.items()}).sum().backward()
+        per.append(torch.cat([p.grad.flatten() for p in trainable]))
+    model.zero_grad(set_to_none=True)
+    per = torch.stack(per).double()
+    clip = float(per.norm(dim=1).median())
+    ref_norms, ref_sum = _clipped_reference(per, clip)
+    norms = BookKeepingClipper(model).clipped_grad(lambda: obj.loss(model, x, y, rnd), 4, clip)
+    torch.testing.assert_close(norms.double(), ref_norms, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(torch.cat([p.grad.flatten() for p in trainable]).double(), ref_sum,
+                               rtol=1e-4, atol=1e-6)
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
 def test_a_missing_layer_norm_is_caught(monkeypatch):
     """Control: a clipper that leaves GroupNorm out of the norm clips too
     little and must fail the comparison above."""
