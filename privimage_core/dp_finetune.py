@@ -57,8 +57,11 @@ class DPObjective(Protocol):
     def loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
              rnd: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per-example loss [B], averaged over the k draws of ``rnd``. For the
-        hooks mode with k > 1 the model must see example i's draws as k
-        consecutive rows (see ``fold_multiplicity``)."""
+        hooks and ghost modes every layer call must see example-major rows:
+        example i's k draws as k consecutive rows (see ``fold_multiplicity``),
+        or one call per draw with row i belonging to example i. The ghost
+        mode checks this against vmap on random inputs before training
+        (``check_clipper``)."""
 
 
 def sample_rate_for(n: int, batch_size: int) -> float:
@@ -176,6 +179,10 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
         # ghost mode accumulates it over virtual steps, adds the noise once,
         # divides by the expected batch size (rank 0 noises under DDP).
         clipper = BookKeepingClipper(model)
+        # The fast-clipping optimizer noises p.grad without clipping it, so it
+        # must update the clipper's parameters only: Opacus's make_private
+        # above already refuses an optimizer whose parameters are not the
+        # module's (test_ghost_clipping).
         cls = (DistributedDPOptimizerFastGradientClipping if distributed
                else DPOptimizerFastGradientClipping)
         dp_opt = cls(dp_opt.original_optimizer, noise_multiplier=dp_opt.noise_multiplier,
@@ -219,6 +226,33 @@ def accumulate_grad_samples(dp: DPTraining, objective: DPObjective, x: torch.Ten
         fold_multiplicity(dp.optimizer.params, len(x), noise_multiplicity)
 
 
+def check_clipper(dp: DPTraining, objective: DPObjective, noise_multiplicity: int = 1,
+                  n: int = 4, rtol: float = 1e-3) -> None:
+    """Before the ghost mode trains, compare its per-example norms with
+    vmap's on RANDOM inputs of the data's shape (nothing sensitive is read):
+    an objective whose layer calls are not example-major would have its
+    examples' gradients mixed, and clipping would not bound each one."""
+    if dp.grad_sample_mode != "ghost":
+        return
+    from privimage_core.diffusion.ema import unwrap
+    if not getattr(objective, "uses_multiplicity", True):
+        noise_multiplicity = 1
+    xs, ys = dp.loader.dataset.tensors[:2]
+    x = torch.rand(n, *xs.shape[1:], device=xs.device) * 2 - 1
+    y = torch.zeros(n, dtype=ys.dtype, device=ys.device)
+    params = list(dp.clipper.params)
+    rnd = objective.draw(x, noise_multiplicity)
+    ghost = dp.clipper.clipped_grad(lambda: objective.loss(dp.model, x, y, rnd), n, 1.0)
+    compute_grad_samples(unwrap(dp.model), objective, x, y, rnd)
+    ref = torch.stack([p.grad_sample.reshape(n, -1).norm(dim=1) for p in params]).norm(dim=0)
+    for p in params:
+        p.grad_sample, p.grad = None, None
+    if not torch.allclose(ghost, ref, rtol=rtol, atol=1e-8):
+        raise RuntimeError(f"ghost clipping's per-example norms {ghost.tolist()} differ from "
+                           f"vmap's {ref.tolist()} on random inputs: the objective's layer calls "
+                           "are not example-major; set finetune.grad_sample_mode vmap")
+
+
 def dp_finetune(dp: DPTraining, ema, inner: torch.nn.Module, total_steps: int,
                 physical_batch_size: int,
                 on_step: Callable[[int, float], None] | None = None,
@@ -241,6 +275,7 @@ def dp_finetune(dp: DPTraining, ema, inner: torch.nn.Module, total_steps: int,
         from privimage_core.diffusion.edm import EDMObjective
         objective = EDMObjective()
 
+    check_clipper(dp, objective, noise_multiplicity)
     # Unpredictable Poisson sampling and diffusion noise for this stage.
     torch.seed()
     dp.model.train()

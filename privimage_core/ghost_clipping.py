@@ -45,18 +45,34 @@ SUPPORTED = (nn.Conv2d, nn.Linear, nn.Embedding, nn.GroupNorm)
 
 
 def unsupported_parameters(model: nn.Module) -> list[str]:
-    """Names of trainable parameters that book-keeping clipping cannot handle."""
+    """Names of trainable parameters that book-keeping clipping cannot handle
+    (with the reason): it sums per-layer squared norms, so a parameter must
+    belong to exactly one supported layer whose gradient it computes exactly."""
     bad = []
+    owners: dict[int, int] = {}
+    for _, m in unwrap(model).named_modules(remove_duplicate=False):
+        for _, p in m.named_parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
     for mname, m in unwrap(model).named_modules():
         for pname, p in m.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
-            ok = isinstance(m, SUPPORTED) and pname in ("weight", "bias")
-            if isinstance(m, nn.Conv2d) and (m.groups != 1 or isinstance(m.padding, str)
-                                             or m.padding_mode != "zeros"):
-                ok = False  # grouped, 'same'-string or non-zero padding: use vmap
-            if not ok:
+            why = None
+            if not (isinstance(m, SUPPORTED) and pname in ("weight", "bias")):
+                why = f"a {type(m).__name__} parameter"
+            elif isinstance(m, nn.Conv2d) and (m.groups != 1 or isinstance(m.padding, str)
+                                               or m.padding_mode != "zeros"):
+                why = "grouped, 'same'-string or non-zero padding"
+            elif isinstance(m, nn.Embedding) and (m.padding_idx is not None or m.sparse
+                                                  or m.scale_grad_by_freq):
+                why = "padding_idx, sparse or scale_grad_by_freq"
+            elif owners[id(p)] > 1:
+                # tied weights: the example's gradient is the SUM of the
+                # layers' parts, whose norm the per-layer sum would undercount
+                why = "shared by several layers"
+            if why:
                 bad.append(f"{mname}.{pname}" if mname else pname)
+                bad[-1] += f" ({why})"
     return bad
 
 
@@ -71,6 +87,10 @@ class _Layer:
         self.module = module
         self.inputs: list[torch.Tensor] = []
         self.outputs: list[torch.Tensor] = []
+        self.versions: list[int] = []
+
+    def clear(self) -> None:
+        self.inputs, self.outputs, self.versions = [], [], []
 
     def rows(self, tensors: list[torch.Tensor], b: int) -> torch.Tensor:
         """The calls' tensors as one [B * r, ...] example-major batch."""
@@ -95,12 +115,20 @@ def _tokens(t: torch.Tensor, b: int) -> torch.Tensor:
     return t.reshape(b, -1, t.shape[-1])
 
 
+def _gram_dot(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """<a a^T, g g^T> per example: the ghost norm. The elementwise products
+    have both signs; summing them in float64 keeps cancellation from moving
+    the norm (a crafted float32 case was off by 6%)."""
+    aa, gg = torch.bmm(a, a.transpose(1, 2)), torch.bmm(g, g.transpose(1, 2))
+    return (aa.double() * gg.double()).sum((1, 2)).to(g.dtype)
+
+
 def _sq_norm(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Per-example ||sum_t g_t a_t^T||^2 for a [B, T, d], g [B, T, p], by the
     cheaper of the ghost identity and instantiation."""
     t, d, p = a.shape[1], a.shape[2], g.shape[2]
     if t * (d + p) < p * d:
-        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+        return _gram_dot(a, g)
     return torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))
 
 
@@ -132,7 +160,7 @@ def _conv_sq_norm(m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor, b: int, k: int
     if t * (d + p) < p * d:
         a = _tokens(_conv_patches(m, x), b)                          # [B, kT, d]
         gt = _tokens(g.flatten(2).transpose(1, 2), b)                # [B, kT, p]
-        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(gt, gt.transpose(1, 2))).sum((1, 2)), None
+        return _gram_dot(a, gt), None
     if m.stride == (1, 1) and m.in_channels >= 16:
         per = _shifted_grads(m, x, g, b, k)
     else:
@@ -226,9 +254,10 @@ def _norms_and_sum(m: nn.Module, x: torch.Tensor, g: torch.Tensor, b: int):
             return {m.weight: w}
         return sq, clipped
     if isinstance(m, nn.GroupNorm):  # per-channel scale and shift of the normalised input
-        per_ch = (g * F.group_norm(x, m.num_groups, eps=m.eps)).flatten(2).sum(2)
+        n, ch = g.shape[0], g.shape[1]
+        per_ch = (g * F.group_norm(x, m.num_groups, eps=m.eps)).reshape(n, ch, -1).sum(2)
         gw = per_ch.reshape(b, k, -1).sum(1)                         # [B, C]
-        gb = g.flatten(2).sum(2).reshape(b, k, -1).sum(1)
+        gb = g.reshape(n, ch, -1).sum(2).reshape(b, k, -1).sum(1)
         parts = [(p, per) for p, per, on in ((m.weight, gw, w_on), (m.bias, gb, b_on)) if on]
         sq = sum((per.pow(2).sum(1) for _, per in parts), zero)
 
@@ -263,6 +292,9 @@ class BookKeepingClipper:
             if self._recording:
                 layer.inputs.append(inputs[0].detach())
                 layer.outputs.append(output)
+                # an in-place op on the output later would make its recorded
+                # gradient that of another tensor: checked in clipped_grad
+                layer.versions.append(output._version)
         return hook
 
     def clipped_grad(self, per_example_loss, b: int, max_grad_norm: float) -> torch.Tensor:
@@ -277,11 +309,14 @@ class BookKeepingClipper:
         self._recording = True
         try:
             loss = per_example_loss()
-        finally:
-            self._recording = False
-        used = [l for l in self.layers if l.outputs]
-        outs = [o for l in used for o in l.outputs]
-        try:
+            used = [l for l in self.layers if l.outputs]
+            for layer in used:
+                if [o._version for o in layer.outputs] != layer.versions:
+                    raise RuntimeError(f"the output of a {type(layer.module).__name__} was "
+                                       "modified in place after the layer ran; book-keeping "
+                                       "clipping needs it unchanged (make that op out of place, "
+                                       "or use grad_sample_mode vmap)")
+            outs = [o for l in used for o in l.outputs]
             grads = iter(torch.autograd.grad(loss.sum(), outs, allow_unused=True))
             sq = torch.zeros(b, dtype=loss.dtype, device=loss.device)
             finish = []
@@ -292,9 +327,10 @@ class BookKeepingClipper:
                                        layer.rows(gs, b), b)
                 sq = sq + s
                 finish.append(fn)
-        finally:
+        finally:  # never keep a batch's graph or activations past this call
+            self._recording = False
             for layer in self.layers:
-                layer.inputs, layer.outputs = [], []
+                layer.clear()
         norms = sq.clamp_min(0).sqrt()
         # Opacus's clip factor (DPOptimizer.clip_and_accumulate)
         c = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from privimage_core import ghost_clipping
-from privimage_core.diffusion.edm import EDMObjective, EDMPrecond
+from privimage_core.diffusion.edm import EDMObjective, EDMPrecond, edm_loss
 from privimage_core.diffusion.unet import build_unet
-from privimage_core.dp_finetune import make_private, resolve_grad_sample_mode
-from privimage_core.ghost_clipping import BookKeepingClipper
+from privimage_core.dp_finetune import check_clipper, make_private, resolve_grad_sample_mode
+from privimage_core.ghost_clipping import BookKeepingClipper, unsupported_parameters
 from privimage_core.models import get_family
 from privimage_core.privacy_ledger import PrivacyLedger
 
@@ -142,7 +142,107 @@ def test_auto_uses_ghost_only_where_every_layer_is_supported():
     assert resolve_grad_sample_mode("auto", ln) == "vmap"
     assert resolve_grad_sample_mode("hooks", ln) == "hooks"
     x, y = torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)
-    with pytest.raises(ValueError, match=r"cannot clip 1\.weight, 1\.bias .*use grad_sample_mode vmap"):
+    with pytest.raises(ValueError, match=r"cannot clip 1\.weight \(a LayerNorm parameter\), 1\.bias .*use grad_sample_mode vmap"):
         make_private(ln, torch.optim.SGD(ln.parameters(), lr=0.1), x, y, batch_size=2,
                      noise_multiplier=1.0, max_grad_norm=1.0, ledger=PrivacyLedger(10, 1e-5),
                      grad_sample_mode="ghost")
+
+
+class _MLP(nn.Module):
+    """Linear on [N, L, d] input, GroupNorm on [N, C], an Embedding."""
+
+    def __init__(self, tied=False, padding_idx=None):
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.norm = nn.GroupNorm(2, 8)
+        self.emb = nn.Embedding(3, 8, padding_idx=padding_idx)
+        self.b = nn.Linear(8, 8)
+        if tied:
+            self.c = nn.Linear(8, 8)
+            self.c.weight = self.b.weight
+
+    def forward(self, x, y):
+        h = self.a(x).mean(1)                       # [N, 8] from [N, L, 6]
+        h = self.norm(h) + self.emb(y)
+        out = self.b(torch.tanh(h))
+        return self.c(out) if hasattr(self, "c") else out
+
+
+def test_linear_on_tokens_groupnorm_on_vectors_and_embedding_equal_backprop():
+    torch.manual_seed(3)
+    model = _MLP()
+    x, y = torch.randn(5, 4, 6), torch.tensor([0, 1, 2, 1, 1])
+    per = _loop(model, lambda i: model(x[i:i + 1], y[i:i + 1]).pow(2).sum(), 5)
+    clip = float(per.norm(dim=1).median())
+    ref_norms, ref_sum = _clipped_reference(per, clip)
+    norms, got = _ghost(model, lambda: model(x, y).pow(2).sum(1), 5, clip)
+    torch.testing.assert_close(norms, ref_norms, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got, ref_sum, rtol=1e-4, atol=1e-6)
+
+
+def test_what_the_per_layer_sum_cannot_clip_is_refused():
+    """Tied weights (the example's gradient is the sum of two layers' parts:
+    summing their squared norms would undercount it, up to sqrt(2) C) and an
+    Embedding whose padding row gets no gradient fall back to vmap."""
+    tied = _MLP(tied=True)
+    assert any("shared by several layers" in n for n in unsupported_parameters(tied))
+    assert resolve_grad_sample_mode("auto", tied) == "vmap"
+    padded = _MLP(padding_idx=0)
+    assert unsupported_parameters(padded) == ["emb.weight (padding_idx, sparse or scale_grad_by_freq)"]
+    assert unsupported_parameters(_MLP()) == []
+
+
+def test_an_in_place_op_on_a_layer_output_is_refused():
+    lin = nn.Linear(4, 3)
+
+    def loss():
+        h = lin(torch.randn(2, 4))
+        h.mul_(5)  # the recorded output's gradient would be that of 5 * h
+        return h.sum(1)
+
+    with pytest.raises(RuntimeError, match="modified in place"):
+        BookKeepingClipper(lin).clipped_grad(loss, 2, 1.0)
+    # the failed call left nothing behind: the next one works
+    torch.testing.assert_close(BookKeepingClipper(lin).clipped_grad(
+        lambda: lin(torch.ones(2, 4)).sum(1), 2, 1e9), torch.full((2,), 15 ** 0.5))
+
+
+class _DrawMajorObjective:
+    """Control: the EDM loss with its k draws laid out draw-major (all
+    examples' first draws, then all second draws), the layout the ghost mode
+    would group wrongly: rows 0 and 1 are two different examples."""
+
+    def draw(self, x, k):
+        return EDMObjective().draw(x, k)
+
+    def loss(self, model, x, y, rnd):
+        b, k = rnd["sigma"].shape
+        noise = rnd["noise"].transpose(0, 1).reshape(b * k, *x.shape[1:])
+        rows = edm_loss(model, x.repeat(k, 1, 1, 1), y.repeat(k), rnd["sigma"].t().reshape(-1),
+                        noise)
+        return rows.reshape(k, b).mean(0)
+
+
+def test_the_pre_training_check_refuses_a_non_example_major_objective():
+    model = _unet("tiny", 8)
+    x, y = torch.rand(16, 1, 8, 8) * 2 - 1, torch.zeros(16, dtype=torch.long)
+    dp = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), x, y, batch_size=4,
+                      noise_multiplier=1.0, max_grad_norm=1.0, ledger=PrivacyLedger(10, 1e-5),
+                      grad_sample_mode="auto")
+    assert dp.grad_sample_mode == "ghost"
+    check_clipper(dp, EDMObjective(), 2)  # the EDM objective passes
+    assert all(p.grad is None and getattr(p, "grad_sample", None) is None
+               for p in model.parameters())
+    with pytest.raises(RuntimeError, match="not example-major"):
+        check_clipper(dp, _DrawMajorObjective(), 2)
+
+
+def test_an_optimizer_over_other_parameters_is_refused():
+    """The fast-clipping optimizer noises p.grad unclipped: a parameter the
+    clipper does not see must not reach it (Opacus's make_private refuses)."""
+    model, extra = _unet("tiny", 8), nn.Parameter(torch.zeros(3))
+    x, y = torch.rand(8, 1, 8, 8), torch.zeros(8, dtype=torch.long)
+    with pytest.raises(ValueError, match="different than optimizer"):
+        make_private(model, torch.optim.SGD([*model.parameters(), extra], lr=0.1), x, y,
+                     batch_size=4, noise_multiplier=1.0, max_grad_norm=1.0,
+                     ledger=PrivacyLedger(10, 1e-5), grad_sample_mode="ghost")
