@@ -11,9 +11,10 @@ where g = dL_i/dz. Two things are needed from it, never G_i itself:
    Gram matrices, cost ~ T^2 (d + p)); "instantiated": form G_i (cost
    ~ T p d) and square it. Per layer the cheaper one is used (Bu et al.'s
    mixed rule): at the small UNet's 7x7 level T = 49 against p d = 147k.
-2. the clipped sum sum_i c_i G_i, c_i = min(1, C / ||G_i||): that is an
-   ordinary weight gradient with g scaled by c_i per example, so the
-   framework's own conv / matmul weight-gradient kernel computes it.
+2. the clipped sum sum_i c_i G_i, c_i = min(1, C / ||G_i||): for a ghost
+   layer an ordinary weight gradient with g scaled by c_i per example (the
+   framework's own conv / matmul kernel); for an instantiated layer the
+   c-weighted sum of the G_i already formed for its norm.
 
 One forward and one backward for the output gradients only (autograd skips
 the weight-gradient kernels: only the layer outputs are asked for) replace
@@ -28,10 +29,13 @@ clipped sum goes to ``p.grad`` for Opacus's DPOptimizerFastGradientClipping
 logical step and divides by the expected batch size.
 
 Supported layers: Conv2d (zero padding, any stride / dilation, groups 1),
-Linear, Embedding, GroupNorm; a model with trainable parameters elsewhere is
-refused (``unsupported_parameters``; grad_sample_mode "auto" then uses vmap).
-A layer may run several times per forward if each call's rows are
-example-major (a GAN discriminator on reals and fakes).
+Linear, Embedding (no padding_idx), GroupNorm, each parameter owned by one
+layer; anything else is refused (``unsupported_parameters``;
+grad_sample_mode "auto" then uses vmap). A layer may run several times per
+forward if each call's rows are example-major (a GAN discriminator on reals
+and fakes); that layout is checked against vmap on random inputs before a
+stage trains (dp_finetune.check_clipper). A layer's output must not be
+modified in place (checked).
 """
 from __future__ import annotations
 
