@@ -39,6 +39,7 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
 
 from privimage_core.config import GRAD_SAMPLE_MODES
+from privimage_core.diffusion.ema import unwrap
 from privimage_core.errors import PrivacyBudgetError
 from privimage_core.ghost_clipping import BookKeepingClipper, unsupported_parameters
 from privimage_core.per_sample_grads import compute_grad_samples, fold_multiplicity
@@ -234,7 +235,6 @@ def check_clipper(dp: DPTraining, objective: DPObjective, noise_multiplicity: in
     examples' gradients mixed, and clipping would not bound each one."""
     if dp.grad_sample_mode != "ghost":
         return
-    from privimage_core.diffusion.ema import unwrap
     if not getattr(objective, "uses_multiplicity", True):
         noise_multiplicity = 1
     xs, ys = dp.loader.dataset.tensors[:2]

@@ -75,8 +75,7 @@ def unsupported_parameters(model: nn.Module) -> list[str]:
                 # layers' parts, whose norm the per-layer sum would undercount
                 why = "shared by several layers"
             if why:
-                bad.append(f"{mname}.{pname}" if mname else pname)
-                bad[-1] += f" ({why})"
+                bad.append(f"{f'{mname}.' if mname else ''}{pname} ({why})")
     return bad
 
 
@@ -98,13 +97,13 @@ class _Layer:
 
     def rows(self, tensors: list[torch.Tensor], b: int) -> torch.Tensor:
         """The calls' tensors as one [B * r, ...] example-major batch."""
-        if len(tensors) == 1:
-            return tensors[0]
         for t in tensors:
             if t.shape[0] % b:
                 raise RuntimeError(f"{type(self.module).__name__} ran on {t.shape[0]} rows for a "
                                    f"batch of {b} examples; book-keeping clipping needs each "
                                    "call's rows to be example-major (use grad_sample_mode vmap)")
+        if len(tensors) == 1:
+            return tensors[0]
         parts = [t.reshape(b, -1, *t.shape[1:]) for t in tensors]
         return torch.cat(parts, dim=1).reshape(-1, *tensors[0].shape[1:])
 
@@ -119,6 +118,12 @@ def _tokens(t: torch.Tensor, b: int) -> torch.Tensor:
     return t.reshape(b, -1, t.shape[-1])
 
 
+def _ghost_cheaper(t: int, d: int, p: int) -> bool:
+    """Bu et al.'s rule: two T x T Gram matrices (T^2 (d + p)) against forming
+    the p x d per-example gradient (T p d)."""
+    return t * (d + p) < p * d
+
+
 def _gram_dot(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """<a a^T, g g^T> per example: the ghost norm. The elementwise products
     have both signs; summing them in float64 keeps cancellation from moving
@@ -130,8 +135,7 @@ def _gram_dot(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 def _sq_norm(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Per-example ||sum_t g_t a_t^T||^2 for a [B, T, d], g [B, T, p], by the
     cheaper of the ghost identity and instantiation."""
-    t, d, p = a.shape[1], a.shape[2], g.shape[2]
-    if t * (d + p) < p * d:
+    if _ghost_cheaper(a.shape[1], a.shape[2], g.shape[2]):
         return _gram_dot(a, g)
     return torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))
 
@@ -161,7 +165,7 @@ def _conv_sq_norm(m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor, b: int, k: int
     pass (Bu et al.'s mixed ghost clipping)."""
     t = g.shape[2] * g.shape[3] * k
     p, d = m.out_channels, m.in_channels * m.kernel_size[0] * m.kernel_size[1]
-    if t * (d + p) < p * d:
+    if _ghost_cheaper(t, d, p):
         a = _tokens(_conv_patches(m, x), b)                          # [B, kT, d]
         gt = _tokens(g.flatten(2).transpose(1, 2), b)                # [B, kT, p]
         return _gram_dot(a, gt), None
@@ -204,12 +208,7 @@ def _norms_and_sum(m: nn.Module, x: torch.Tensor, g: torch.Tensor, b: int):
     """(per-example squared norm [B] of this layer's parameters, a function
     c -> {param: clipped sum} to call once the clip factors are known), from
     the layer's input ``x`` and output gradient ``g`` over B * k rows."""
-    rows = x.shape[0]
-    if rows % b:
-        raise RuntimeError(f"{type(m).__name__} saw {rows} rows for {b} examples; the "
-                           "objective must give each example the same number of consecutive "
-                           "rows (use grad_sample_mode vmap)")
-    k = rows // b
+    k = x.shape[0] // b  # rows per example (_Layer.rows checked the division)
     # a frozen weight or bias is neither in the norm nor in the update
     w_on, b_on = _trainable(m.weight), _trainable(getattr(m, "bias", None))
     zero = torch.zeros(b, dtype=g.dtype, device=g.device)
