@@ -143,7 +143,8 @@ def _sq_norm(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 def _conv_patches(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """[N, T, kh*kw*C]: the input patches each output position's weights see,
     columns in any fixed order (only their Gram matrix is used). Stride 1:
-    stacked shifted channels-last views, 25% faster than F.unfold here."""
+    stacked shifted channels-last views, faster than F.unfold (2.1 vs 8.6 ms
+    at 7x7, 128 channels, batch 64; ghost-kernels-2026-12-06.txt)."""
     if m.kernel_size == (1, 1) and m.stride == (1, 1) and m.padding == (0, 0):
         return x.flatten(2).transpose(1, 2)
     if m.stride != (1, 1):
@@ -160,48 +161,27 @@ def _conv_sq_norm(m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor, b: int, k: int
     """(per-example squared norm of a convolution's weight gradient [B], the
     per-example gradients [B, *weight.shape] where they were formed, else
     None). Ghost (Gram matrices of the unfolded input and of the output
-    gradient) where T (d + p) < p d; else instantiated, and then kept: the
-    clipped sum is a weighted sum of them instead of a second weight-gradient
-    pass (Bu et al.'s mixed ghost clipping)."""
+    gradient) where T (d + p) < p d; else instantiated by the framework's
+    grouped-convolution weight-gradient kernel, one group per example (an
+    example's k rows are that group's batch, so they are summed), and kept:
+    the clipped sum is a weighted sum of them instead of a second
+    weight-gradient pass (Bu et al.'s mixed ghost clipping). Per-layer times
+    in benchmarks/results/ghost-kernels-2026-12-06.txt: the grouped kernel
+    beat shifted batched matmuls and unfold + bmm at every instantiated
+    shape, and ghost wins where the rule picks it."""
     t = g.shape[2] * g.shape[3] * k
     p, d = m.out_channels, m.in_channels * m.kernel_size[0] * m.kernel_size[1]
     if _ghost_cheaper(t, d, p):
         a = _tokens(_conv_patches(m, x), b)                          # [B, kT, d]
         gt = _tokens(g.flatten(2).transpose(1, 2), b)                # [B, kT, p]
         return _gram_dot(a, gt), None
-    if m.stride == (1, 1) and m.in_channels >= 16:
-        per = _shifted_grads(m, x, g, b, k)
-    else:
-        def per_group(z):  # [B*k, C, H, W] -> [k, B*C, H, W]: one group per example
-            return z.reshape(b, k, *z.shape[1:]).transpose(0, 1).reshape(k, -1, *z.shape[2:])
-        per = torch.nn.grad.conv2d_weight(per_group(x), (b * p, m.in_channels, *m.kernel_size),
-                                          per_group(g), m.stride, m.padding, m.dilation,
-                                          groups=b).reshape(b, *m.weight.shape)
+
+    def per_group(z):  # [B*k, C, H, W] -> [k, B*C, H, W]: one group per example
+        return z.reshape(b, k, *z.shape[1:]).transpose(0, 1).reshape(k, -1, *z.shape[2:])
+    per = torch.nn.grad.conv2d_weight(per_group(x), (b * p, m.in_channels, *m.kernel_size),
+                                      per_group(g), m.stride, m.padding, m.dilation,
+                                      groups=b).reshape(b, *m.weight.shape)
     return per.reshape(b, -1).pow(2).sum(1), per
-
-
-def _shifted_grads(m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor, b: int, k: int):
-    """Per-example weight gradients [B, p, C, kh, kw] of a stride-1
-    convolution, one kernel offset at a time: the slice at offset (i, j) is
-    g [p, T] times the input shifted by (i, j) [T, C]. Each example's k rows
-    lie one after another, padded, in one flat channels-last sequence, with
-    g zero-padded the same way: a shift is then a plain slice of that
-    sequence (no copy) and one batched matmul sums over the k rows. Measured
-    on 2 cores, batch 64, 14x14: 15 ms (64 -> 64 channels) and 38 ms
-    (192 -> 64) against 28 and 88 ms for unfold + bmm; the grouped
-    weight-gradient kernel wins only for a few input channels."""
-    (kh, kw), (ph, pw), (dh, dw) = m.kernel_size, m.padding, m.dilation
-    ho, wo = g.shape[2], g.shape[3]
-    xp = F.pad(x, (pw, pw, ph, ph))
-    hp, wp = xp.shape[2], xp.shape[3]
-    n = hp * wp
-    xf = F.pad(xp.permute(0, 2, 3, 1).reshape(b, k * n, -1),
-               (0, 0, 0, (kh - 1) * dh * wp + (kw - 1) * dw))       # [B, k*n + reach, C]
-    gf = F.pad(g, (0, wp - wo, 0, hp - ho)).reshape(b, k, m.out_channels, n)
-    gf = gf.transpose(1, 2).reshape(b, m.out_channels, k * n)       # [B, p, k*n]
-    per = torch.stack([torch.bmm(gf, xf[:, i * dh * wp + j * dw:i * dh * wp + j * dw + k * n])
-                       for i in range(kh) for j in range(kw)], dim=-1)  # [B, p, C, kh*kw]
-    return per.reshape(b, m.out_channels, -1, kh, kw)
 
 
 def _norms_and_sum(m: nn.Module, x: torch.Tensor, g: torch.Tensor, b: int):
