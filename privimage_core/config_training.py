@@ -56,10 +56,10 @@ class FinetuneConfig:
     # DPDM noise multiplicity: noise draws per image, averaged inside its loss
     # before clipping (same privacy cost, lower gradient variance, K x compute).
     noise_multiplicity: int = 1
-    # One of GRAD_SAMPLE_MODES. Measured (benchmarks/results/dp_step-2026-12-06b.txt,
-    # batch 256, 2 cores), times a non-private step: ghost 1.38 (tiny) and
-    # 1.46 (small) at K = 1 against vmap's 1.81 and 2.15; 1.13 and 1.30 against
-    # 1.36 and 1.57 at K = 4.
+    # One of GRAD_SAMPLE_MODES. Measured (benchmarks/results/dp_step-2026-12-06d.txt,
+    # batch 256, 2 cores), times a non-private step: ghost 1.28 (tiny) and
+    # 1.36 (small) at K = 1 against vmap's 1.28 and 1.94; 1.07 and 1.19 against
+    # 1.36 and 1.84 at K = 4.
     grad_sample_mode: str = "auto"
     # Noise levels drawn in the DP fine-tuning loss of the pixel diffusion
     # family: ln(sigma) ~ N(mean, std^2) (EDM's training distribution). EDM's

@@ -167,8 +167,9 @@ def _conv_sq_norm(m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor, b: int, k: int
     the clipped sum is a weighted sum of them instead of a second
     weight-gradient pass (Bu et al.'s mixed ghost clipping). Per-layer times
     in benchmarks/results/ghost-kernels-2026-12-06.txt: the grouped kernel
-    beat shifted batched matmuls and unfold + bmm at every instantiated
-    shape, and ghost wins where the rule picks it."""
+    beats unfold + bmm everywhere and shifted batched matmuls at 14x14 (at
+    7x7 with k = 4 the two trade places from run to run), the whole DP step
+    was as fast or faster with it, and ghost wins where the rule picks it."""
     t = g.shape[2] * g.shape[3] * k
     p, d = m.out_channels, m.in_channels * m.kernel_size[0] * m.kernel_size[1]
     if _ghost_cheaper(t, d, p):
