@@ -2,7 +2,7 @@
 
 Non-private: forward, backward, Adam over the logical batch in physical
 chunks. DP: one logical step through stock Opacus as
-privimage_core.dp_finetune sets it up (per-sample gradients by Opacus hooks
+privimage_core.dp_sgd.finetune sets it up (per-sample gradients by Opacus hooks
 or torch.func vmap and per-sample clipping, or book-keeping ghost clipping
 without per-sample gradients; virtual steps over the physical
 chunks, Gaussian noise once, Adam), with noise multiplicity K (K diffusion
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from privimage_core.diffusion.edm import EDMObjective, EDMPrecond
-from privimage_core.diffusion.unet import build_unet
-from privimage_core.dp_finetune import accumulate_grad_samples, make_private
-from privimage_core.privacy_ledger import PrivacyLedger
+from privimage_core.models.diffusion.edm import EDMObjective, EDMPrecond
+from privimage_core.models.diffusion.unet import build_unet
+from privimage_core.dp_sgd.finetune import accumulate_grad_samples, make_private
+from privimage_core.privacy.ledger import PrivacyLedger
 
 
 def cpu_name() -> str:

@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from privimage_core.diffusion.edm import EDMPrecond, edm_loss, sample, sample_training_noise  # noqa: E402
-from privimage_core.diffusion.unet import build_unet  # noqa: E402
+from privimage_core.models.diffusion.edm import EDMPrecond, edm_loss, sample, sample_training_noise  # noqa: E402
+from privimage_core.models.diffusion.unet import build_unet  # noqa: E402
 
 SIZE, CH, NCLS, BATCH, SAMPLE_BATCH = 28, 1, 10, 64, 500
 

@@ -1,4 +1,4 @@
-"""Per-layer kernels of book-keeping ghost clipping (privimage_core/ghost_clipping.py):
+"""Per-layer kernels of book-keeping ghost clipping (privimage_core/dp_sgd/ghost_clipping.py):
 the per-example squared norm of one convolution's weight gradient, by each
 path the module can take, against the plain batch weight gradient.
 
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench_dp_step import cpu_name, git_commit
-from privimage_core import ghost_clipping as G
+from privimage_core.dp_sgd import ghost_clipping as G
 
 # (C_in, C_out, H): the small preset's 3x3 convolutions at 28x28 with patch 2
 SHAPES = [(4, 64, 14), (64, 64, 14), (192, 64, 14), (64, 128, 7), (128, 128, 7), (256, 128, 7)]

@@ -1,6 +1,6 @@
 """One DP-SGD logical step of dp_ldm's two DP stages against pixel-space
 diffusion (privimage / dpdm), same preset, batch and Opacus set-up as the
-pipeline (privimage_core.dp_finetune, vmap per-sample gradients, K = 1).
+pipeline (privimage_core.dp_sgd.finetune, vmap per-sample gradients, K = 1).
 The latent step includes the encoder's forward inside the per-example loss.
 Medians over repeats, seconds per logical step, on MNIST-shaped inputs.
 
@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from privimage_core.config import from_dict
-from privimage_core.dp_finetune import accumulate_grad_samples, make_private
+from privimage_core.dp_sgd.finetune import accumulate_grad_samples, make_private
 from privimage_core.models import build_model, get_family
-from privimage_core.privacy_ledger import PrivacyLedger
+from privimage_core.privacy.ledger import PrivacyLedger
 
 ROWS = (("pixel diffusion (privimage, dpdm)", "privimage", None),
         ("dp_ldm latent model (+ encoder)", "dp_ldm", "latent"),

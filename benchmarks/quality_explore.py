@@ -63,12 +63,13 @@ def main() -> None:
     torch.set_flush_denormal(True)
 
     from privimage_core.data.sources import load_source
-    from privimage_core.diffusion.ema import EMA
-    from privimage_core.dp_finetune import dp_finetune, make_private, plan_noise
+    from privimage_core.models.ema import EMA
+    from privimage_core.dp_sgd.finetune import dp_finetune, make_private
+    from privimage_core.privacy.plan import plan_noise
     from privimage_core.evaluation.downstream import accuracy, train_classifier
     from privimage_core.models import get_family
-    from privimage_core.privacy_ledger import PrivacyLedger
-    from privimage_core.semantic_distribution import QUERY_MECHANISM
+    from privimage_core.privacy.ledger import PrivacyLedger
+    from privimage_core.selection.distribution import QUERY_MECHANISM
     from privimage_core.synthesize import generate
 
     t0 = time.time()

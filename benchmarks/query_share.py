@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from scipy.stats import norm
 
-from privimage_core.dp_finetune import plan_noise
-from privimage_core.privacy_ledger import PrivacyLedger
-from privimage_core.query_budget import calibrate_sigma_q
-from privimage_core.semantic_distribution import QUERY_MECHANISM
+from privimage_core.privacy.plan import plan_noise
+from privimage_core.privacy.ledger import PrivacyLedger
+from privimage_core.privacy.query_budget import calibrate_sigma_q
+from privimage_core.selection.distribution import QUERY_MECHANISM
 
 N, B, STEPS, DELTA, CELLS = 60_000, 512, 60, 1e-5, 10 * 72
 

@@ -13,17 +13,22 @@ Stage kinds (what each does lives in ``services/stages/``):
   dp_finetune      DP-SGD on the sensitive data                       (DP, Algorithm 1)
                    option part: which part of a multi-part family this
                    stage trains (the family's dp_stage_plan says its steps,
-                   learning rate and budget share, or that it is skipped)
+                   learning rate and budget share, or that it is skipped);
+                   option release: this stage's model is the release (the
+                   method's last DP-SGD stage; earlier ones hand their DP
+                   output on to the next)
   synthesize       sample the synthetic dataset from the DP model     (post-processing)
   evaluate         fidelity, utility, privacy audit                   (non-private)
 
-Every DP stage is its own ledger mechanism; the ledger composes them all.
+Every DP stage is its own ledger mechanism (named after the stage); the
+ledger composes them all.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from privimage_core.errors import ConfigError
+from privimage_core.models import FAMILY_NAMES, get_family
 
 STAGE_KINDS = ("public_index", "query_function", "semantic_query", "pretrain", "dp_finetune",
                "synthesize", "evaluate")
@@ -46,6 +51,12 @@ class Stage:
         data = self.options.get("data")
         if self.kind == "pretrain" and data not in PRETRAIN_DATA:
             raise ValueError(f"pretrain stage needs options data in {PRETRAIN_DATA}")
+        if self.options.get("release") and self.kind != "dp_finetune":
+            raise ValueError(f"stage '{self.name}': only a dp_finetune stage can be the release")
+
+    @property
+    def is_release(self) -> bool:
+        return bool(self.options.get("release"))
 
 
 @dataclass(frozen=True)
@@ -55,10 +66,24 @@ class Method:
     stages: tuple[Stage, ...]
     summary: str
 
+    def __post_init__(self):
+        names = [s.name for s in self.stages]
+        if len(names) != len(set(names)):
+            raise ValueError(f"method '{self.name}': stage names must be unique, got {names}")
+        dp = [s for s in self.stages if s.kind == "dp_finetune"]
+        if dp and [s.name for s in dp if s.is_release] != [dp[-1].name]:
+            raise ValueError(f"method '{self.name}': its last dp_finetune stage, and only that "
+                             "one, must have options release: True")
+
     def has(self, kind: str) -> bool:
         return any(s.kind == kind for s in self.stages)
 
+    @property
+    def release_stage(self) -> Stage:
+        return next(s for s in self.stages if s.is_release)
 
+
+# Sampling from the release and its evaluation end every method.
 _RELEASE = (Stage("synthesize", "synthesize"), Stage("evaluate", "evaluate"))
 
 
@@ -66,13 +91,13 @@ def _privimage(family: str) -> tuple[Stage, ...]:
     return (Stage("public_index", "index"), Stage("query_function", "semantic_query"),
             Stage("semantic_query", "selection"),
             Stage("pretrain", "pretrain", {"data": "selection"}),
-            Stage("dp_finetune", "finetune")) + _RELEASE
+            Stage("dp_finetune", "finetune", {"release": True})) + _RELEASE
 
 
 def _pdp() -> tuple[Stage, ...]:
     return (Stage("public_index", "index"),
             Stage("pretrain", "pretrain", {"data": "public_pool"}),
-            Stage("dp_finetune", "finetune")) + _RELEASE
+            Stage("dp_finetune", "finetune", {"release": True})) + _RELEASE
 
 
 def _latent() -> tuple[Stage, ...]:
@@ -82,11 +107,11 @@ def _latent() -> tuple[Stage, ...]:
             Stage("semantic_query", "selection"),
             Stage("pretrain", "pretrain", {"data": "selection"}),
             Stage("dp_finetune", "finetune_autoencoder", {"part": "autoencoder"}),
-            Stage("dp_finetune", "finetune", {"part": "latent"})) + _RELEASE
+            Stage("dp_finetune", "finetune", {"part": "latent", "release": True})) + _RELEASE
 
 
 def _from_scratch() -> tuple[Stage, ...]:
-    return (Stage("dp_finetune", "finetune"),) + _RELEASE
+    return (Stage("dp_finetune", "finetune", {"release": True}),) + _RELEASE
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -118,8 +143,6 @@ def get_method(name: str) -> Method:
 def check_method(name: str, preset: str, pretrain_steps: int,
                  pretrain_precision: str = "auto") -> Method:
     """The method, or one clear error for combinations it cannot run."""
-    from privimage_core.models import FAMILY_NAMES, get_family
-
     m = get_method(name)
     if m.family not in FAMILY_NAMES:
         raise ConfigError(f"method '{name}' needs the '{m.family}' model family, which this "

@@ -20,13 +20,21 @@ import torch
 from privimage_core.config import from_dict, resolve_k
 from privimage_core.data.imageset import ImageSet
 from privimage_core.data.sources import build_public_pool
-from privimage_core.privacy_ledger import PrivacyLedger
-from privimage_core.public_index import PublicIndex
-from privimage_core.semantic_distribution import query_semantic_distribution, relabel_selection
-from privimage_core.semantic_query import predict_topk, train_semantic_query
+from privimage_core.evaluation.canary_audit import CanaryAuditInput, CanarySet
+from privimage_core.evaluation.report import render_html
+from privimage_core.evaluation.semantic_similarity import selection_sds
+from privimage_core.evaluation.suite import run_evaluation
+from privimage_core.models import get_family
+from privimage_core.models.release import ReleaseManifest
+from privimage_core.models.state import state_from_bytes
+from privimage_core.privacy.ledger import PrivacyLedger
+from privimage_core.selection.distribution import query_semantic_distribution, relabel_selection
+from privimage_core.selection.public_index import PublicIndex
+from privimage_core.selection.semantic_query import predict_topk, train_semantic_query
+from privimage_core.synthesize import generate, write_dataset
+from services.metrics import PipelineMetrics
 from services.process_setup import configure_torch
-
-
+from services.progress import ProgressPoster
 
 
 class PublicSelector:
@@ -39,7 +47,6 @@ class PublicSelector:
         self.index: PublicIndex | None = None
         self.model = None
         # Live metrics (services/metrics.py): public counts and DP selection only.
-        from services.metrics import PipelineMetrics
         self.pm = PipelineMetrics(metrics_run_id) if metrics_run_id else None
 
     def build_index(self) -> dict:
@@ -86,7 +93,6 @@ class PublicSelector:
     def semantic_similarity(self, class_names: list[str], noisy_histograms,
                             selection: dict[int, list[int]]) -> dict:
         """SDS (paper Eq. 5) from DP outputs and public counts only."""
-        from privimage_core.evaluation.semantic_similarity import selection_sds
         t0 = time.time()
         out = selection_sds(class_names, noisy_histograms, selection,
                             list(self.index.label_names), self.index.counts_per_label())
@@ -135,34 +141,28 @@ class Evaluator:
         self.cfg = from_dict(cfg_dict)
         configure_torch(self.cfg)
         self.workdir = Path(workdir)
-        from services.metrics import PipelineMetrics
         self.pm = PipelineMetrics(metrics_run_id) if metrics_run_id else None
         self.synthetic: ImageSet | None = None
-        self.precond = None
-        self.family = self.release = self.model_family = None
+        self.family = self.release = self.manifest = None
         self.provenance: dict = {}
 
-    def synthesize(self, state: bytes, class_names: list[str], provenance: dict,
-                   family: str = "diffusion", progress_board: str | None = None) -> dict:
-        from privimage_core.generator import state_from_bytes
-        from privimage_core.models import build_model, get_family
-        from privimage_core.synthesize import generate, write_dataset
-
+    def synthesize(self, state: bytes, manifest: dict, provenance: dict,
+                   progress_board: str | None = None) -> dict:
+        """Sample the synthetic dataset from the release: its weights
+        (``state_bytes``) and its manifest (models/release.py), which says
+        which family and network to rebuild."""
         c = self.cfg
         t0 = time.time()
-        fam = get_family(family)
-        model = build_model(c, family, len(class_names))
+        man = ReleaseManifest.from_dict(manifest)
+        fam = get_family(man.family)
+        model = man.build()
         model.load_state_dict(state_from_bytes(state))
         release = fam.release_module(model).eval()
-        from services.progress import ProgressPoster
-        ds = generate(fam, release, c.sampling.num_images, class_names, c.sampling.num_steps,
+        ds = generate(fam, release, c.sampling.num_images, man.class_names, c.sampling.num_steps,
                       c.sampling.solver, seed=c.run.seed, batch_size=c.sampling.batch_size,
                       guidance=c.sampling.guidance, progress=ProgressPoster(progress_board))
         out = write_dataset(ds, self.workdir / "synthetic", provenance)
-        # The loss-threshold audit scores an EDM denoiser; other families are
-        # audited through their own audit_loss (canary audit).
-        self.precond = release if family == "diffusion" else None
-        self.family, self.release, self.model_family = fam, release, family
+        self.family, self.release, self.manifest = fam, release, man
         self.synthetic, self.provenance = ds, dict(provenance)
         if self.pm:
             self.pm.eval_metric("synthetic_images", len(ds))
@@ -182,10 +182,6 @@ class Evaluator:
         Returns the numeric metrics (``<metric>_seconds`` for each), plus
         'report_html' (the one-page report), 'audit_message', 'audit_verdict'
         and 'canary_detail' (the audit's counts: operator only)."""
-        from privimage_core.evaluation.report import render_html
-        from privimage_core.evaluation.suite import run_evaluation
-        from services.progress import ProgressPoster
-
         if self.synthetic is None:
             raise RuntimeError("Evaluator.evaluate needs synthesize() first")
         test = ImageSet(real_test[0], real_test[1], class_names, name="real_test")
@@ -193,9 +189,9 @@ class Evaluator:
                  if sensitive is not None else None)
         eps = ledger_epsilon if ledger_epsilon is not None else self.provenance.get("epsilon")
         logs: list[str] = []
-        canary = self._canary_input(canaries, reference_state, len(class_names))
+        canary = self._canary_input(canaries, reference_state)
         res = run_evaluation(self.cfg.evaluation, self.synthetic, test, seed=self.cfg.run.seed,
-                             real_train=train, generator=self.precond, ledger_epsilon=eps,
+                             real_train=train, ledger_epsilon=eps,
                              delta=self.provenance.get("delta"),
                              fid_cache_dir=str(self.workdir.parent / "fid_cache"),
                              log=logs.append, canary=canary, family=self.family,
@@ -214,17 +210,12 @@ class Evaluator:
         out["canary_detail"] = res.canary
         return out
 
-    def _canary_input(self, canaries: dict | None, reference_state: bytes | None,
-                      num_classes: int):
+    def _canary_input(self, canaries: dict | None, reference_state: bytes | None):
         if canaries is None:
             return None
-        from privimage_core.evaluation.canary_audit import CanaryAuditInput, CanarySet
-        from privimage_core.generator import state_from_bytes
-        from privimage_core.models import build_model
-
         ref = None
         if reference_state is not None:
-            model = build_model(self.cfg, self.model_family, num_classes)
+            model = self.manifest.build()
             model.load_state_dict(state_from_bytes(reference_state))
             ref = self.family.release_module(model).eval()
         return CanaryAuditInput(CanarySet(**canaries), self.family, self.release, ref)

@@ -35,26 +35,20 @@ from privimage_core.data.sources import (is_user_source, load_source, parse_spec
 from privimage_core.errors import DataError
 
 
-def _load_generator(path: str, cfg, manifest: dict, shape, num_classes: int):
-    import torch
+def _load_generator(path: str, shape, class_names: list[str]):
+    """(family, released module) of the release at ``path`` (its weights or
+    run directory), rebuilt from its manifest whatever the family."""
+    from privimage_core.models.release import load_release
 
-    from privimage_core.generator import build_generator
-
-    if not Path(path).is_file():
-        raise DataError(f"generator '{path}' does not exist; pass the run's dp_generator.pt")
-    gcfg = cfg.generator
-    if manifest and manifest.get("generator_preset") and manifest["generator_preset"] != gcfg.preset:
-        from dataclasses import replace
-        gcfg = replace(gcfg, preset=manifest["generator_preset"])
-    h, _, c = shape
-    precond = build_generator(gcfg, h, c, num_classes)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    try:
-        precond.load_state_dict(state)
-    except RuntimeError as e:
-        raise DataError(f"'{path}' does not fit generator preset '{gcfg.preset}' at {h}x{h}x{c} "
-                        f"({str(e).splitlines()[0]}); pass the run's config with --config") from e
-    return precond.eval()
+    fam, release, man = load_release(path)
+    if (man.image_size, man.image_size, man.channels) != tuple(shape):
+        raise DataError(f"the release at '{path}' makes {man.image_size}x{man.image_size}x"
+                        f"{man.channels} images but the synthetic set is {shape[0]}x{shape[1]}x"
+                        f"{shape[2]}; pass the generator that made it")
+    if list(man.class_names) != list(class_names):
+        raise DataError(f"the release at '{path}' has classes {man.class_names[:5]}... but the "
+                        f"synthetic set {class_names[:5]}...; pass the generator that made it")
+    return fam, release
 
 
 def check_real_specs(real: str, real_test: str | None) -> None:
@@ -156,12 +150,12 @@ def evaluate_dataset(synthetic: str, real: str, config: str | None = None,
                             f"identical to training images of {real}; the test split must be "
                             "held-out data: remove them or pass other held-out data with "
                             "--real-test")
-    precond = (_load_generator(generator, cfg, manifest or {}, syn.shape, syn.num_classes)
-               if generator else None)
+    family, release = (_load_generator(generator, syn.shape, syn.class_names) if generator
+                       else (None, None))
     eps = (manifest or {}).get("epsilon")
     delta = (manifest or {}).get("delta")
-    res = run_evaluation(ev, syn, test, seed=cfg.run.seed, real_train=train, generator=precond,
-                         ledger_epsilon=eps, delta=delta,
+    res = run_evaluation(ev, syn, test, seed=cfg.run.seed, real_train=train, family=family,
+                         release=release, ledger_epsilon=eps, delta=delta,
                          fid_cache_dir=str(Path(cfg.run.output_dir) / "fid_cache"), log=log)
     del train
     out = Path(out_dir) if out_dir else _default_out(synthetic, syn, cfg)

@@ -31,8 +31,11 @@ from privimage_core.data.imageset import ImageSet
 from privimage_core.data.sources import (check_public_specs, is_user_source, load_source,
                                          same_user_dataset, validate_sensitive)
 from privimage_core.errors import ConfigError, DataError
+from privimage_core.data.subsample import source_digest
 from privimage_core.methods import Method, get_method
-from privimage_core.privacy_ledger import PrivacyLedger
+from privimage_core.privacy import lifetime as lifetime_ledger
+from privimage_core.privacy.ledger import PrivacyLedger
+from privimage_core.privacy.plan import PrivacyPlan, plan_run
 from services.run_store import STATE_FILE, load_state, new_run_dir, resume_ledger, save_state
 
 __all__ = ["STATE_FILE", "Inputs", "load_inputs", "run_pipeline"]
@@ -92,15 +95,11 @@ def check_generator(cfg: Config, method: Method, num_classes: int) -> None:
                           f"'{g.preset}' generator ({e}); fix or remove them") from e
 
 
-def reserve_lifetime(cfg: Config, method: Method, inputs: Inputs, run_dir: Path,
+def reserve_lifetime(cfg: Config, plan: PrivacyPlan, inputs: Inputs, run_dir: Path,
                      resume: bool = False):
     """Charge this run's plan to the lifetime ledger of its sensitive dataset
     (keyed by a content digest, stored locally, never released) before any
     mechanism reads the data; refused past ``privacy.lifetime_epsilon``."""
-    from privimage_core import lifetime_ledger
-    from privimage_core.data.subsample import source_digest
-    from privimage_core.privacy_plan import planned_ledger
-
     d = cfg.data
     store = Path(cfg.run.ledger_store or Path(cfg.run.output_dir) / "lifetime_ledgers")
     digest = source_digest(d.sensitive, "train", d.class_names)
@@ -108,8 +107,7 @@ def reserve_lifetime(cfg: Config, method: Method, inputs: Inputs, run_dir: Path,
                                inputs.delta, cfg.privacy.accountant)
     if resume and str(run_dir) in led.runs():
         return led
-    led.reserve(str(run_dir), planned_ledger(cfg, method, len(inputs.sensitive),
-                                             inputs.delta).state_dict())
+    led.reserve(str(run_dir), plan.ledger().state_dict())
     return led
 
 
@@ -138,15 +136,20 @@ def run_pipeline(cfg: Config, resume_dir: str | None = None, parent_run_id: str 
     method = get_method(cfg.method)
     inputs = load_inputs(cfg)
     check_generator(cfg, method, len(inputs.sensitive.class_names))
+    # The privacy plan, once: every mechanism's noise, rate and steps, from
+    # the config and public quantities (a resumed run keeps its own).
+    plan = (PrivacyPlan.from_dict(state["privacy_plan"]) if "privacy_plan" in state
+            else plan_run(cfg, method, len(inputs.sensitive), inputs.delta))
+    state["privacy_plan"] = plan.to_dict()
     if run_dir is None:  # only now: bad input leaves no directory behind
         run_dir = new_run_dir(Path(cfg.run.output_dir), cfg.run.name)
         try:
-            lifetime = reserve_lifetime(cfg, method, inputs, run_dir)
+            lifetime = reserve_lifetime(cfg, plan, inputs, run_dir)
         except Exception:
             run_dir.rmdir()  # refused before anything was written or spent
             raise
     else:  # a resume keeps the entry it reserved (or settled) when it started
-        lifetime = reserve_lifetime(cfg, method, inputs, run_dir, resume=True)
+        lifetime = reserve_lifetime(cfg, plan, inputs, run_dir, resume=True)
     storage = cfg.ray.storage_path or str(run_dir / "ray_train")
     if "ledger" in state:
         ledger, resume = resume_ledger(state, storage, run_dir)
@@ -165,7 +168,7 @@ def run_pipeline(cfg: Config, resume_dir: str | None = None, parent_run_id: str 
                                                   "method": method.name}) as run:
         state["mlflow_run_id"] = run.info.run_id
         ctx = RunContext(cfg=cfg, method=method, run_dir=run_dir, state=state, ledger=ledger,
-                         inputs=inputs, tracker=tracker, log=log, storage=storage,
+                         plan=plan, inputs=inputs, tracker=tracker, log=log, storage=storage,
                          resume_checkpoints=resume, mlflow_run_id=run.info.run_id,
                          stage_seconds=dict(state.get("stage_seconds", {})))
         if cfg.metrics.enabled:

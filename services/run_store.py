@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from privimage_core.errors import PrivacyBudgetError
-from privimage_core.privacy_ledger import PrivacyLedger
+from privimage_core.privacy.ledger import PrivacyLedger
 
 STATE_FILE = "pipeline_state.json"
 

@@ -18,7 +18,8 @@ from typing import Any, Callable
 
 from privimage_core.config import Config
 from privimage_core.methods import Method, Stage
-from privimage_core.privacy_ledger import PrivacyLedger
+from privimage_core.privacy.ledger import PrivacyLedger
+from privimage_core.privacy.plan import PrivacyPlan
 from services.run_store import save_state
 
 
@@ -29,6 +30,7 @@ class RunContext:
     run_dir: Path
     state: dict
     ledger: PrivacyLedger
+    plan: PrivacyPlan              # the run's privacy plan, computed once (privacy/plan.py)
     inputs: Any                    # services.pipeline.Inputs
     tracker: Any                   # services.tracking.Tracker
     log: Callable[[str], None]

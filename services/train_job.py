@@ -1,12 +1,17 @@
 """The typed contract between the driver and the Ray Train loops.
 
 One ``TrainJob`` per training stage, passed as ``train_loop_config={"job": job}``
-(Ray pickles it to every worker). DP fields are set only for DP stages.
+(Ray pickles it to every worker). ``plan`` is set only for DP stages: the
+stage's part of the run's privacy plan (privimage_core/privacy/plan.py),
+computed once on the driver; the worker runs it and checks its loader's
+Poisson rate against it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from privimage_core.privacy.plan import DPSGDPlan
 
 
 @dataclass
@@ -27,16 +32,11 @@ class TrainJob:
     init_ref: Any = None
     # DP stages only:
     part: str | None = None        # Stage.options["part"]: the family part trained
-    ledger: dict | None = None
-    mechanism: str | None = None
-    noise_multiplier: float | None = None
-    total_steps: int | None = None
-    # The public record count q is computed from (N + m canaries in an audit
-    # run, so that q does not reveal which canaries were included); None: len(data).
-    num_records: int | None = None
+    ledger: dict | None = None     # the run's ledger when the stage starts
+    plan: DPSGDPlan | None = None
     # {"storage": ..., "relpath": ...}: the checkpoint a resumed run continues from.
     resume_checkpoint: dict | None = None
 
     @property
     def is_dp(self) -> bool:
-        return self.mechanism is not None
+        return self.plan is not None

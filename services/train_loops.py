@@ -18,10 +18,10 @@ import ray.train
 import torch
 
 from privimage_core.config import from_dict
-from privimage_core.diffusion.ema import EMA
-from privimage_core.generator import state_from_bytes
+from privimage_core.models.ema import EMA
+from privimage_core.models.state import state_from_bytes
 from privimage_core.models import build_model, get_family
-from privimage_core.privacy_ledger import PrivacyLedger
+from privimage_core.privacy.ledger import PrivacyLedger
 from services.process_setup import configure_torch
 from services.progress import ProgressPoster
 from services.train_job import TrainJob
@@ -167,12 +167,12 @@ def _restore_dp(job: TrainJob, model, ledger: PrivacyLedger, dev):
     ckpt = ray.train.get_checkpoint()
     if ckpt is None and job.resume_checkpoint:
         ckpt = open_checkpoint(**job.resume_checkpoint)
-    prior = ledger.steps_of(job.mechanism)
+    prior = ledger.steps_of(job.plan.mechanism)
     if ckpt is None:
         if prior:
             # DP steps were taken but their weights are not here: starting again
             # would release a model the ledger does not describe.
-            raise PrivacyBudgetError(f"the ledger holds {prior} steps of '{job.mechanism}' but no "
+            raise PrivacyBudgetError(f"the ledger holds {prior} steps of '{job.plan.mechanism}' but no "
                                      "checkpoint of that stage was found to continue from")
         return None
     with ckpt.as_directory() as d:
@@ -181,7 +181,7 @@ def _restore_dp(job: TrainJob, model, ledger: PrivacyLedger, dev):
         out = {"ema": torch.load(d / "ema.pt", map_location=dev),
                "opt": torch.load(d / "optimizer.pt", map_location=dev)}
         saved = PrivacyLedger.from_state_dict(json.loads((d / "ledger.json").read_text()))
-    if saved.steps_of(job.mechanism) < prior:
+    if saved.steps_of(job.plan.mechanism) < prior:
         raise PrivacyBudgetError("the checkpoint holds fewer DP-SGD steps than the ledger the "
                                  "driver passed; refusing to undercount")
     ledger.load_state_dict(saved.state_dict())
@@ -192,7 +192,7 @@ def finetune_loop(config: dict) -> None:
     """DP-SGD on the SENSITIVE data (Opacus, Poisson sampling)."""
     from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 
-    from privimage_core.dp_finetune import dp_finetune, make_private
+    from privimage_core.dp_sgd.finetune import dp_finetune, make_private
 
     job: TrainJob = config["job"]
     cfg, rank, world, dev, family, model, x, y = _setup(job)
@@ -202,7 +202,7 @@ def finetune_loop(config: dict) -> None:
     if restored is None and job.init_ref is not None:  # Algorithm 2, line 10
         model.load_state_dict(state_from_bytes(ray.get(job.init_ref)))
     part = job.part  # which part of the family this DP stage trains (None: the only one)
-    plan = family.dp_stage_plan(cfg, part)
+    plan = job.plan
     release = family.ema_module(model, part)
     ema = EMA(release, decay=cfg.finetune.ema_decay)
     if restored:
@@ -213,10 +213,11 @@ def finetune_loop(config: dict) -> None:
     opt = torch.optim.Adam(dp_module.parameters(), lr=plan.lr)
     f = cfg.finetune
     objective = family.dp_objective(model, part, cfg=cfg)
-    dp = make_private(dp_module, opt, x, y, batch_size=f.batch_size,
-                      noise_multiplier=job.noise_multiplier, max_grad_norm=f.max_grad_norm,
-                      ledger=ledger, distributed=world > 1, mechanism=job.mechanism,
-                      grad_sample_mode=f.grad_sample_mode, num_records=job.num_records)
+    dp = make_private(dp_module, opt, x, y, batch_size=plan.batch_size,
+                      noise_multiplier=plan.noise_multiplier, max_grad_norm=f.max_grad_norm,
+                      ledger=ledger, distributed=world > 1, mechanism=plan.mechanism,
+                      grad_sample_mode=f.grad_sample_mode, num_records=plan.num_records,
+                      sample_rate=plan.sample_rate)
     # A two-player family's post-processing step (a GAN's generator update),
     # checkpointed with the DP optimizer so a resumed stage continues it.
     after = family.after_dp_step(model, plan.lr)
@@ -225,15 +226,15 @@ def finetune_loop(config: dict) -> None:
         if after is not None and restored["opt"].get("after") is not None:
             after.load_state_dict(restored["opt"]["after"])
     pm = _metrics(job)
-    total = job.total_steps
+    total = plan.total_steps
     every = max(1, total // 20)
     progress = ProgressPoster(job.progress_board if rank == 0 else None)
 
     def on_step(step, sps):
         progress(step, total)  # console only, averaged on the driver (services/progress.py)
         # No per-step timing leaves a DP stage: a step's duration follows its
-        # realised Poisson batch size, a count of sensitive records (issue 13
-        # W6). Only the expected batch and the stage's total time are exported.
+        # realised Poisson batch size, a count of sensitive records. Only the
+        # expected batch and the stage's total time are exported.
         if pm:
             pm.train_step("finetune", f.batch_size // world, None, None, worker=str(rank))
         if rank == 0 and (step % every == 0 or step == total):

@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 
 from privimage_core.config import Config, from_dict
-from privimage_core.privacy_ledger import compose_ledgers
+from privimage_core.privacy.ledger import compose_ledgers
 
 REPORTED = ("accuracy", "fid", "kid", "epsilon", "total_seconds")
 

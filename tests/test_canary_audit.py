@@ -139,8 +139,9 @@ def test_bad_canary_config(bad, match):
 def test_sampling_rate_does_not_depend_on_the_included_canaries():
     """make_private(num_records=N + m): q and Opacus's expected batch size
     are the planned ones whatever number of canaries went in."""
-    from privimage_core.dp_finetune import make_private, sample_rate_for
-    from privimage_core.privacy_ledger import PrivacyLedger
+    from privimage_core.dp_sgd.finetune import make_private
+    from privimage_core.privacy.plan import sample_rate_for
+    from privimage_core.privacy.ledger import PrivacyLedger
 
     out = []
     for rows in (100, 137):
@@ -198,10 +199,11 @@ def test_failing_control_broken_dp_sgd_is_caught():
 @pytest.mark.slow
 def test_control_with_real_noise_shows_no_violation():
     """The same model, data and canaries through the real Opacus path
-    (privimage_core.dp_finetune) at a calibrated epsilon of 1: no violation."""
-    from privimage_core.diffusion.ema import EMA
-    from privimage_core.dp_finetune import dp_finetune, make_private, sample_rate_for
-    from privimage_core.privacy_ledger import PrivacyLedger
+    (privimage_core.dp_sgd.finetune) at a calibrated epsilon of 1: no violation."""
+    from privimage_core.models.ema import EMA
+    from privimage_core.dp_sgd.finetune import dp_finetune, make_private
+    from privimage_core.privacy.plan import sample_rate_for
+    from privimage_core.privacy.ledger import PrivacyLedger
 
     t0 = time.time()
     canaries, x, y = _control_data()
@@ -246,7 +248,7 @@ def test_pipeline_audit_run_keeps_bits_in_the_run_dir(tmp_path):
     import ray
     from mlflow.tracking import MlflowClient
 
-    from privimage_core.dp_finetune import sample_rate_for
+    from privimage_core.privacy.plan import sample_rate_for
     from privimage_core.config import RayConfig
     from services.pipeline import run_pipeline
     from services.ray_runtime import ensure_ray

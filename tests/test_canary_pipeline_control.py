@@ -134,7 +134,7 @@ def test_audit_reference_is_the_public_pretrained_model_not_a_dp_stage_output(tm
     evaluator's reference must be the public pre-trained weights, or none."""
     from types import SimpleNamespace
 
-    from privimage_core.generator import state_from_bytes
+    from privimage_core.models.state import state_from_bytes
     from services.stages.release import _canary_args
 
     cs = ca.make_canaries("fashion_mnist", 16, 10, 28, 1)

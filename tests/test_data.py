@@ -18,7 +18,7 @@ from privimage_core.data.idx import load_fashion_mnist, load_mnist, read_idx
 from privimage_core.data.imageset import ImageSet
 from privimage_core.data.sources import build_public_pool, load_source, validate_sensitive
 from privimage_core.errors import DataError
-from privimage_core.public_index import PublicIndex
+from privimage_core.selection.public_index import PublicIndex
 
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 
@@ -264,6 +264,6 @@ def test_public_pool_refuses_an_empty_public_class(tmp_path):
 
 
 def test_core_data_does_not_import_ray():
-    code = ("import sys, privimage_core.data.sources, privimage_core.public_index; "
+    code = ("import sys, privimage_core.data.sources, privimage_core.selection.public_index; "
             "sys.exit('ray' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -17,7 +17,7 @@ from privimage_core.data.sources import check_public_specs, load_source, validat
 from privimage_core.data.subsample import (declaration, materialise_subsample, provenance_path,
                                            read_provenance, source_digest)
 from privimage_core.errors import ConfigError, DataError
-from privimage_core.semantic_distribution import class_histograms
+from privimage_core.selection.distribution import class_histograms
 
 NAMES = ["ant", "bee", "cat", "dog"]
 

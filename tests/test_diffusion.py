@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from privimage_core.diffusion.edm import (EDMPrecond, edm_loss, karras_sigmas, sample,
+from privimage_core.models.diffusion.edm import (EDMPrecond, edm_loss, karras_sigmas, sample,
                                           sample_training_noise)
-from privimage_core.diffusion.ema import EMA, unwrap
-from privimage_core.diffusion.unet import PRESETS, UNet, build_unet
+from privimage_core.models.ema import EMA, unwrap
+from privimage_core.models.diffusion.unet import PRESETS, UNet, build_unet
 
 torch.set_num_threads(1)
 # Opacus's full backward hooks warn when the input images do not require grad.

@@ -21,8 +21,9 @@ from PIL import Image
 
 from privimage_core.config import EvaluationConfig, from_dict
 from privimage_core.data.imageset import ImageSet
-from privimage_core.diffusion.edm import EDMPrecond, edm_loss, sample_training_noise
-from privimage_core.diffusion.unet import build_unet
+from privimage_core.models.diffusion.edm import (EDMObjective, EDMPrecond, edm_loss,
+                                                 sample_training_noise)
+from privimage_core.models.diffusion.unet import build_unet
 from privimage_core.errors import ConfigError, DataError
 from privimage_core.evaluation import fid
 from privimage_core.evaluation.diffusion_mia import (audit_check, denoising_loss_fn,
@@ -80,9 +81,9 @@ def test_attack_catches_memorisation_but_not_dp(audit_data, memorising_model):
     clearly caught, the DP one is not. The same Opacus path with the noise and
     the clipping switched off (noise 1e-7, clipping 1e3) is caught as clearly
     as the fixture: the gap comes from DP, not from a difference in code."""
-    from privimage_core.diffusion.ema import EMA
-    from privimage_core.dp_finetune import dp_finetune, make_private
-    from privimage_core.privacy_ledger import PrivacyLedger
+    from privimage_core.models.ema import EMA
+    from privimage_core.dp_sgd.finetune import dp_finetune, make_private
+    from privimage_core.privacy.ledger import PrivacyLedger
 
     members, nonmembers = audit_data
     dp_model = tiny_edm()
@@ -92,14 +93,16 @@ def test_attack_catches_memorisation_but_not_dp(audit_data, memorising_model):
     dp = make_private(dp_model, opt, x, y, batch_size=N_MEM, noise_multiplier=8.0,
                       max_grad_norm=1.0, ledger=ledger)
     assert dp.sample_rate == 1.0
-    assert dp_finetune(dp, EMA(dp_model, decay=0.0), dp_model, STEPS, N_MEM) == STEPS
+    assert dp_finetune(dp, EMA(dp_model, decay=0.0), dp_model, STEPS, N_MEM,
+                       objective=EDMObjective()) == STEPS
     eps = ledger.epsilon()
 
     off_model = tiny_edm()
     off = make_private(off_model, torch.optim.Adam(off_model.parameters(), lr=3e-3), x, y,
                        batch_size=N_MEM, noise_multiplier=1e-7, max_grad_norm=1e3,
                        ledger=PrivacyLedger(1e30, 1e-3))
-    assert dp_finetune(off, EMA(off_model, decay=0.0), off_model, STEPS, N_MEM) == STEPS
+    assert dp_finetune(off, EMA(off_model, decay=0.0), off_model, STEPS, N_MEM,
+                       objective=EDMObjective()) == STEPS
     off_res = diffusion_mia(off_model.eval(), members, nonmembers)
 
     np_res = diffusion_mia(memorising_model, members, nonmembers, ledger_epsilon=eps)
@@ -212,7 +215,7 @@ def evaluated(small_cfg, tmp_path_factory):
         canary = CanaryAuditInput(make_canaries("fashion_mnist", 64, 2, 16, 1),
                                   get_family("diffusion"), gen)
         res = run_evaluation(small_cfg, synthetic, real_test, seed=0, real_train=real_train,
-                             generator=gen, ledger_epsilon=3.0, delta=1e-5,
+                             family=get_family("diffusion"), release=gen, ledger_epsilon=3.0, delta=1e-5,
                              fid_cache_dir=str(tmp_path_factory.mktemp("fidcache")), log=logs.append,
                              canary=canary)
     finally:
@@ -317,7 +320,8 @@ def mnist_small():
 def test_evaluator_actor_class_and_cli(tmp_path, monkeypatch, mnist_small):
     """services.actors.Evaluator (used without Ray) and privimage evaluate:
     same metrics, the report written, the sensitive images nowhere in it."""
-    from privimage_core.generator import build_generator, state_bytes
+    from privimage_core.models.release import ReleaseManifest, write_release
+    from privimage_core.models.state import state_bytes
     from services.actors import Evaluator
     from services.evaluate_cli import evaluate_dataset
 
@@ -327,9 +331,10 @@ def test_evaluator_actor_class_and_cli(tmp_path, monkeypatch, mnist_small):
     run_dir = tmp_path / "runs" / "r"
     run_dir.mkdir(parents=True)
     c = from_dict(cfg)
-    gen = build_generator(c.generator, 28, 1, 10)
+    manifest = ReleaseManifest.for_run(c, "diffusion", train.class_names, "dp_generator.pt")
+    gen = manifest.build()
     ev = Evaluator(c.to_dict(), str(run_dir))
-    syn = ev.synthesize(state_bytes(gen.state_dict()), train.class_names,
+    syn = ev.synthesize(state_bytes(gen.state_dict()), manifest.to_dict(),
                         {"epsilon": 4.0, "delta": 1e-5, "generator_preset": "tiny"})
     out = ev.evaluate((test.images, test.labels), train.class_names, (train.images, train.labels))
     page = out.pop("report_html")
@@ -340,7 +345,7 @@ def test_evaluator_actor_class_and_cli(tmp_path, monkeypatch, mnist_small):
     for im in train.images[::10]:
         assert im.tobytes() not in page.encode()
     # the CLI on the same synthetic set, with the generator: the same audit
-    torch.save(gen.state_dict(), run_dir / "dp_generator.pt")
+    write_release(run_dir, gen.state_dict(), manifest)
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     res = evaluate_dataset(syn["path"], "mnist", config=str(tmp_path / "cfg.json"),
                            generator=str(run_dir / "dp_generator.pt"), out_dir=str(tmp_path / "ev"))

@@ -11,7 +11,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from privimage_core.models import get_family
-from privimage_core.models.gan import GeneratorStep
+from privimage_core.models.gan.family import GeneratorStep
 from privimage_core.models.gan.family import generate
 
 torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""Book-keeping ghost clipping (privimage_core/ghost_clipping.py): the
+"""Book-keeping ghost clipping (privimage_core/dp_sgd/ghost_clipping.py): the
 per-example norms and the clipped sum equal those of per-example backprop,
 for every layer kind it supports (ghost and instantiated convolutions,
 attention's 1x1 convolutions, Linear, Embedding, GroupNorm), with noise
@@ -11,13 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from privimage_core import ghost_clipping
-from privimage_core.diffusion.edm import EDMObjective, EDMPrecond, edm_loss
-from privimage_core.diffusion.unet import build_unet
-from privimage_core.dp_finetune import check_clipper, make_private, resolve_grad_sample_mode
-from privimage_core.ghost_clipping import BookKeepingClipper, unsupported_parameters
+from privimage_core.dp_sgd import ghost_clipping
+from privimage_core.models.diffusion.edm import EDMObjective, EDMPrecond, edm_loss
+from privimage_core.models.diffusion.unet import build_unet
+from privimage_core.dp_sgd.finetune import check_clipper, make_private, resolve_grad_sample_mode
+from privimage_core.dp_sgd.ghost_clipping import BookKeepingClipper, unsupported_parameters
 from privimage_core.models import get_family
-from privimage_core.privacy_ledger import PrivacyLedger
+from privimage_core.privacy.ledger import PrivacyLedger
 
 torch.set_num_threads(1)
 

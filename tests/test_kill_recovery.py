@@ -49,7 +49,7 @@ def test_killed_worker_recovers_with_the_uninterrupted_ledger(tmp_path):
     import ray
 
     from privimage_core.methods import get_method
-    from privimage_core.privacy_plan import planned_ledger
+    from privimage_core.privacy.plan import planned_ledger
     from services.pipeline import run_pipeline
     from services.ray_runtime import ensure_ray
     from privimage_core.config import RayConfig

@@ -14,7 +14,7 @@ from privimage_core.config import from_dict
 from privimage_core.errors import ConfigError
 from privimage_core.methods import get_method
 from privimage_core.models import build_model, get_family
-from privimage_core.privacy_plan import planned_ledger
+from privimage_core.privacy.plan import planned_ledger
 
 torch.set_num_threads(1)
 FAM = get_family("latent_diffusion")
@@ -86,7 +86,7 @@ def test_budget_split_between_the_query_and_two_dp_sgd_stages():
     """The autoencoder's stage alone costs at most its share; the latent
     stage gets the rest; the composition fits the target. Frozen: no
     autoencoder mechanism and all of the rest to the latent model."""
-    from privimage_core.privacy_ledger import PrivacyLedger
+    from privimage_core.privacy.ledger import PrivacyLedger
 
     cfg, _ = _model()
     led = planned_ledger(cfg, get_method("dp_ldm"), 60_000, 1e-5)
@@ -175,8 +175,8 @@ def test_autoencoder_stage_runs_at_k1_whatever_the_noise_multiplicity():
     """A deterministic loss has nothing to average: with noise multiplicity 4
     the hooks mode still gets one gradient row per example (it would refuse
     B rows where it expects B x 4)."""
-    from privimage_core.dp_finetune import accumulate_grad_samples, make_private
-    from privimage_core.privacy_ledger import PrivacyLedger
+    from privimage_core.dp_sgd.finetune import accumulate_grad_samples, make_private
+    from privimage_core.privacy.ledger import PrivacyLedger
 
     _, m = _model()
     mod = FAM.dp_module(m, "autoencoder")

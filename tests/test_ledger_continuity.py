@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from privimage_core.dp_finetune import DP_SGD_MECHANISM
+from privimage_core.privacy.plan import DP_SGD_MECHANISM
 from privimage_core.errors import ConfigError, PrivacyBudgetError
-from privimage_core.privacy_ledger import PrivacyLedger, compose_ledgers
-from privimage_core.semantic_distribution import QUERY_MECHANISM
+from privimage_core.privacy.ledger import PrivacyLedger, compose_ledgers
+from privimage_core.selection.distribution import QUERY_MECHANISM
 from services.run_store import STATE_FILE, resume_ledger, spent_upper_bound
 from services.tune import sweep_ledgers
 

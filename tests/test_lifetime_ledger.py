@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from privimage_core import lifetime_ledger
+from privimage_core.privacy import lifetime as lifetime_ledger
 from privimage_core.errors import PrivacyBudgetError
-from privimage_core.privacy_ledger import PrivacyLedger, compose_ledgers
+from privimage_core.privacy.ledger import PrivacyLedger, compose_ledgers
 
 REPO = Path(__file__).resolve().parents[1]
 DIGEST = "ab" * 32
@@ -40,7 +40,7 @@ def _reserve_in_subprocess(store, lifetime, run_id, then: str = "", wait_for: Pa
     code = f"""
 import json, os, sys, time
 from pathlib import Path
-from privimage_core import lifetime_ledger
+from privimage_core.privacy import lifetime as lifetime_ledger
 from privimage_core.errors import PrivacyBudgetError
 led = lifetime_ledger.open({str(store)!r}, {DIGEST!r}, {lifetime}, {DELTA}, "rdp")
 plan = json.loads(sys.argv[1])

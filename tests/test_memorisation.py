@@ -17,8 +17,8 @@ import torch
 
 from privimage_core.config import EvaluationConfig, from_dict
 from privimage_core.data.imageset import ImageSet
-from privimage_core.diffusion.edm import EDMPrecond, edm_loss, sample, sample_training_noise
-from privimage_core.diffusion.unet import build_unet
+from privimage_core.models.diffusion.edm import EDMPrecond, edm_loss, sample, sample_training_noise
+from privimage_core.models.diffusion.unet import build_unet
 from privimage_core.errors import ConfigError
 from privimage_core.evaluation import memorisation as memo
 from privimage_core.models import get_family
@@ -159,13 +159,14 @@ def _train(members: ImageSet, size: int, steps: int, dp: bool):
             loss.backward()
             opt.step()
         return m.eval(), None
-    from privimage_core.diffusion.ema import EMA
-    from privimage_core.dp_finetune import dp_finetune, make_private
-    from privimage_core.privacy_ledger import PrivacyLedger
+    from privimage_core.models.ema import EMA
+    from privimage_core.dp_sgd.finetune import dp_finetune, make_private
+    from privimage_core.privacy.ledger import PrivacyLedger
     ledger = PrivacyLedger(100.0, 1e-3)
     run = make_private(m, opt, x, y, batch_size=len(x), noise_multiplier=8.0, max_grad_norm=1.0,
                        ledger=ledger)
-    assert dp_finetune(run, EMA(m, decay=0.0), m, steps, len(x)) == steps
+    from privimage_core.models.diffusion.edm import EDMObjective
+    assert dp_finetune(run, EMA(m, decay=0.0), m, steps, len(x), objective=EDMObjective()) == steps
     return m.eval(), ledger.epsilon()
 
 

@@ -63,7 +63,7 @@ def test_diffusion_family_objective_averages_k_draws_inside_the_example():
     assert rnd["sigma"].shape == (3, 4) and rnd["noise"].shape == (3, 4, 1, 28, 28)
     per = obj.loss(model, x, y, rnd)
     # the same as averaging 4 separate single-draw losses per example
-    from privimage_core.diffusion.edm import edm_loss
+    from privimage_core.models.diffusion.edm import edm_loss
     ref = torch.stack([edm_loss(model, x, y, rnd["sigma"][:, j], rnd["noise"][:, j])
                        for j in range(4)], 1).mean(1)
     torch.testing.assert_close(per, ref, rtol=1e-5, atol=1e-6)
@@ -121,9 +121,15 @@ def test_services_have_no_import_cycle_and_no_file_over_400_lines():
 
 
 def test_a_new_method_is_data_only():
-    m = Method("custom", "diffusion", (Stage("dp_finetune", "finetune"),
+    m = Method("custom", "diffusion", (Stage("dp_finetune", "finetune", {"release": True}),
                                        Stage("synthesize", "synthesize")), "test")
-    assert m.has("dp_finetune") and not m.has("pretrain")
+    assert m.has("dp_finetune") and not m.has("pretrain") and m.release_stage.name == "finetune"
+    # the release is marked by an option on the last DP-SGD stage, never by a name
+    with pytest.raises(ValueError, match="release"):
+        Method("bad", "diffusion", (Stage("dp_finetune", "finetune"),), "no release stage")
+    with pytest.raises(ValueError, match="release"):
+        Method("bad", "diffusion", (Stage("dp_finetune", "a", {"release": True}),
+                                    Stage("dp_finetune", "b")), "release before the last")
 
 
 def test_classifier_free_guidance_reserves_a_null_label_and_mixes_two_passes():

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from privimage_core.config import from_dict
-from privimage_core.diffusion.edm import EDMObjective, EDMPrecond, edm_loss
-from privimage_core.diffusion.ema import EMA
-from privimage_core.diffusion.unet import build_unet
-from privimage_core.dp_finetune import accumulate_grad_samples, dp_finetune, make_private
+from privimage_core.models.diffusion.edm import EDMObjective, EDMPrecond, edm_loss
+from privimage_core.models.ema import EMA
+from privimage_core.models.diffusion.unet import build_unet
+from privimage_core.dp_sgd.finetune import accumulate_grad_samples, dp_finetune, make_private
 from privimage_core.errors import ConfigError
-from privimage_core.per_sample_grads import compute_grad_samples
-from privimage_core.privacy_ledger import PrivacyLedger
+from privimage_core.dp_sgd.per_sample_grads import compute_grad_samples
+from privimage_core.privacy.ledger import PrivacyLedger
 
 torch.set_num_threads(1)
 B, SIZE, CLASSES = 4, 8, 3

@@ -12,7 +12,7 @@ import pytest
 
 from privimage_core.config import from_dict
 from privimage_core.data.sources import load_source
-from privimage_core.semantic_distribution import class_histograms
+from privimage_core.selection.distribution import class_histograms
 
 pytestmark = pytest.mark.ray
 
@@ -320,7 +320,7 @@ def test_dp_ldm_runs_two_dp_sgd_stages_in_one_ledger(ray_local, tmp_path):
     autoencoder and leaves it unchanged; synthesis decodes to pixels."""
     import torch
 
-    from privimage_core.privacy_ledger import MechanismRecord, PrivacyLedger
+    from privimage_core.privacy.ledger import MechanismRecord, PrivacyLedger
     from services.pipeline import run_pipeline
 
     # the release's evaluation is the main run's (audit and memorisation off here)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from opacus.utils.uniform_sampler import DistributedUniformWithReplacementSampler
 
-from privimage_core.poisson_sampler import DistributedPoissonSampler
+from privimage_core.dp_sgd.poisson_sampler import DistributedPoissonSampler
 
 
 @pytest.fixture
@@ -42,8 +42,8 @@ def test_make_private_distributed_uses_it_and_an_empty_draw_still_steps(tmp_path
     import torch.distributed as dist
     from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 
-    from privimage_core.dp_finetune import make_private
-    from privimage_core.privacy_ledger import PrivacyLedger
+    from privimage_core.dp_sgd.finetune import make_private
+    from privimage_core.privacy.ledger import PrivacyLedger
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
                             world_size=1)

@@ -13,11 +13,11 @@ import pytest
 import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from privimage_core.dp_finetune import (DP_SGD_MECHANISM, accumulate_grad_samples, make_private,
-                                       plan_noise)
+from privimage_core.dp_sgd.finetune import accumulate_grad_samples, make_private
+from privimage_core.privacy.plan import DP_SGD_MECHANISM, plan_noise
 from privimage_core.errors import PrivacyBudgetError
-from privimage_core.privacy_ledger import RDP_ALPHAS, PrivacyLedger, compose_ledgers
-from privimage_core.semantic_distribution import (QUERY_MECHANISM, class_histograms, noise_std,
+from privimage_core.privacy.ledger import RDP_ALPHAS, PrivacyLedger, compose_ledgers
+from privimage_core.selection.distribution import (QUERY_MECHANISM, class_histograms, noise_std,
                                                   query_semantic_distribution, relabel_selection,
                                                   select_top_k2)
 
@@ -63,7 +63,7 @@ def test_calibration_and_max_steps_never_exceed_target():
 
 
 def _rec(s, q, t):
-    from privimage_core.privacy_ledger import MechanismRecord
+    from privimage_core.privacy.ledger import MechanismRecord
     return MechanismRecord("x", s, q, t)
 
 

@@ -1,5 +1,5 @@
 """The query's share of epsilon and the significance check of its answer
-(privimage_core/query_budget.py): sigma_q is calibrated from the share by the
+(privimage_core/privacy/query_budget.py): sigma_q is calibrated from the share by the
 ledger's accountant, the plan uses the same sigma_q, and a selection that
 cannot be told from noise is flagged from DP outputs alone."""
 from __future__ import annotations
@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from privimage_core.config import ConfigError, from_dict
+from privimage_core.config import from_dict
+from privimage_core.errors import ConfigError
 from privimage_core.methods import METHODS
-from privimage_core.privacy_ledger import MechanismRecord, PrivacyLedger
-from privimage_core.privacy_plan import planned_ledger, query_sigma
-from privimage_core.query_budget import (Significance, calibrate_sigma_q, fallback_plan,
+from privimage_core.privacy.ledger import MechanismRecord, PrivacyLedger
+from privimage_core.privacy.plan import planned_ledger, query_sigma
+from privimage_core.privacy.query_budget import (Significance, calibrate_sigma_q, fallback_plan,
                                          selection_significance)
-from privimage_core.semantic_distribution import (QUERY_MECHANISM, noise_std,
+from privimage_core.selection.distribution import (QUERY_MECHANISM, noise_std,
                                                   query_semantic_distribution, select_top_k2)
 
 
@@ -79,7 +80,7 @@ def test_a_real_signal_is_significant_and_drowned_one_is_not():
 @pytest.fixture(scope="module")
 def query_function():
     from privimage_core.data.sources import build_public_pool
-    from privimage_core.semantic_query import train_semantic_query
+    from privimage_core.selection.semantic_query import train_semantic_query
     torch.manual_seed(0)
     torch.set_num_threads(1)
     pool = build_public_pool(["glyphs"], image_size=28, channels=1, max_per_class=60, seed=0,
@@ -98,7 +99,7 @@ def test_mnist_at_400_and_100_per_class(query_function, per_class, eps, expect):
     pre-training images); at epsilon 1 the 100-per-class one is drowned
     (noise std about 65 against at most 100 votes): the whole pool."""
     from privimage_core.data.sources import load_source, subsample_per_class
-    from privimage_core.semantic_query import predict_topk
+    from privimage_core.selection.semantic_query import predict_topk
 
     model, num_public = query_function
     ds = subsample_per_class(load_source("mnist", "train"), per_class, seed=1)

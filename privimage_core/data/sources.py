@@ -15,38 +15,16 @@ from privimage_core.data.folders import UNKNOWN_LABELS, load_image_folder, load_
 from privimage_core.data.glyphs import render_glyphs
 from privimage_core.data.idx import load_fashion_mnist, load_mnist
 from privimage_core.data.imageset import ImageSet
+from privimage_core.data.provenance import lineage
+from privimage_core.data.specs import (BUILTIN_PREFIX, SPEC_HELP, is_user_source,  # noqa: F401
+                                       parse_or_raise, parse_spec, same_dataset,
+                                       same_user_dataset,
+                                       source_prefix)
 from privimage_core.errors import DataError
 
-BUILTIN_PREFIX = {"glyphs": "glyph", "fashion_mnist": "fmnist", "mnist": "mnist"}
-SPEC_HELP = "use mnist, fashion_mnist, glyphs, folder:<path> or parquet:<path>"
 _GLYPH_OPTS = {"chars", "max_fonts", "per_font", "augment", "cache_dir", "fonts", "font_dirs"}
 _IDX_OPTS = {"root", "allow_download"}
 _USER_OPTS = {"resize", "image_column", "label_column"}
-
-
-def parse_spec(spec: str) -> tuple[str, str | None] | None:
-    """(kind, path) of a source spec ((kind, None) for a built-in dataset);
-    None when ``spec`` is not one (e.g. a plain file path)."""
-    kind, _, arg = spec.strip().partition(":")
-    if kind in BUILTIN_PREFIX and not arg:
-        return kind, None
-    if kind in ("folder", "parquet") and arg:
-        return kind, arg
-    return None
-
-
-def _parse(spec: str) -> tuple[str, str | None]:
-    parsed = parse_spec(spec)
-    if parsed is None:
-        raise DataError(f"unknown data source {spec!r}; {SPEC_HELP}")
-    return parsed
-
-
-def source_prefix(spec: str) -> str:
-    """Namespace of a source's classes in the public pool: glyph, fmnist,
-    mnist, or the folder / file stem for user data."""
-    kind, arg = _parse(spec)
-    return BUILTIN_PREFIX[kind] if arg is None else Path(arg.rstrip("/")).stem
 
 
 def resize_images(images: np.ndarray, image_size: int) -> np.ndarray:
@@ -108,7 +86,7 @@ def load_source(spec: str, split: str = "train", image_size: int = 28, channels:
     ``class_names`` (``data.class_names``) declares a user source's classes;
     built-in sources have fixed ones, which it may only repeat.
     """
-    kind, arg = _parse(spec)
+    kind, arg = parse_or_raise(spec)
     if channels not in (1, 3):
         raise DataError(f"{spec}: channels={channels}; set channels to 1 (grayscale) or 3 (RGB)")
     if kind == "glyphs":
@@ -173,50 +151,23 @@ def check_public_specs(specs: Sequence[str], sensitive: str) -> None:
     the sensitive dataset itself (pre-training on it would bypass DP), nor
     a source the sensitive dataset was materialised from (subsample.py).
     An empty pool is refused by the config validation already."""
-    from privimage_core.data.subsample import lineage  # it imports this module
-
     origins = lineage(sensitive)
     for spec in specs:
         try:
-            kind, arg = _parse(spec)
+            kind, arg = parse_or_raise(spec)
         except DataError as e:
             raise DataError(f"data.public: {e}") from None
         if arg is not None and not Path(arg).exists():
             raise DataError(f"data.public: {spec!r} does not exist; fix the path or remove it "
                             "from data.public")
-        if _same_dataset(spec, sensitive):
+        if same_dataset(spec, sensitive):
             raise DataError(f"data.public lists {spec!r}, the sensitive dataset itself; public "
                             "pre-training data must not contain the sensitive data: remove it")
-        if any(_same_dataset(spec, o) for o in origins[1:]):
+        if any(same_dataset(spec, o) for o in origins[1:]):
             raise DataError(f"data.public lists {spec!r}, which the sensitive dataset was drawn "
                             "from (see its provenance); public pre-training data must not "
                             "contain the sensitive data: remove it")
     _distinct_prefixes(specs)
-
-
-def is_user_source(spec: str) -> bool:
-    """Sources without a train/test split of their own: user folder:/parquet:
-    data (used as given) and glyphs (rendered the same for any split)."""
-    kind, arg = _parse(spec)
-    return arg is not None or kind == "glyphs"
-
-
-def _same_dataset(a: str, b: str) -> bool:
-    """Same built-in source, or user paths where one contains the other (a
-    public folder:/data must not hold a sensitive folder:/data/private)."""
-    ka, pa = _parse(a)
-    kb, pb = _parse(b)
-    if (pa is None) != (pb is None):
-        return False
-    if pa is None:
-        return ka == kb
-    ra, rb = Path(pa).resolve(), Path(pb).resolve()
-    return ra == rb or ra.is_relative_to(rb) or rb.is_relative_to(ra)
-
-
-def same_user_dataset(a: str, b: str) -> bool:
-    """True when two split-less specs (see is_user_source) share files."""
-    return is_user_source(a) and is_user_source(b) and _same_dataset(a, b)
 
 
 def validate_sensitive(ds: ImageSet) -> None:

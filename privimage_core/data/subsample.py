@@ -11,7 +11,7 @@ metadata and a provenance record beside it. The DP guarantee of the runs on
 that file covers its records; the records not drawn are not read by them.
 
 The digest (:func:`source_digest`) identifies a dataset's records for the
-lifetime ledger; see privimage_core/lifetime_ledger.py for why it may be
+lifetime ledger; see privimage_core/privacy/lifetime.py for why it may be
 stored locally but never released.
 """
 from __future__ import annotations
@@ -28,14 +28,11 @@ import numpy as np
 from PIL import Image
 
 from privimage_core.data.folders import CLASS_NAMES_KEY, folder_records, parquet_records
+from privimage_core.data.provenance import (PROVENANCE_SUFFIX, STATEMENT,  # noqa: F401
+                                            declaration, lineage, provenance_path,
+                                            read_provenance)
 from privimage_core.data.sources import is_user_source, load_source, parse_spec
 from privimage_core.errors import DataError
-
-PROVENANCE_SUFFIX = ".provenance.json"
-# What the released manifest says about a materialised dataset (declaration()).
-STATEMENT = ("the sensitive dataset is this subsample, chosen by the operator outside the DP "
-             "boundary; the DP guarantee covers its records")
-
 
 @dataclass
 class Records:
@@ -104,11 +101,6 @@ def source_digest(spec: str, split: str = "train", class_names: list[str] | None
     return _digest(rec, range(len(rec)))
 
 
-def provenance_path(path: str | os.PathLike) -> Path:
-    """Where the provenance record of a materialised Parquet file lies."""
-    return Path(path).with_suffix(PROVENANCE_SUFFIX)
-
-
 def _write_atomic(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -163,39 +155,4 @@ def materialise_subsample(spec: str, n: int, out_path: str | os.PathLike, seed: 
     }
     _write_atomic(out, lambda p: pq.write_table(table, p))
     _write_atomic(prov_path, lambda p: p.write_text(json.dumps(provenance, indent=2)))
-    return out
-
-
-def read_provenance(spec: str) -> dict | None:
-    """The provenance record of a ``parquet:`` spec materialised here, else None."""
-    parsed = parse_spec(spec)
-    if parsed is None or parsed[0] != "parquet":
-        return None
-    path = provenance_path(parsed[1])
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise DataError(f"{path} is not readable JSON ({e}); restore it from the materialised "
-                        "dataset's copy") from None
-
-
-def declaration(spec: str) -> dict | None:
-    """What a run may release about its sensitive dataset's provenance: the
-    provenance without its digest (the digest is a perfect test between
-    neighbouring datasets; it stays local). None for a dataset not
-    materialised here."""
-    prov = read_provenance(spec)
-    if prov is None:
-        return None
-    return {k: prov.get(k) for k in ("source", "split", "n", "seed", "created", "statement")}
-
-
-def lineage(spec: str) -> list[str]:
-    """``spec`` and the sources it was materialised from, nearest first."""
-    out, seen = [spec], {spec.strip()}
-    while (prov := read_provenance(out[-1])) is not None and prov.get("source") not in seen:
-        out.append(prov["source"])
-        seen.add(prov["source"])
     return out

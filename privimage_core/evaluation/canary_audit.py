@@ -38,7 +38,7 @@ import torch
 from scipy.special import expit
 from scipy.stats import binom
 
-from privimage_core.config_evaluation import CANARY_SOURCES
+from privimage_core.config.evaluation import CANARY_SOURCES
 from privimage_core.data.imageset import writable_tensor
 from privimage_core.errors import DataError
 
@@ -93,26 +93,26 @@ def resolve_canary_source(source: str, sensitive: str) -> str:
     is (drawn from) Fashion-MNIST; any other value as given."""
     if source != "auto":
         return source
-    from privimage_core.data.sources import _same_dataset
-    from privimage_core.data.subsample import lineage
+    from privimage_core.data.specs import same_dataset
+    from privimage_core.data.provenance import lineage
     origins = lineage(sensitive)
     return next(s for s in ("fashion_mnist", "mnist")
-                if not any(_same_dataset(s, o) for o in origins))
+                if not any(same_dataset(s, o) for o in origins))
 
 
 def check_canary_source(source: str, sensitive: str) -> str:
     """Refuse canaries from the sensitive dataset or from a source it was
     materialised from: canaries must be public, never sensitive records.
     Returns the resolved source."""
-    from privimage_core.data.sources import _same_dataset
-    from privimage_core.data.subsample import lineage
+    from privimage_core.data.specs import same_dataset
+    from privimage_core.data.provenance import lineage
 
     source = resolve_canary_source(source, sensitive)
     if source not in CANARY_SOURCES:
         raise DataError(f"canary source {source!r} is unknown; use one of {', '.join(CANARY_SOURCES)}")
-    if any(_same_dataset(source, o) for o in lineage(sensitive)):
+    if any(same_dataset(source, o) for o in lineage(sensitive)):
         other = next(s for s in CANARY_SOURCES if s != source and
-                     not any(_same_dataset(s, o) for o in lineage(sensitive)))
+                     not any(same_dataset(s, o) for o in lineage(sensitive)))
         raise DataError(f"evaluation.canary_source {source!r} is (the origin of) the sensitive "
                         f"dataset; canaries must be public data: set evaluation.canary_source: "
                         f"{other}")

@@ -1,4 +1,5 @@
-"""Loss-threshold membership-inference audit of an EDM diffusion model.
+"""Loss-threshold membership-inference diagnostic of a released generator
+(the EDM denoising loss for the diffusion family).
 
 Score of an image = -(mean EDM denoising loss over a few fixed noise levels),
 computed with ``membership.loss_threshold_scores``: each image's noise draws
@@ -32,21 +33,10 @@ import numpy as np
 import torch
 
 from privimage_core.data.imageset import ImageSet
-from privimage_core.diffusion.edm import edm_loss
+from privimage_core.models.diffusion.edm import denoising_loss_fn
 from privimage_core.errors import DataError
 from privimage_core.evaluation.membership import (empirical_epsilon_lower_bound,
                                                   loss_threshold_scores, roc_metrics)
-
-
-def denoising_loss_fn(precond: torch.nn.Module):
-    """per_example_loss_fn(x, y, sigma, noise) -> [B] EDM loss of ``precond``
-    at one noise level, for ``loss_threshold_scores``."""
-
-    def fn(x, y, sigma, noise):
-        s = torch.full((len(x),), float(sigma), dtype=x.dtype)
-        return edm_loss(precond, x, y, s, noise)
-
-    return fn
 
 
 def max_detectable_epsilon(num_members: int, num_nonmembers: int, delta: float,
@@ -102,27 +92,33 @@ def image_digests(ds: ImageSet) -> set[bytes]:
 
 
 def diffusion_mia(precond: torch.nn.Module, members: ImageSet, nonmembers: ImageSet,
-                  noise_levels: Sequence[float] = (0.1, 0.3, 1.0), repeats: int = 1,
-                  delta: float = 1e-5, confidence: float = 0.95,
-                  ledger_epsilon: float | None = None, seed: int = 0,
-                  batch_size: int = 250) -> dict:
-    """Loss-threshold attack on ``precond`` (an EDMPrecond). Returns auc,
-    tpr_at_1pct_fpr, tpr_at_0_1pct_fpr, eps_lb (one-sided ``confidence``
-    lower confidence bound), eps_point (the same on the raw rates), eps_lb_max
-    (the bound a perfect attack would reach at these sample sizes), the ROC
-    arrays fpr / tpr, audit_ok / audit_message (see ``audit_check``) and the
-    sizes. The model's train/eval mode is restored afterwards."""
-    _check_pair(members, nonmembers)
+                  **kw) -> dict:
+    """``membership_diagnostic`` with the EDM denoising loss of ``precond``
+    (an EDMPrecond), in eval mode; its train/eval mode is restored afterwards."""
     was_training = precond.training
     precond.eval()
     try:
-        fn = denoising_loss_fn(precond)
-        kw = dict(noise_levels=tuple(float(s) for s in noise_levels), repeats=repeats,
-                  batch_size=batch_size, seed=seed)
-        s_m = loss_threshold_scores(fn, members, **kw)
-        s_n = loss_threshold_scores(fn, nonmembers, **kw)
+        return membership_diagnostic(denoising_loss_fn(precond), members, nonmembers, **kw)
     finally:
         precond.train(was_training)
+
+
+def membership_diagnostic(loss_fn, members: ImageSet, nonmembers: ImageSet,
+                          noise_levels: Sequence[float] = (0.1, 0.3, 1.0), repeats: int = 1,
+                          delta: float = 1e-5, confidence: float = 0.95,
+                          ledger_epsilon: float | None = None, seed: int = 0,
+                          batch_size: int = 250) -> dict:
+    """Loss-threshold attack with ``loss_fn(x, y, sigma, noise) -> [B]`` (a
+    family's ``membership_loss``). Returns auc, tpr_at_1pct_fpr,
+    tpr_at_0_1pct_fpr, eps_lb (one-sided ``confidence`` lower confidence
+    bound), eps_point (the same on the raw rates), eps_lb_max (the bound a
+    perfect attack would reach at these sample sizes), the ROC arrays fpr /
+    tpr, audit_ok / audit_message (see ``audit_check``) and the sizes."""
+    _check_pair(members, nonmembers)
+    kw = dict(noise_levels=tuple(float(s) for s in noise_levels), repeats=repeats,
+              batch_size=batch_size, seed=seed)
+    s_m = loss_threshold_scores(loss_fn, members, **kw)
+    s_n = loss_threshold_scores(loss_fn, nonmembers, **kw)
     roc = roc_metrics(s_m, s_n)
     lb = empirical_epsilon_lower_bound(s_m, s_n, delta=delta, confidence=confidence)
     out = {"auc": roc["auc"], "tpr_at_1pct_fpr": roc["tpr_at_1pct_fpr"],

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from privimage_core.config_evaluation import INCEPTION_BACKENDS
+from privimage_core.config.evaluation import INCEPTION_BACKENDS
 from privimage_core.errors import DataError, MissingWeightsError
 
 WEIGHTS_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"

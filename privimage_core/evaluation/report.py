@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from privimage_core.data.imageset import ImageSet
-from privimage_core.evaluation.suite import NON_PRIVATE_NOTE, EvaluationResult
+from privimage_core.evaluation.context import NON_PRIVATE_NOTE, EvaluationResult
 
 
 def _png(arr: np.ndarray) -> bytes:

@@ -25,11 +25,17 @@ from torch import nn
 
 
 class DPObjective(Protocol):
-    """The per-example loss DP-SGD clips. ``draw`` returns every random input
-    ([B, k, ...] per tensor: k = noise multiplicity), drawn outside the
-    forward so that ``loss`` is a pure function (torch.func.vmap refuses
-    random ops); ``loss`` returns [B], averaged over the k draws inside the
-    example (DPDM Sec. 3.2: one clipped gradient per example, same cost).
+    """The per-example loss DP-SGD clips (``dp_sgd/finetune.py``).
+
+    ``draw`` returns every random input ([B, k, ...] per tensor: k = noise
+    multiplicity), drawn outside the forward so that ``loss`` is a pure
+    function (torch.func.vmap refuses random ops); ``loss`` returns [B],
+    averaged over the k draws inside the example (DPDM Sec. 3.2: one clipped
+    gradient per example, same cost). For the hooks and ghost clipping modes
+    every layer call must see example-major rows: example i's k draws as k
+    consecutive rows (``dp_sgd.per_sample_grads.fold_multiplicity``), or one
+    call per draw with row i belonging to example i; ghost clipping checks
+    this against vmap on random inputs before it trains (``check_clipper``).
     An objective may set ``uses_multiplicity = False`` when its loss draws
     nothing (it then always runs at k = 1)."""
 
@@ -158,4 +164,12 @@ class ModelFamily(ABC):
         reconstruction of a noised image, for the memorisation check's
         reconstruction attack (Carlini et al. 2023); None where the family has
         none (a GAN maps latents to images and cannot denoise a given image)."""
+        return None
+
+    def membership_loss(self, release: nn.Module) -> Callable | None:
+        """``f(x, y, sigma, noise) -> [B]``: the per-example loss of the
+        loss-threshold membership diagnostic (evaluation/diffusion_mia.py) at
+        one noise level ``sigma`` with the given ``noise``; None where the
+        family has no such loss (the canary audit's ``audit_loss`` still
+        covers it)."""
         return None

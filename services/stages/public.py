@@ -6,9 +6,8 @@ import numpy as np
 
 from privimage_core.errors import DataError
 from privimage_core.methods import Stage
-from privimage_core.privacy_ledger import MechanismRecord, PrivacyLedger
-from privimage_core.privacy_plan import query_sigma
-from privimage_core.query_budget import Significance, fallback_plan, selection_significance
+from privimage_core.privacy.ledger import MechanismRecord, PrivacyLedger
+from privimage_core.privacy.query_budget import Significance, fallback_plan, selection_significance
 from services.stage_engine import RunContext
 
 
@@ -44,7 +43,7 @@ def semantic_query(ctx: RunContext, stage: Stage) -> dict:
     import ray
 
     sel = ctx.cfg.selection
-    sigma_q = query_sigma(ctx.cfg, ctx.ledger.target_delta)
+    sigma_q = ctx.plan.query_sigma
     q = ray.get(_selector(ctx).query.remote(ctx.ledger.state_dict(), ctx.sens_ref,
                                             len(ctx.class_names), sigma_q))
     ctx.ledger = PrivacyLedger.from_state_dict(q["ledger"])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from privimage_core.generator import state_bytes
+from privimage_core.models.state import state_bytes
 from privimage_core.methods import Stage
 from services.stage_engine import RunContext
 
@@ -36,13 +36,20 @@ def synthesize(ctx: RunContext, stage: Stage) -> dict:
     with progress_line(ctx.mlflow_run_id or "run", stage.name, "sampling", ctx.log,
                        unit="images") as board:
         syn = ray.get(_evaluator(ctx).synthesize.remote(
-            state_bytes(ctx.values["release_state"]), ctx.class_names, provenance,
-            ctx.method.family, board))
+            state_bytes(ctx.values["release_state"]), _manifest(ctx), provenance, board))
     ctx.values["synthetic"] = syn
     sample_grid_png(read_dataset(syn["path"]), ctx.run_dir / "samples.png")
     ctx.tracker.file_artifact(ctx.run_dir / "samples.png")
     ctx.tracker.file_artifact(Path(syn["path"]) / "manifest.json", "synthetic")
     return {"num_images": syn["num_images"]}
+
+
+def _manifest(ctx: RunContext) -> dict:
+    """The release's manifest (written beside it by its DP stage)."""
+    from privimage_core.models.release import ReleaseManifest
+    from services.stages.training import RELEASE_FILE
+    return ReleaseManifest.for_run(ctx.cfg, ctx.method.family, ctx.class_names,
+                                   RELEASE_FILE).to_dict()
 
 
 def evaluate(ctx: RunContext, stage: Stage) -> dict:
@@ -83,7 +90,7 @@ def evaluate(ctx: RunContext, stage: Stage) -> dict:
     return {mlflow_key(k): v for k, v in ev.items() if isinstance(v, (int, float))}
 
 
-# ------------------------------------------------------------ canary audit (issue 13 W1)
+# ------------------------------------------------------------ canary audit
 CANARY_RESULT_FILE = "canary_audit.json"  # counts + verdict, run dir only (operator)
 
 
@@ -120,7 +127,7 @@ def _record_canary_audit(ctx: RunContext, detail: dict | None, verdict: str | No
 
 # Metrics computed from the SENSITIVE training set (the membership audit, the
 # train-on-real ceiling, the real rows of the utility matrix, the memorisation
-# checks): logged under a prefix that says so, and never exported live (issue 13 W7).
+# checks): logged under a prefix that says so, and never exported live.
 TRAIN_READING_PREFIXES = ("mia_", "ceiling_", "utility_real", "memorisation_")
 
 

@@ -9,23 +9,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from privimage_core.dp_finetune import plan_noise
 from privimage_core.errors import PrivacyBudgetError
 from privimage_core.evaluation.canary_audit import CANARY_FILE
-from privimage_core.generator import state_bytes
 from privimage_core.methods import Stage
-from privimage_core.privacy_ledger import PrivacyLedger
+from privimage_core.models.release import ReleaseManifest, write_release
+from privimage_core.models.state import state_bytes
+from privimage_core.privacy.ledger import PrivacyLedger
 from services.run_store import trainer_name
 from services.stage_engine import RunContext
 from services.train_job import TrainJob
 
 PRETRAINED_FILE = "pretrained_generator.pt"   # public-only weights
-RELEASE_FILE = "dp_generator.pt"              # the DP release
-
-
-def mechanism_of(stage: Stage) -> str:
-    from privimage_core.privacy_plan import dp_mechanism_name
-    return dp_mechanism_name(stage.name)
+RELEASE_FILE = "dp_generator.pt"              # the DP release (its manifest: release.json)
 
 
 def _fit(ctx: RunContext, stage: Stage, loop, job: TrainJob):
@@ -89,10 +84,10 @@ def _release_prefix(ctx: RunContext, part: str | None = None) -> str:
 
 
 def release_file(stage: Stage) -> str:
-    """The weights a DP stage ends with: the release for the last stage
-    ("finetune"), an intermediate DP output for the others (dp_ldm's
-    autoencoder), which the next stage starts from."""
-    return RELEASE_FILE if stage.name == "finetune" else f"dp_{stage.name}.pt"
+    """The weights a DP stage ends with: the release for the method's release
+    stage, an intermediate DP output for the others (dp_ldm's autoencoder),
+    which the next stage starts from."""
+    return RELEASE_FILE if stage.is_release else f"dp_{stage.name}.pt"
 
 
 def _pretrain_key(ctx: RunContext, stage: Stage, labels) -> str:
@@ -168,23 +163,18 @@ def dp_finetune(ctx: RunContext, stage: Stage) -> dict:
     import mlflow
     import ray
 
-    from privimage_core.privacy_plan import dp_record_count, dp_stage_plan
     from services.train_loops import finetune_loop
 
-    f, n, mech = ctx.cfg.finetune, len(ctx.inputs.sensitive), mechanism_of(stage)
+    f = ctx.cfg.finetune
     part = stage.options.get("part")
-    plan = dp_stage_plan(ctx.cfg, ctx.method, stage)
+    plan = ctx.plan.stages[stage.name]  # computed once when the run started
     if plan is None:  # the config leaves this stage out (e.g. a frozen autoencoder)
         ctx.finish(stage, {"skipped": True})
         ctx.log(f"[privimage] DP-SGD ({stage.name}): skipped by the config, no budget spent")
         return {"skipped": 1}
     canaries = audit_canaries(ctx)  # drawn (and saved) before any DP-SGD step
-    n_records = dp_record_count(ctx.cfg, n)
-    # `total`: the steps this stage's record holds at the end (a resumed run's
-    # record already holds some)
-    sigma, q, total = plan_noise(ctx.ledger, n_records, f.batch_size, plan.steps,
-                                 f.noise_multiplier, mechanism=mech,
-                                 epsilon_share=plan.epsilon_share)
+    mech, sigma, q, total = (plan.mechanism, plan.noise_multiplier, plan.sample_rate,
+                             plan.total_steps)
     # Saved BEFORE any DP-SGD step: a run that dies from here on is charged
     # its whole plan by sweeps (spent_upper_bound), and a resume reads the
     # checkpoints' ledgers (resume_ledger).
@@ -212,9 +202,7 @@ def dp_finetune(ctx: RunContext, stage: Stage) -> dict:
     job = _job(ctx, stage, data_ref, mlflow.active_run().info.run_id,
                checkpoint_every=max(1, total // ctx.cfg.ray.checkpoints_per_stage),
                init_ref=ray.put(state_bytes(init)) if init is not None else None,
-               ledger=ctx.ledger.state_dict(), mechanism=mech, noise_multiplier=sigma,
-               total_steps=total, num_records=n_records if canaries is not None else None,
-               part=part,
+               ledger=ctx.ledger.state_dict(), plan=plan, part=part,
                resume_checkpoint=resume and {"storage": ctx.storage, "relpath": resume})
     res = _fit(ctx, stage, finetune_loop, job)
     with res.checkpoint.as_directory() as d:
@@ -228,7 +216,11 @@ def dp_finetune(ctx: RunContext, stage: Stage) -> dict:
     ctx.state["ledger"] = ledger.state_dict()
     # EMA of DP iterates: post-processing
     release = _with_ema(model, ema, _release_prefix(ctx, part))
-    torch.save(release, ctx.run_dir / release_file(stage))
+    if stage.is_release:  # with the manifest that rebuilds it (models/release.py)
+        write_release(ctx.run_dir, release, ReleaseManifest.for_run(
+            ctx.cfg, ctx.method.family, ctx.class_names, RELEASE_FILE))
+    else:
+        torch.save(release, ctx.run_dir / release_file(stage))
     (ctx.run_dir / "ledger.json").write_text(json.dumps(
         {**ledger.summary(), "guarantee": guarantee_statement(ctx)}, indent=2))
     # the next DP stage (if any) starts from this one's DP output
@@ -248,9 +240,8 @@ def dp_finetune(ctx: RunContext, stage: Stage) -> dict:
 
 
 def guarantee_statement(ctx: RunContext) -> dict:
-    """What the (epsilon, delta) covers, stated where the release is (W4, B1)."""
-    from privimage_core.data.subsample import declaration
-
+    """What the (epsilon, delta) covers, stated where the release is."""
+    from privimage_core.data.provenance import declaration
     from privimage_core.evaluation.canary_audit import resolve_canary_source
 
     d = ctx.cfg.data

@@ -1,5 +1,3 @@
 """The EDM diffusion family (Privimage+D, PDP-Diffusion, DPDM): an
-EDM-preconditioned class-conditional UNet (privimage_core/diffusion/)."""
-from privimage_core.models.diffusion.family import DiffusionFamily
-
-__all__ = ["DiffusionFamily"]
+EDM-preconditioned class-conditional UNet. ``family.py`` is the family,
+``edm.py`` the preconditioning, loss and samplers, ``unet.py`` the networks."""

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from privimage_core.diffusion.edm import (EDMObjective, EDMPrecond, edm_loss, sample,
-                                          sample_training_noise)
-from privimage_core.diffusion.unet import PRESETS, build_unet
+from privimage_core.models.diffusion.edm import (EDMObjective, EDMPrecond, denoising_loss_fn,
+                                                 edm_loss, sample, sample_training_noise)
+from privimage_core.models.diffusion.unet import PRESETS, build_unet
 from privimage_core.models.base import ModelFamily, PublicTrainer, no_part
 
 
@@ -120,3 +120,9 @@ class DiffusionFamily(ModelFamily):
                 return release(x_noisy, sigma, y)
 
         return denoise
+
+    def membership_loss(self, release):
+        return denoising_loss_fn(release)
+
+
+FAMILY = DiffusionFamily

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from privimage_core.diffusion.edm import LatentStream
+from privimage_core.models.diffusion.edm import LatentStream
 from privimage_core.models.base import ModelFamily, PublicTrainer, no_part
 from privimage_core.models.gan.networks import (PRESETS, ConditionalGAN, Discriminator,
                                                 Generator, build_gan)
@@ -274,3 +274,6 @@ class GANFamily(ModelFamily):
             idx = (y == c).nonzero().squeeze(1)
             out[idx] = torch.cdist(flat[idx], ref[c]).min(dim=1).values ** 2 / flat.shape[1]
         return out.to(x.device)
+
+
+FAMILY = GANFamily

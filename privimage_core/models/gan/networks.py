@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from privimage_core.diffusion.unet import _groups
+from privimage_core.models.diffusion.unet import _groups
 
 # Widths chosen so that the total (G + D) parameter counts sit near the
 # diffusion presets; the small one is about the paper's 1.8M Privimage+G

@@ -16,8 +16,8 @@ import math
 import torch
 from torch import nn
 
-from privimage_core.diffusion.edm import EDMPrecond, edm_loss
-from privimage_core.diffusion.unet import _groups
+from privimage_core.models.diffusion.edm import EDMPrecond, edm_loss
+from privimage_core.models.diffusion.unet import _groups
 
 
 def _norm(c: int) -> nn.GroupNorm:

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from privimage_core.diffusion.edm import EDMObjective, EDMPrecond, edm_loss, sample, \
+from privimage_core.models.diffusion.edm import EDMObjective, EDMPrecond, edm_loss, sample, \
     sample_training_noise
-from privimage_core.diffusion.ema import unwrap
-from privimage_core.diffusion.unet import PRESETS as PIXEL_PRESETS, UNet
+from privimage_core.models.ema import unwrap
+from privimage_core.models.diffusion.unet import PRESETS as PIXEL_PRESETS, UNet
 from privimage_core.errors import ConfigError
 from privimage_core.models.base import DPStagePlan, ModelFamily, PublicTrainer
 from privimage_core.models.diffusion.family import GuidedDenoiser
@@ -207,4 +207,5 @@ class LatentDiffusionFamily(ModelFamily):
         return reconstruct
 
 
-__all__ = ["LatentDiffusionFamily", "PARTS"]
+FAMILY = LatentDiffusionFamily
+__all__ = ["FAMILY", "LatentDiffusionFamily", "PARTS"]

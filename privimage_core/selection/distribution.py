@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from privimage_core.errors import DataError
-from privimage_core.privacy_ledger import PrivacyLedger
+from privimage_core.privacy.ledger import PrivacyLedger
 
 QUERY_MECHANISM = "semantic_distribution_query"
 

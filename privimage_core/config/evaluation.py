@@ -1,11 +1,10 @@
-"""The evaluation section of the config (``evaluation:``) and its checks;
-re-exported by privimage_core.config, the one place settings are defined."""
+"""The evaluation section of the config (``evaluation:``) and its checks."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
-from privimage_core.config_types import require as _require
+from privimage_core.config.types import require as _require
 
 
 @dataclass
@@ -105,57 +104,57 @@ class EvaluationConfig:
     memorisation_show_pairs: bool = False
 
 
+    def validate(self) -> None:
+        kinds = ("cnn", "mlp", "lr")
+        _require(self.classifier in kinds, "evaluation.classifier must be cnn, mlp or lr")
+        _require(all(k in kinds for k in self.classifiers),
+                 f"evaluation.classifiers must be among cnn, mlp, lr, got {self.classifiers}")
+        _require(self.detector_kind in kinds, "evaluation.detector_kind must be cnn, mlp or lr")
+        _require(self.pr_k >= 1, f"evaluation.pr_k must be >= 1, got {self.pr_k}")
+        _require(self.fid_images > self.pr_k and self.fid_images >= 2,
+                 f"evaluation.fid_images must be >= 2 and > evaluation.pr_k, got {self.fid_images}; set self.g. 200")
+        _require(self.inception_backend in INCEPTION_BACKENDS,
+                 f"evaluation.inception_backend must be one of {', '.join(INCEPTION_BACKENDS)}, "
+                 f"got '{self.inception_backend}'")
+        for k in ("classifier_epochs", "sklearn_max_images", "lr_max_iter", "mlp_max_iter",
+                  "ceiling_images", "utility_holdout", "detector_min_steps", "mia_repeats"):
+            _require(getattr(self, k) >= 1, f"evaluation.{k} must be >= 1, got {getattr(self, k)}")
+        _require(self.detector_images >= 4,
+                 f"evaluation.detector_images must be >= 4, got {self.detector_images}; set self.g. 400")
+        for k in ("mia_members", "mia_nonmembers"):
+            _require(getattr(self, k) >= 2, f"evaluation.{k} must be >= 2, got {getattr(self, k)}; set self.g. 500")
+        _require(len(self.mia_noise_levels) >= 1 and all(
+            0 < s < 1000 and math.isfinite(s) for s in self.mia_noise_levels),
+            f"evaluation.mia_noise_levels must be a non-empty list of sigmas in (0, 1000), "
+            f"got {self.mia_noise_levels}; set self.g. [0.1, 0.3, 1.0]")
+        _require(0 < self.mia_confidence < 1,
+                 f"evaluation.mia_confidence must be in (0, 1), got {self.mia_confidence}; set self.g. 0.95")
+        _require(self.canary_source in CANARY_SOURCES + ("auto",),
+                 f"evaluation.canary_source must be auto or one of {', '.join(CANARY_SOURCES)}, got "
+                 f"'{self.canary_source}'")
+        _require(16 <= self.canaries <= MAX_CANARIES,
+                 f"evaluation.canaries must be in [16, {MAX_CANARIES}], got {self.canaries}; set self.g. 500")
+        _require(0 < self.canary_beta <= 0.5,
+                 f"evaluation.canary_beta must be in (0, 0.5], got {self.canary_beta}; set self.g. 0.05")
+        _require(1 <= self.canary_repeats <= 64,
+                 f"evaluation.canary_repeats must be in [1, 64], got {self.canary_repeats}; set self.g. 4")
+        for k in ("memorisation_images", "memorisation_heldout", "memorisation_reconstruction_images"):
+            _require(getattr(self, k) >= 2, f"evaluation.{k} must be >= 2, got {getattr(self, k)}; set self.g. 500")
+        _require(self.memorisation_feature_images >= 0,
+                 f"evaluation.memorisation_feature_images must be >= 0 (0 = pixel space only), "
+                 f"got {self.memorisation_feature_images}")
+        _require(len(self.memorisation_noise_levels) >= 1 and all(
+            0 < s < 1000 and math.isfinite(s) for s in self.memorisation_noise_levels),
+            f"evaluation.memorisation_noise_levels must be a non-empty list of sigmas in (0, 1000), "
+            f"got {self.memorisation_noise_levels}; set self.g. [0.5, 1.0, 2.0]")
+        _require(0 < self.memorisation_alpha < 0.5,
+                 f"evaluation.memorisation_alpha must be in (0, 0.5), got {self.memorisation_alpha}")
+        _require(0 < self.memorisation_effect < 0.5,
+                 f"evaluation.memorisation_effect must be in (0, 0.5), got {self.memorisation_effect}")
+
+
 # Runtimes for the FID Inception (privimage_core/evaluation/fid.resolve_backend).
 INCEPTION_BACKENDS = ("auto", "torch", "openvino")
 # Public sources canaries may come from (their test splits; glyphs have none).
 CANARY_SOURCES = ("fashion_mnist", "mnist", "glyphs")
 MAX_CANARIES = 10_000  # the test splits' size
-
-
-def validate_evaluation(e: EvaluationConfig) -> None:
-    kinds = ("cnn", "mlp", "lr")
-    _require(e.classifier in kinds, "evaluation.classifier must be cnn, mlp or lr")
-    _require(all(k in kinds for k in e.classifiers),
-             f"evaluation.classifiers must be among cnn, mlp, lr, got {e.classifiers}")
-    _require(e.detector_kind in kinds, "evaluation.detector_kind must be cnn, mlp or lr")
-    _require(e.pr_k >= 1, f"evaluation.pr_k must be >= 1, got {e.pr_k}")
-    _require(e.fid_images > e.pr_k and e.fid_images >= 2,
-             f"evaluation.fid_images must be >= 2 and > evaluation.pr_k, got {e.fid_images}; set e.g. 200")
-    _require(e.inception_backend in INCEPTION_BACKENDS,
-             f"evaluation.inception_backend must be one of {', '.join(INCEPTION_BACKENDS)}, "
-             f"got '{e.inception_backend}'")
-    for k in ("classifier_epochs", "sklearn_max_images", "lr_max_iter", "mlp_max_iter",
-              "ceiling_images", "utility_holdout", "detector_min_steps", "mia_repeats"):
-        _require(getattr(e, k) >= 1, f"evaluation.{k} must be >= 1, got {getattr(e, k)}")
-    _require(e.detector_images >= 4,
-             f"evaluation.detector_images must be >= 4, got {e.detector_images}; set e.g. 400")
-    for k in ("mia_members", "mia_nonmembers"):
-        _require(getattr(e, k) >= 2, f"evaluation.{k} must be >= 2, got {getattr(e, k)}; set e.g. 500")
-    _require(len(e.mia_noise_levels) >= 1 and all(
-        0 < s < 1000 and math.isfinite(s) for s in e.mia_noise_levels),
-        f"evaluation.mia_noise_levels must be a non-empty list of sigmas in (0, 1000), "
-        f"got {e.mia_noise_levels}; set e.g. [0.1, 0.3, 1.0]")
-    _require(0 < e.mia_confidence < 1,
-             f"evaluation.mia_confidence must be in (0, 1), got {e.mia_confidence}; set e.g. 0.95")
-    _require(e.canary_source in CANARY_SOURCES + ("auto",),
-             f"evaluation.canary_source must be auto or one of {', '.join(CANARY_SOURCES)}, got "
-             f"'{e.canary_source}'")
-    _require(16 <= e.canaries <= MAX_CANARIES,
-             f"evaluation.canaries must be in [16, {MAX_CANARIES}], got {e.canaries}; set e.g. 500")
-    _require(0 < e.canary_beta <= 0.5,
-             f"evaluation.canary_beta must be in (0, 0.5], got {e.canary_beta}; set e.g. 0.05")
-    _require(1 <= e.canary_repeats <= 64,
-             f"evaluation.canary_repeats must be in [1, 64], got {e.canary_repeats}; set e.g. 4")
-    for k in ("memorisation_images", "memorisation_heldout", "memorisation_reconstruction_images"):
-        _require(getattr(e, k) >= 2, f"evaluation.{k} must be >= 2, got {getattr(e, k)}; set e.g. 500")
-    _require(e.memorisation_feature_images >= 0,
-             f"evaluation.memorisation_feature_images must be >= 0 (0 = pixel space only), "
-             f"got {e.memorisation_feature_images}")
-    _require(len(e.memorisation_noise_levels) >= 1 and all(
-        0 < s < 1000 and math.isfinite(s) for s in e.memorisation_noise_levels),
-        f"evaluation.memorisation_noise_levels must be a non-empty list of sigmas in (0, 1000), "
-        f"got {e.memorisation_noise_levels}; set e.g. [0.5, 1.0, 2.0]")
-    _require(0 < e.memorisation_alpha < 0.5,
-             f"evaluation.memorisation_alpha must be in (0, 0.5), got {e.memorisation_alpha}")
-    _require(0 < e.memorisation_effect < 0.5,
-             f"evaluation.memorisation_effect must be in (0, 0.5), got {e.memorisation_effect}")

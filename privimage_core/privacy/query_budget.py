@@ -27,18 +27,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from privimage_core.privacy_ledger import PrivacyLedger
-from privimage_core.semantic_distribution import noise_std
+from privimage_core.config.sections import ON_INSIGNIFICANT  # noqa: F401 (the policies fallback_plan reads)
+from privimage_core.privacy.ledger import PrivacyLedger
+from privimage_core.selection.distribution import noise_std
 
-# What to pre-train on when some classes' selections cannot be told from noise:
-#   fallback  those classes get no pre-training images (random semantics are
-#             worse than none: DP fine-tuning teaches them from the shared
-#             model); when fewer than half the classes are significant, the
-#             whole public pool instead (PDP-Diffusion's pre-training: no
-#             semantics are claimed, none can be wrong);
-#   keep      the noisy selection anyway (the paper's behaviour), with the warning;
-#   fail      stop before pre-training (the query's budget is spent and recorded).
-ON_INSIGNIFICANT = ("fallback", "keep", "fail")
 
 
 def fallback_plan(sig: "Significance", policy: str) -> str | None:

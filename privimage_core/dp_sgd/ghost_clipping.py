@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from privimage_core.diffusion.ema import unwrap
+from privimage_core.models.ema import unwrap
 
 SUPPORTED = (nn.Conv2d, nn.Linear, nn.Embedding, nn.GroupNorm)
 

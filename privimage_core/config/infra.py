@@ -1,9 +1,10 @@
 """The infrastructure sections of the config (``ray:``, ``tracking:``,
-``metrics:``): where and how a run executes, not what it computes.
-Re-exported by privimage_core.config."""
+``metrics:``): where and how a run executes, not what it computes."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from privimage_core.config.types import require as _require
 
 # Levels Ray Train's LoggingConfig accepts for its own console lines.
 TRAIN_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -29,12 +30,27 @@ class RayConfig:
     # lines come from this program, not from Ray Train, and stay.
     train_log_level: str = "WARNING"
 
+    def validate(self) -> None:
+        _require(self.num_workers >= 0, "ray.num_workers must be >= 0 (0 = in-process)")
+        _require(self.cpus_per_worker > 0,
+                 "ray.cpus_per_worker must be > 0 (Ray rejects 0 CPUs)")
+        _require(self.train_log_level in TRAIN_LOG_LEVELS,
+                 f"ray.train_log_level must be one of {', '.join(TRAIN_LOG_LEVELS)}, "
+                 f"got '{self.train_log_level}'")
+        _require(self.checkpoints_per_stage >= 1,
+                 f"ray.checkpoints_per_stage must be >= 1, got {self.checkpoints_per_stage}; "
+                 "set e.g. 4")
+
 
 @dataclass
 class TrackingConfig:
     # None: sqlite:///<abs output_dir>/mlflow.db
     mlflow_uri: str | None = None
     experiment: str = "privimage"
+
+    def validate(self) -> None:
+        _require(bool(self.experiment.strip()),
+                 "tracking.experiment must be a non-empty name, e.g. privimage")
 
 
 @dataclass
@@ -46,3 +62,6 @@ class MetricsConfig:
     ``ray start --metrics-export-port``."""
     enabled: bool = True
     port: int = 0
+
+    def validate(self) -> None:
+        _require(0 <= self.port <= 65535, f"metrics.port must be in [0, 65535], got {self.port}")

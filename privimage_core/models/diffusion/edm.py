@@ -72,7 +72,7 @@ def edm_loss(precond: nn.Module, x: torch.Tensor, y: torch.Tensor, sigma: torch.
 
 
 class EDMObjective:
-    """The EDM loss as a DP-SGD objective (``privimage_core.dp_finetune.DPObjective``)
+    """The EDM loss as a DP-SGD objective (``privimage_core.dp_sgd.finetune.DPObjective``)
     with DPDM's noise multiplicity (Dockhorn et al. 2022, Sec. 3.2): each image
     gets k noise levels and noises and its loss is the mean of the k losses, so
     it still contributes ONE gradient to clip and the privacy cost is that of
@@ -255,3 +255,14 @@ def sample(precond: nn.Module, class_labels, num_steps: int = 18, seed: int = 0,
             shape = tuple(decode(torch.zeros(1, *shape)).shape[1:])
         return np.zeros((0, shape[1], shape[2], shape[0]), np.uint8)
     return np.concatenate(outs)
+
+
+def denoising_loss_fn(precond: torch.nn.Module):
+    """per_example_loss_fn(x, y, sigma, noise) -> [B] EDM loss of ``precond``
+    at one noise level, for ``loss_threshold_scores``."""
+
+    def fn(x, y, sigma, noise):
+        s = torch.full((len(x),), float(sigma), dtype=x.dtype)
+        return edm_loss(precond, x, y, s, noise)
+
+    return fn

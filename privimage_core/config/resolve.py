@@ -1,15 +1,11 @@
 """Settings derived once the data is known: delta from N, (k1, k2) from the
-number of public labels and sensitive classes. Re-exported by
-privimage_core.config."""
+number of public labels and sensitive classes."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
+from privimage_core.config.schema import Config
 from privimage_core.errors import ConfigError
-
-if TYPE_CHECKING:
-    from privimage_core.config import Config
 
 
 def resolve_delta(cfg: Config, n_sensitive: int) -> float:

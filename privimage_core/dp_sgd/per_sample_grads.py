@@ -21,7 +21,7 @@ from torch.func import functional_call, grad, vmap
 
 # Strips Opacus's GradSampleModule (``_module.``) and DPDDP / DDP (``module.``):
 # the same Parameter objects the DPOptimizer holds, under unprefixed names.
-from privimage_core.diffusion.ema import unwrap
+from privimage_core.models.ema import unwrap
 
 
 class _PerExample(nn.Module):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from privimage_core.config_types import require as _require
+from privimage_core.config.types import require as _require
 
 TUNE_METRICS = {"accuracy": "max", "fid": "min", "kid": "min"}
 
@@ -37,22 +37,22 @@ class TuneConfig:
     # of the search space but run.seed).
     compare_by: list[str] | None = None
 
-
-def validate_tune(t: TuneConfig, known_keys: set[str]) -> None:
-    _require(isinstance(t.search_space, dict) and len(t.search_space) > 0,
-             "tune.search_space must map dotted config keys to lists of values, e.g. "
-             "{generator.preset: [tiny, small]}")
-    for k, vals in t.search_space.items():
-        _require(k in known_keys, f"tune.search_space key '{k}' is not a config key; use a "
-                 "dotted key such as 'generator.preset' or 'method'")
-        _require(isinstance(vals, list) and len(vals) > 0,
-                 f"tune.search_space['{k}'] must be a non-empty list of values")
-        _require(not k.startswith("tune."), "tune.search_space cannot sweep tune.* itself")
-    _require(t.mode in ("max", "min"), "tune.mode must be 'max' or 'min'")
-    _require(t.metric in TUNE_METRICS,
-             f"tune.metric must be one of {', '.join(TUNE_METRICS)}, got '{t.metric}'")
-    _require(t.num_samples >= 1, "tune.num_samples must be >= 1")
-    _require(t.sweep_epsilon is None or t.sweep_epsilon > 0,
-             "tune.sweep_epsilon must be > 0 or null")
-    for k in t.compare_by or []:
-        _require(k in t.search_space, f"tune.compare_by key '{k}' is not in tune.search_space")
+    def validate(self) -> None:
+        """Its own ranges; that the swept keys are config keys is checked with
+        the whole config (config/schema.py)."""
+        _require(isinstance(self.search_space, dict) and len(self.search_space) > 0,
+                 "tune.search_space must map dotted config keys to lists of values, e.g. "
+                 "{generator.preset: [tiny, small]}")
+        for k, vals in self.search_space.items():
+            _require(isinstance(vals, list) and len(vals) > 0,
+                     f"tune.search_space['{k}'] must be a non-empty list of values")
+            _require(not k.startswith("tune."), "tune.search_space cannot sweep tune.* itself")
+        _require(self.mode in ("max", "min"), "tune.mode must be 'max' or 'min'")
+        _require(self.metric in TUNE_METRICS,
+                 f"tune.metric must be one of {', '.join(TUNE_METRICS)}, got '{self.metric}'")
+        _require(self.num_samples >= 1, "tune.num_samples must be >= 1")
+        _require(self.sweep_epsilon is None or self.sweep_epsilon > 0,
+                 "tune.sweep_epsilon must be > 0 or null")
+        for k in self.compare_by or []:
+            _require(k in self.search_space,
+                     f"tune.compare_by key '{k}' is not in tune.search_space")

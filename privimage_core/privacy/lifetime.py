@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from privimage_core.errors import PrivacyBudgetError
-from privimage_core.privacy_ledger import MechanismRecord, compose_ledgers
+from privimage_core.privacy.ledger import MechanismRecord, compose_ledgers
 
 VERSION = 1
 # A run's entry: "reserved" holds its plan, "settled" what it actually spent.

@@ -4,8 +4,8 @@ DP-SGD through stock Opacus.
 - Poisson sampling at rate q = logical batch / N (Opacus DPDataLoader).
 - Per-sample gradients, clipped to ``max_grad_norm``: ``torch.func`` vmap
   over the whole model with Opacus's ``no_op`` mode
-  (privimage_core/per_sample_grads.py), Opacus's hooks, or book-keeping
-  ghost clipping (privimage_core/ghost_clipping.py: the clipped sum without
+  (privimage_core/dp_sgd/per_sample_grads.py), Opacus's hooks, or book-keeping
+  ghost clipping (privimage_core/dp_sgd/ghost_clipping.py: the clipped sum without
   per-sample gradients, into Opacus's fast-gradient-clipping optimizer). The loss is a
   ``DPObjective``, so model families other than diffusion plug in; DPDM's
   noise multiplicity (k draws per example averaged inside its loss) keeps one
@@ -26,10 +26,11 @@ DP-SGD through stock Opacus.
 """
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 from opacus import PrivacyEngine
@@ -38,71 +39,13 @@ from opacus.optimizers import (DistributedDPOptimizerFastGradientClipping,
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
 
-from privimage_core.config import GRAD_SAMPLE_MODES
-from privimage_core.diffusion.ema import unwrap
-from privimage_core.errors import PrivacyBudgetError
-from privimage_core.ghost_clipping import BookKeepingClipper, unsupported_parameters
-from privimage_core.per_sample_grads import compute_grad_samples, fold_multiplicity
-from privimage_core.privacy_ledger import MechanismRecord, PrivacyLedger
-
-DP_SGD_MECHANISM = "dp_sgd_finetune"
-
-
-class DPObjective(Protocol):
-    """A model family's per-example training loss for DP-SGD."""
-
-    def draw(self, x: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
-        """All the randomness of the loss for the batch ``x``, each tensor [B, k, ...].
-        Drawn outside the loss: vmap refuses random ops."""
-
-    def loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-             rnd: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per-example loss [B], averaged over the k draws of ``rnd``. For the
-        hooks and ghost modes every layer call must see example-major rows:
-        example i's k draws as k consecutive rows (see ``fold_multiplicity``),
-        or one call per draw with row i belonging to example i. The ghost
-        mode checks this against vmap on random inputs before training
-        (``check_clipper``)."""
-
-
-def sample_rate_for(n: int, batch_size: int) -> float:
-    """Opacus's sampling rate for a loader of N items and this batch size (1/len(loader))."""
-    return 1.0 / len(DataLoader(range(n), batch_size=batch_size))
-
-
-def plan_noise(ledger: PrivacyLedger, n: int, batch_size: int, steps: int,
-               noise_multiplier: float | None = None,
-               mechanism: str = DP_SGD_MECHANISM,
-               epsilon_share: float | None = None) -> tuple[float, float, int]:
-    """(sigma, q, total): the DP-SGD record may hold ``total`` steps when
-    fine-tuning ends (``dp_finetune`` runs until it does). sigma is calibrated
-    after the costs already in the ledger (App. E, Theorem E.3) unless given;
-    with ``epsilon_share`` (a stage of several, e.g. dp_ldm's autoencoder)
-    it is calibrated so that this stage ALONE costs at most that share of the
-    target, leaving the rest to later stages. total is capped so that the
-    composition never exceeds the target. A resumed run keeps its recorded
-    (sigma, q) and its steps count toward ``steps``."""
-    q = sample_rate_for(n, batch_size)
-    prior = next((r for r in ledger.records if r.name == mechanism), None)
-    if prior is not None:  # resumed run: keep the recorded mechanism
-        sigma = prior.noise_multiplier
-        remaining = max(0, steps - prior.steps)
-        further = min(remaining, ledger.max_steps(sigma, prior.sample_rate))
-        return sigma, prior.sample_rate, prior.steps + further
-    if noise_multiplier is not None:
-        sigma = noise_multiplier
-    elif epsilon_share is not None:
-        alone = PrivacyLedger(epsilon_share * ledger.target_epsilon, ledger.target_delta,
-                              ledger.accountant_name)
-        sigma = alone.calibrate_noise(q, steps)
-    else:
-        sigma = ledger.calibrate_noise(q, steps)
-    allowed = ledger.max_steps(sigma, q)
-    if allowed == 0:
-        raise PrivacyBudgetError(
-            f"not one DP-SGD step fits the remaining budget at sigma={sigma:.3g}; raise "
-            "privacy.target_epsilon or finetune.noise_multiplier")
-    return sigma, q, min(steps, allowed)
+from privimage_core.config.training import GRAD_SAMPLE_MODES
+from privimage_core.models.ema import unwrap
+from privimage_core.dp_sgd.ghost_clipping import BookKeepingClipper, unsupported_parameters
+from privimage_core.dp_sgd.per_sample_grads import compute_grad_samples, fold_multiplicity
+from privimage_core.models.base import DPObjective
+from privimage_core.privacy.ledger import MechanismRecord, PrivacyLedger
+from privimage_core.privacy.plan import DP_SGD_MECHANISM
 
 
 @dataclass
@@ -132,7 +75,8 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
                  ledger: PrivacyLedger, distributed: bool = False,
                  grad_sample_mode: str = "hooks",
                  mechanism: str = DP_SGD_MECHANISM,
-                 num_records: int | None = None) -> DPTraining:
+                 num_records: int | None = None,
+                 sample_rate: float | None = None) -> DPTraining:
     """Wrap model, optimizer and the sensitive data with Opacus and attach the
     ledger to the optimizer. ``module`` is DPDDP-wrapped by the caller when
     distributed (Opacus then shards the Poisson sampling across ranks).
@@ -150,7 +94,11 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
     secret random subset of m canaries and passes N + m here: q must not
     depend on which canaries were included, or it would leak them and the
     per-record guarantee the audit tests (fixed q, add/remove one) would not
-    hold."""
+    hold.
+
+    ``sample_rate``: the run's planned q (privacy/plan.py); the loader's own
+    rate must equal it, or nothing is trained (the ledger would describe
+    another mechanism than the one that ran)."""
     grad_sample_mode = resolve_grad_sample_mode(grad_sample_mode, module)
     data = TensorDataset(x, y)
     if num_records is None:
@@ -161,6 +109,9 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
         loader = DataLoader(data, batch_sampler=BatchSampler(
             SequentialSampler(range(num_records)), batch_size, drop_last=False))
     q = 1.0 / len(loader)
+    if sample_rate is not None and not math.isclose(q, sample_rate, rel_tol=1e-12):
+        raise RuntimeError(f"the loader's Poisson rate {q!r} is not the planned {sample_rate!r} "
+                           "(the data reaching the worker differs from the plan's record count)")
     record = ledger.begin_dp_sgd(mechanism, noise_multiplier, q)
     # The engine's own accountant is not used: the ledger's hook replaces it below.
     engine = PrivacyEngine(accountant=ledger.accountant_name)
@@ -196,7 +147,7 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
         dp_opt.expected_batch_size = int(num_records * q) / world
     dp_opt.attach_step_hook(ledger.step_hook(record, q))
     if distributed:  # every rank yields every Poisson draw, empty ones too (W8)
-        from privimage_core.poisson_sampler import keep_empty_draws
+        from privimage_core.dp_sgd.poisson_sampler import keep_empty_draws
         dp_loader = keep_empty_draws(dp_loader)
     return DPTraining(model, dp_opt, dp_loader, record, q, engine, grad_sample_mode, clipper)
 
@@ -254,16 +205,16 @@ def check_clipper(dp: DPTraining, objective: DPObjective, noise_multiplicity: in
 
 
 def dp_finetune(dp: DPTraining, ema, inner: torch.nn.Module, total_steps: int,
-                physical_batch_size: int,
+                physical_batch_size: int, *, objective: DPObjective,
                 on_step: Callable[[int, float], None] | None = None,
                 checkpoint_every: int = 0, on_checkpoint: Callable[[int], None] | None = None,
-                objective: DPObjective | None = None, noise_multiplicity: int = 1,
+                noise_multiplicity: int = 1,
                 after_step: Callable[[], None] | None = None,
                 chunk_size: int | None = None) -> int:
     """Run DP-SGD until the DP-SGD record holds ``total_steps`` steps.
 
     ``inner`` is the unwrapped model (for EMA and checkpoints). ``objective``
-    defaults to the EDM loss. ``after_step`` runs after every logical (noised,
+    is the family's per-example loss (``ModelFamily.dp_objective``). ``after_step`` runs after every logical (noised,
     ledger-recorded) step, after the EMA update and before ``on_step`` and
     checkpoints: e.g. a GAN generator update, which is post-processing of the
     private discriminator. ``chunk_size`` bounds the examples vmapped at once.
@@ -271,10 +222,6 @@ def dp_finetune(dp: DPTraining, ema, inner: torch.nn.Module, total_steps: int,
     """
     if noise_multiplicity < 1:
         raise ValueError(f"noise_multiplicity must be >= 1, got {noise_multiplicity}")
-    if objective is None:
-        from privimage_core.diffusion.edm import EDMObjective
-        objective = EDMObjective()
-
     check_clipper(dp, objective, noise_multiplicity)
     # Unpredictable Poisson sampling and diffusion noise for this stage.
     torch.seed()
