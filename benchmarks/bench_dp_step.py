@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -30,21 +28,8 @@ from privimage_core.models.diffusion.unet import build_unet
 from privimage_core.dp_sgd.finetune import accumulate_grad_samples, make_private
 from privimage_core.privacy.ledger import PrivacyLedger
 
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
-    except Exception:
-        return platform.processor() or "unknown"
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
+from machine import cpu_name, git_commit
+from summary_json import update
 
 
 def time_steps(step, repeats: int) -> float:
@@ -145,7 +130,6 @@ def main() -> None:
     out.write_text(text)
     # the pipeline's default mode (finetune.grad_sample_mode auto = ghost for
     # the UNet); vmap where no ghost row was measured
-    from summary_json import update
     ratios = {}
     for preset, found in rows_t.items():
         t = {(m, k): t for m, k, t in found}

@@ -32,7 +32,7 @@ def main() -> None:
     import numpy as np
     from pytorch_fid.fid_score import calculate_frechet_distance
 
-    from bench_dp_step import cpu_name
+    from machine import cpu_name
     from privimage_core.evaluation.fid import feature_stats, frechet_distance_from_features
 
     rng = np.random.default_rng(0)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench_dp_step import cpu_name, git_commit
+from machine import cpu_name, git_commit
 from privimage_core.dp_sgd import ghost_clipping as G
 
 # (C_in, C_out, H): the small preset's 3x3 convolutions at 28x28 with patch 2

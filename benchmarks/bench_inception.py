@@ -59,7 +59,7 @@ def main() -> None:
         rows.append(f"# extract_features backend={backend}: {ips:.2f} images/s, max relative "
                     f"feature difference vs nchw100 {rel:.1e}")
     import datetime
-    from bench_dp_step import cpu_name, git_commit
+    from machine import cpu_name, git_commit
     header = [f"# FID Inception throughput, {datetime.date.today().isoformat()}, commit {git_commit()}",
               f"# machine: {cpu_name()}; {a.images} MNIST-size images upsampled to 299, "
               f"{a.threads} threads"] + ([f"# note: {a.note}"] if a.note else [])

@@ -1,4 +1,4 @@
-"""A run of one of issue 11's data targets, from its summary.json: one
+"""A run of one of the data targets below, from its summary.json: one
 result block in benchmarks/results/data-runs-<date>.txt and its summary.json
 key.
 

@@ -2,7 +2,8 @@
 VALIDATION split: train images 55,000-59,999 of the sensitive dataset
 (``--dataset``: mnist or fashion_mnist) are held out, the first 55,000 are
 the sensitive set. The real test split is never read, so the defaults chosen
-from this table are not selected on it (ANCHORS.md).
+from this table are not selected on it (selecting on the test split is
+leakage: DPImageBench holds out a validation set the same way).
 
 Starts from a pre-trained (public-only) checkpoint, e.g. the cache a
 quickstart run leaves in <output_dir>/cache/pretrain-*.pt, charges the

@@ -8,7 +8,7 @@ import datetime
 import json
 from pathlib import Path
 
-from bench_dp_step import cpu_name
+from machine import cpu_name
 
 
 def load(description: str) -> tuple[dict, str]:

@@ -1,13 +1,14 @@
 """benchmarks/results/summary.json: the headline figures, machine-readable
-(issue 11's keys), rewritten by the benchmark scripts that measure them.
+rewritten by the benchmark scripts that measure them.
 Every update stamps date, commit and machine; a key no script has measured
 yet stays null rather than being filled by hand."""
 from __future__ import annotations
 
 import datetime
 import json
-import subprocess
 from pathlib import Path
+
+from machine import cpu_name, git_commit
 
 PATH = Path(__file__).parent / "results" / "summary.json"
 KEYS = ("dp_step_ratio_tiny", "dp_step_ratio_small",
@@ -17,25 +18,15 @@ KEYS = ("dp_step_ratio_tiny", "dp_step_ratio_small",
         "folder400_relative_accuracy", "quality_cpu_cnn_accuracy", "quality_cpu_driver_seconds")
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=PATH.parent).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
-
-
 def update(values: dict, append: tuple[str, ...] = (), new_series: bool = False) -> dict:
     """Set ``values`` (keys of KEYS); keys in ``append`` are lists that
     gain the value (one entry per run) instead of being replaced, unless
     ``new_series`` starts them anew (runs of earlier defaults are dropped)."""
-    from bench_dp_step import cpu_name
-
     unknown = set(values) - set(KEYS)
     if unknown:
         raise KeyError(f"not a summary key: {sorted(unknown)}; known: {', '.join(KEYS)}")
     cur = json.loads(PATH.read_text()) if PATH.is_file() else {}
-    out = {"date": datetime.date.today().isoformat(), "commit": _commit(), "machine": cpu_name()}
+    out = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "machine": cpu_name()}
     out.update({k: cur.get(k) for k in KEYS})
     for k, v in values.items():
         out[k] = (list([] if new_series else out[k] or []) + [v]) if k in append else v

@@ -19,7 +19,10 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from privimage_core.data.folders import IMAGE_EXTS
 from privimage_core.data.imageset import ImageSet
+from privimage_core.data.sources import load_source
+from privimage_core.data.specs import parse_spec
 from privimage_core.errors import DataError
 
 
@@ -99,8 +102,6 @@ def read_dataset(path: str | Path) -> ImageSet:
     without class_names, Parquet with bare integer labels; the caller names
     them, e.g. after the real dataset). Every failure is a one-line DataError.
     """
-    from privimage_core.data.sources import parse_spec
-
     spec = str(path).strip()
     if parse_spec(spec) is not None:
         return _read_spec(spec)
@@ -178,8 +179,6 @@ def _peek_image(kind: str, arg: str) -> tuple[int, int] | None:
     """(size, channels) of the first image a folder:/parquet: spec would load:
     its shorter side (non-square images get centre-cropped) and 1 for a
     grayscale mode, else 3. None when there is none to read."""
-    from privimage_core.data.folders import IMAGE_EXTS
-
     root = Path(arg)
     try:
         src = None
@@ -202,8 +201,6 @@ def _peek_image(kind: str, arg: str) -> tuple[int, int] | None:
 
 
 def _read_spec(spec: str) -> ImageSet:
-    from privimage_core.data.sources import load_source, parse_spec
-
     kind, arg = parse_spec(spec)
     if arg is None:  # built-in dataset: its own size (28x28 grayscale)
         ds = load_source(spec, split="train")

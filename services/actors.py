@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from privimage_core.config import from_dict, resolve_k
 from privimage_core.data.imageset import ImageSet
@@ -133,7 +134,7 @@ class Evaluator:
     # Exported live from this actor while it works (the driver re-exports
     # the final values, which outlive the actor).
     # Only metrics that read no sensitive TRAINING data (the audit and the
-    # ceiling stay in the labelled MLflow run and the report; issue 13 W7).
+    # ceiling stay in the labelled MLflow run and the report).
     LIVE_METRICS = ("fid", "kid", "precision", "recall", "accuracy_lr", "accuracy_mlp",
                     "accuracy_cnn", "detector_privacy_loss")
 
@@ -231,6 +232,5 @@ def outside_trial(actor_cls):
     placement group: a Tune trial's group holds only the trial function's
     own (fractional) CPU, and Ray would otherwise capture child actors into it
     and refuse them. Outside Tune this changes nothing."""
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
     return actor_cls.options(
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))

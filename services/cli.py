@@ -8,6 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+
+import yaml
 
 from privimage_core.config import load_config
 from privimage_core.errors import PrivImageError
@@ -20,7 +23,6 @@ def _overrides(pairs: list[str]) -> dict:
             raise PrivImageError(f"--set expects key=value, got '{p}'; e.g. --set generator.preset=small")
         k, v = p.split("=", 1)
         try:
-            import yaml
             out[k] = yaml.safe_load(v)
         except Exception:
             out[k] = v
@@ -46,7 +48,6 @@ def _print_summary(s: dict) -> None:
     print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in s["stage_seconds"].items())
           + f"; total {s['total_seconds']:.0f}s")
     uri = s["mlflow_uri"]
-    from pathlib import Path
     mlflow_bin = Path(sys.executable).with_name("mlflow")  # the venv's, even if not on PATH
     print(f"MLflow UI  : {mlflow_bin if mlflow_bin.exists() else 'mlflow'} ui "
           f"--backend-store-uri {uri} --host 127.0.0.1 --port 5000")
@@ -54,6 +55,7 @@ def _print_summary(s: dict) -> None:
 
 
 def cmd_run(a) -> int:
+    # lazy: each subcommand imports what it runs: --help starts without Ray or torch
     from services.pipeline import run_pipeline
     cfg = load_config(a.config, _overrides(a.set)) if not a.resume else None
     s = run_pipeline(cfg, resume_dir=a.resume)
@@ -62,6 +64,7 @@ def cmd_run(a) -> int:
 
 
 def cmd_validate(a) -> int:
+    # lazy: each subcommand imports what it runs: --help starts without Ray or torch
     from services.pipeline import load_inputs
     cfg = load_config(a.config, _overrides(a.set))
     inp = load_inputs(cfg)
@@ -71,6 +74,7 @@ def cmd_validate(a) -> int:
 
 
 def cmd_tune(a) -> int:
+    # lazy: each subcommand imports what it runs: --help starts without Ray or torch
     from services.tune import run_sweep
     cfg = load_config(a.config, _overrides(a.set))
     res = run_sweep(cfg)
@@ -79,6 +83,7 @@ def cmd_tune(a) -> int:
 
 
 def cmd_compare(a) -> int:
+    # lazy: each subcommand imports what it runs: --help starts without Ray or torch
     from services.compare import run_compare
     cfg = load_config(a.config, _overrides(a.set))
     res = run_compare(cfg)
@@ -88,6 +93,7 @@ def cmd_compare(a) -> int:
 
 
 def cmd_data_subsample(a) -> int:
+    # lazy: each subcommand imports what it runs: --help starts without Ray or torch
     from privimage_core.data.subsample import materialise_subsample
     names = a.class_names.split(",") if a.class_names else None
     out = materialise_subsample(a.source, a.n, a.out, seed=a.seed, split=a.split,
@@ -97,6 +103,7 @@ def cmd_data_subsample(a) -> int:
 
 
 def cmd_evaluate(a) -> int:
+    # lazy: each subcommand imports what it runs: --help starts without Ray or torch
     from services.evaluate_cli import evaluate_dataset
     res = evaluate_dataset(a.synthetic, a.real, config=a.config, generator=a.generator,
                            real_test=a.real_test,

@@ -10,9 +10,11 @@ import math
 import time
 from pathlib import Path
 
+import mlflow
 import numpy as np
 
 from privimage_core.config import Config
+from services.tune import run_sweep
 
 METRICS = (("accuracy", "accuracy (%)", 100.0), ("fid", "FID", 1.0), ("kid", "KID x1e3", 1e3),
            ("epsilon", "epsilon", 1.0), ("total_seconds", "wall s / trial", 1.0))
@@ -63,10 +65,6 @@ def render(rows: list[dict], by: list[str], out: dict, title: str) -> tuple[str,
 
 
 def run_compare(cfg: Config, log=print) -> dict:
-    import mlflow
-
-    from services.tune import run_sweep
-
     by = cfg.tune.compare_by or [k for k in cfg.tune.search_space if k != "run.seed"]
     out = run_sweep(cfg, log=log)
     rows = comparison_rows(out["trials"], by)

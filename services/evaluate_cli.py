@@ -30,16 +30,20 @@ import numpy as np
 
 from privimage_core.config import load_config
 from privimage_core.data.imageset import ImageSet
-from privimage_core.data.sources import (is_user_source, load_source, parse_spec,
-                                         same_user_dataset)
+from privimage_core.data.sources import load_source
+from privimage_core.data.specs import is_user_source, parse_spec, same_user_dataset
 from privimage_core.errors import DataError
+from privimage_core.evaluation.diffusion_mia import image_digests
+from privimage_core.evaluation.report import render_html
+from privimage_core.evaluation.suite import run_evaluation
+from privimage_core.models.release import load_release
+from privimage_core.synthesize import read_dataset
+from services.process_setup import configure_torch
 
 
 def _load_generator(path: str, shape, class_names: list[str]):
     """(family, released module) of the release at ``path`` (its weights or
     run directory), rebuilt from its manifest whatever the family."""
-    from privimage_core.models.release import load_release
-
     fam, release, man = load_release(path)
     if (man.image_size, man.image_size, man.channels) != tuple(shape):
         raise DataError(f"the release at '{path}' makes {man.image_size}x{man.image_size}x"
@@ -114,12 +118,6 @@ def evaluate_dataset(synthetic: str, real: str, config: str | None = None,
     """Evaluate ``synthetic`` (see the module docstring for the formats)
     against ``real`` (train split) / ``real_test`` (held-out data; required
     for folder:/parquet: ``real``, else the test split of ``real``)."""
-    from privimage_core.evaluation.report import render_html
-    from privimage_core.evaluation.suite import run_evaluation
-    from privimage_core.synthesize import read_dataset
-
-    from services.process_setup import configure_torch
-
     cfg = load_config(config)
     configure_torch(cfg)  # the threads and denormal flushing the pipeline's actors use
     synthetic, real = str(synthetic).strip(), str(real).strip()
@@ -142,7 +140,6 @@ def evaluate_dataset(synthetic: str, real: str, config: str | None = None,
             raise DataError(f"--real-test {test_spec}'s classes {test.class_names[:5]}... differ "
                             f"from --real {real}'s {train.class_names[:5]}...; point --real-test at "
                             "held-out data of the same classes")
-        from privimage_core.evaluation.diffusion_mia import image_digests
         seen = image_digests(train)
         shared = sum(d in seen for d in image_digests(test))
         if shared:

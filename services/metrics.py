@@ -51,6 +51,9 @@ import threading
 import time
 from typing import Any
 
+import ray
+from ray.util.metrics import Counter, Gauge
+
 log = logging.getLogger(__name__)
 
 TRAIN_STAGES = frozenset({"pretrain", "finetune"})
@@ -121,7 +124,6 @@ def _check_name(kind: str, value: str) -> str:
 
 def _ray_ready() -> bool:
     try:
-        import ray
         return ray.is_initialized()
     except Exception:
         return False
@@ -133,7 +135,6 @@ def _ray_metric(key: str):
         _STATE.update(pid=os.getpid(), ray={}, thread=None)
     m = _STATE["ray"].get(key)
     if m is None:
-        from ray.util.metrics import Counter, Gauge
         kind, name, desc, tags = SPECS[key]
         m = (Counter if kind == "counter" else Gauge)(name, description=desc, tag_keys=tags)
         _STATE["ray"][key] = m
@@ -143,7 +144,6 @@ def _ray_metric(key: str):
 def refresh_seconds() -> float:
     """Half of Ray's report interval: gauges are re-set before Ray drops them."""
     try:
-        import ray
         ms = ray._config.metrics_report_interval_ms()
     except Exception:
         ms = 10_000

@@ -26,17 +26,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import ray
+from mlflow import set_tag
+
 from privimage_core.config import Config, from_dict, resolve_delta
 from privimage_core.data.imageset import ImageSet
-from privimage_core.data.sources import (check_public_specs, is_user_source, load_source,
-                                         same_user_dataset, validate_sensitive)
-from privimage_core.errors import ConfigError, DataError
+from privimage_core.data.sources import check_public_specs, load_source, validate_sensitive
+from privimage_core.data.specs import is_user_source, same_user_dataset
 from privimage_core.data.subsample import source_digest
+from privimage_core.errors import ConfigError, DataError
+from privimage_core.evaluation.canary_audit import check_canary_source
+from privimage_core.evaluation.semantic_similarity import require_model
 from privimage_core.methods import Method, get_method
+from privimage_core.models import build_model
 from privimage_core.privacy import lifetime as lifetime_ledger
 from privimage_core.privacy.ledger import PrivacyLedger
 from privimage_core.privacy.plan import PrivacyPlan, plan_run
+from services import ray_runtime
+from services.metrics import PipelineMetrics
 from services.run_store import STATE_FILE, load_state, new_run_dir, resume_ledger, save_state
+from services.stage_engine import RunContext, run_stages
+from services.stages import STAGES
+from services.tracking import Tracker
 
 __all__ = ["STATE_FILE", "Inputs", "load_inputs", "run_pipeline"]
 
@@ -51,7 +62,6 @@ class Inputs:
 
 def load_inputs(cfg: Config) -> Inputs:
     if cfg.evaluation.sds:  # fail before any work, not after the DP query
-        from privimage_core.evaluation.semantic_similarity import require_model
         require_model()
     if cfg.run.data_dir:
         os.environ["PRIVIMAGE_DATA_DIR"] = str(Path(cfg.run.data_dir).resolve())
@@ -66,7 +76,6 @@ def load_inputs(cfg: Config) -> Inputs:
         raise ConfigError("data.sensitive_test names the same files as data.sensitive; point it "
                           "at held-out data of the same classes")
     if cfg.evaluation.canary_audit:  # canaries must be public, never sensitive records
-        from privimage_core.evaluation.canary_audit import check_canary_source
         check_canary_source(cfg.evaluation.canary_source, d.sensitive)
     sens = load_source(d.sensitive, split="train", image_size=d.image_size, channels=d.channels,
                        resize=d.resize, class_names=d.class_names)
@@ -84,9 +93,6 @@ def load_inputs(cfg: Config) -> Inputs:
 def check_generator(cfg: Config, method: Method, num_classes: int) -> None:
     """Build the generator once before anything reads sensitive data: a typo
     in generator.overrides fails here, not in a worker after the DP query."""
-    from privimage_core.errors import ConfigError
-    from privimage_core.models import build_model
-
     g = cfg.generator
     try:
         build_model(cfg, method.family, num_classes)
@@ -115,13 +121,6 @@ def run_pipeline(cfg: Config, resume_dir: str | None = None, parent_run_id: str 
                  log: Callable[[str], None] = print, report_fn: Callable[[dict], None] | None = None
                  ) -> dict:
     """Run (or resume) one pipeline of ``cfg.method``; returns the final summary."""
-    import ray
-
-    from services import ray_runtime
-    from services.stage_engine import RunContext, run_stages
-    from services.stages import STAGES
-    from services.tracking import Tracker
-
     t_start = time.time()
     # ---- validate everything cheap first: config, generator, data, delta
     if resume_dir:
@@ -172,14 +171,12 @@ def run_pipeline(cfg: Config, resume_dir: str | None = None, parent_run_id: str 
                          resume_checkpoints=resume, mlflow_run_id=run.info.run_id,
                          stage_seconds=dict(state.get("stage_seconds", {})))
         if cfg.metrics.enabled:
-            from services.metrics import PipelineMetrics
             ctx.pm = PipelineMetrics(run.info.run_id)
             ctx.pm.epsilon(ledger.epsilon(), ledger.target_epsilon)
         # every MLflow run records the full resolved config (a resumed run is a new MLflow run)
         tracker.params(cfg.flat())
         tracker.params({"resolved.delta": inputs.delta, "resolved.n_sensitive": len(inputs.sensitive)})
         tracker.json_artifact(cfg.to_dict(), "resolved_config.json")
-        from mlflow import set_tag
         if resume_dir:
             set_tag("resumed_from", str(run_dir))
         set_tag("ray_mode", ray_info["mode"])

@@ -1,8 +1,9 @@
 """Per-process torch settings, applied in every Ray worker and actor."""
 from __future__ import annotations
 
-import torch
+import warnings
 
+import torch
 
 # Opacus's per-sample-gradient hooks fire on modules whose inputs need no
 # gradient (the first layer's input is data): torch then warns on every
@@ -12,7 +13,6 @@ FULL_BACKWARD_HOOK_WARNING = ("Full backward hook is firing when gradients are c
 
 
 def configure_torch(cfg) -> None:
-    import warnings
     warnings.filterwarnings("ignore", message=FULL_BACKWARD_HOOK_WARNING, category=UserWarning)
     if cfg.run.torch_threads:
         torch.set_num_threads(cfg.run.torch_threads)

@@ -9,8 +9,8 @@ a plain line every ``LOG_SECONDS``.
 
 Console only: nothing here goes to MLflow or Prometheus. For a DP stage the
 rate shown is the average over the stage so far, observed on the driver at a
-few seconds' granularity, never a per-step timing (issue 13 W6: a step's
-duration follows its realised Poisson batch size).
+few seconds' granularity, never a per-step timing (a step's duration
+follows its realised Poisson batch size).
 """
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ import threading
 import time
 from contextlib import contextmanager
 from typing import Callable
+
+import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 POST_SECONDS = 2.0
 POLL_SECONDS = 1.0
@@ -30,8 +33,6 @@ def board_name(run_id: str, stage: str) -> str:
 
 
 def _board_cls():
-    import ray
-
     @ray.remote(num_cpus=0)
     class ProgressBoard:
         def __init__(self):
@@ -58,7 +59,6 @@ class ProgressPoster:
             return
         self.last = now
         try:
-            import ray
             if self.board is None:
                 self.board = ray.get_actor(self.name)
             self.board.post.remote(step, total)
@@ -85,12 +85,9 @@ def progress_text(label: str, step: int, total: int, elapsed: float, start_step:
 def progress_line(run_id: str, stage: str, label: str, log: Callable[[str], None],
                   stream=None, tty: bool | None = None, unit: str = "steps"):
     """Yield the board's name (for the TrainJob) and draw its line until the block ends."""
-    import ray
-
     stream = stream or sys.stderr
     tty = stream.isatty() if tty is None else tty
     name = board_name(run_id, stage)
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     # outside any Tune trial's placement group (as services/actors.outside_trial)
     board = _board_cls().options(name=name, scheduling_strategy=PlacementGroupSchedulingStrategy(

@@ -5,7 +5,8 @@
 - ``ray.address`` configured: join it.
 - Otherwise: start a local Ray owned by this process, bound to 127.0.0.1.
   On Linux a local ``ray.init()`` binds every interface unless
-  RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (FIELD_NOTES); we set it before init.
+  RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (measured with Ray 2.60); we set it
+  before init.
   Its metrics export port (where services/metrics.py's metrics and Ray's own
   appear) is ``metrics.port`` if set, else a free port Ray picks;
   ``metrics_endpoint()`` says which.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import os
 
 import ray
+from ray._private import ray_constants
 
 from privimage_core.config import RayConfig
 
@@ -42,7 +44,6 @@ def ensure_ray(cfg: RayConfig, num_cpus: int | None = None,
     # Loopback only. The constant is read when ray is imported, so set it for
     # the processes Ray spawns (env) and for this already-imported module.
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    from ray._private import ray_constants
     ray_constants.ENABLE_RAY_CLUSTER = False
     # The dashboard (State API, Jobs) is on: Ray Train's placement-group cleaner
     # polls the State API. It binds to 127.0.0.1 like everything else here.

@@ -21,8 +21,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import ray.train
+from pyarrow import fs as pafs
 
-from privimage_core.errors import PrivacyBudgetError
+from privimage_core.errors import ConfigError, PrivacyBudgetError
 from privimage_core.privacy.ledger import PrivacyLedger
 
 STATE_FILE = "pipeline_state.json"
@@ -53,8 +55,6 @@ def save_state(run_dir: Path, state: dict) -> None:
 
 def load_state(run_dir: Path) -> dict:
     """The saved state of ``run_dir``; one clear error when there is none."""
-    from privimage_core.errors import ConfigError
-
     path = Path(run_dir) / STATE_FILE
     if not path.is_file():
         raise ConfigError(f"--resume {run_dir}: no {STATE_FILE} there; pass the directory of a "
@@ -70,8 +70,6 @@ def trainer_name(run_dir: Path, stage: str) -> str:
 def storage_fs(storage: str):
     """(pyarrow filesystem, root path) of a Ray Train storage path or URI; the
     URI's options (endpoint, region, host) stay in the filesystem object."""
-    from pyarrow import fs as pafs
-
     if "://" in storage:
         return pafs.FileSystem.from_uri(storage)
     return pafs.LocalFileSystem(), str(Path(storage).resolve())
@@ -81,8 +79,6 @@ def checkpoint_ledgers(storage: str, trainer: str) -> list[tuple[str, dict]]:
     """(checkpoint path relative to ``storage``, ledger) of every checkpoint
     of a Ray Train run that holds a readable ledger. Recursive: Train V2 puts
     checkpoints in <name>/checkpoint_*, Train V1 in <name>/<trial>/checkpoint_*."""
-    from pyarrow import fs as pafs
-
     filesystem, root = storage_fs(storage)
     infos = filesystem.get_file_info(pafs.FileSelector(f"{root}/{trainer}",
                                                        allow_not_found=True, recursive=True))
@@ -100,8 +96,6 @@ def checkpoint_ledgers(storage: str, trainer: str) -> list[tuple[str, dict]]:
 
 def open_checkpoint(storage: str, relpath: str):
     """The ray.train.Checkpoint at ``relpath`` under ``storage`` (local or remote)."""
-    import ray.train
-
     filesystem, root = storage_fs(storage)
     return ray.train.Checkpoint(f"{root}/{relpath}", filesystem=filesystem)
 

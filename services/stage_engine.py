@@ -16,10 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import ray
+
 from privimage_core.config import Config
 from privimage_core.methods import Method, Stage
 from privimage_core.privacy.ledger import PrivacyLedger
 from privimage_core.privacy.plan import PrivacyPlan
+from services.actors import outside_trial
 from services.run_store import save_state
 
 
@@ -66,14 +69,12 @@ class RunContext:
         """The run's actor ``name`` (created on first use, outside any Tune
         trial's placement group), given the run's config and directory."""
         if name not in self.actors:
-            from services.actors import outside_trial
             self.actors[name] = outside_trial(actor_cls).remote(
                 self.cfg.to_dict(), str(self.run_dir),
                 metrics_run_id=self.mlflow_run_id if self.pm else None)
         return self.actors[name]
 
     def kill_actors(self, *names: str) -> None:
-        import ray
         for n in names or list(self.actors):
             a = self.actors.pop(n, None)
             if a is not None:

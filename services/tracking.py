@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time as _t
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from privimage_core.config import Config
@@ -26,7 +28,7 @@ def tracking_uri(cfg: Config) -> str:
     # Clusters export MLFLOW_TRACKING_URI to drivers and workers (ray_cluster.yaml, deploy/).
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    # An absolute sqlite path: Tune trials change directory (FIELD_NOTES).
+    # An absolute sqlite path: Tune trials change directory.
     out = Path(cfg.run.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{out / 'mlflow.db'}"
@@ -116,8 +118,6 @@ class Tracker:
 
 def log_remote_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
     """From a Ray worker: log a batch of metrics to an existing run."""
-    from mlflow.entities import Metric
-    import time as _t
     ts = int(_t.time() * 1000)
     MlflowClient(uri).log_batch(run_id, metrics=[Metric(k, float(v), ts, step)
                                                  for k, v in metrics.items()])

@@ -9,6 +9,7 @@ DP stages, the privacy ledger, so that a resumed run continues its ledger.
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -16,16 +17,23 @@ from pathlib import Path
 import ray
 import ray.train
 import torch
+from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 
 from privimage_core.config import from_dict
+from privimage_core.data.imageset import writable_tensor
+from privimage_core.dp_sgd.finetune import dp_finetune, make_private
+from privimage_core.errors import PrivacyBudgetError
+from privimage_core.models import build_model, get_family
 from privimage_core.models.ema import EMA
 from privimage_core.models.state import state_from_bytes
-from privimage_core.models import build_model, get_family
+from privimage_core.pretrain import pretrain, resolve_precision
 from privimage_core.privacy.ledger import PrivacyLedger
+from services.metrics import PipelineMetrics
 from services.process_setup import configure_torch
 from services.progress import ProgressPoster
+from services.run_store import open_checkpoint
+from services.tracking import log_remote_metrics
 from services.train_job import TrainJob
-from privimage_core.data.imageset import writable_tensor
 
 
 def _ctx():
@@ -59,18 +67,11 @@ def _report(metrics: dict, rank: int, save_fn=None) -> None:
 
 def _metrics(job: TrainJob):
     """Live metrics of this worker, through Ray's metrics API (services/metrics.py)."""
-    if not job.metrics_enabled:
-        return None
-    try:
-        from services.metrics import PipelineMetrics
-    except Exception:  # metrics are optional; training must not depend on them
-        return None
-    return PipelineMetrics(job.run_id)
+    return PipelineMetrics(job.run_id) if job.metrics_enabled else None
 
 
 def _log_mlflow(job: TrainJob, metrics: dict, step: int) -> None:
     if job.mlflow_uri and job.mlflow_run_id:
-        from services.tracking import log_remote_metrics
         try:
             log_remote_metrics(job.mlflow_uri, job.mlflow_run_id, metrics, step)
         except Exception as e:  # tracking hiccups must not kill training
@@ -83,8 +84,8 @@ def _quiet_ray_train(level: str) -> None:
     ``logging.getLogger(__file__)``, a logger named by the file's path, which
     the level filter of Ray Train's LoggingConfig (loggers "ray.train.*")
     does not reach."""
-    import logging
     try:
+        # lazy: a Ray-internal module, absent in other Ray layouts
         from ray.train.v2._internal.execution import context
     except ImportError:  # another Ray layout: nothing to quiet
         return
@@ -107,8 +108,6 @@ def _setup(job: TrainJob):
 
 def pretrain_loop(config: dict) -> None:
     """Non-private pre-training on PUBLIC images (the selection or the pool)."""
-    from privimage_core.pretrain import pretrain
-
     job: TrainJob = config["job"]
     cfg, rank, world, dev, family, model, x, y = _setup(job)
     if world > 1:  # each rank trains on its own slice of the (public) data
@@ -117,7 +116,7 @@ def pretrain_loop(config: dict) -> None:
     ema = EMA(release, decay=cfg.pretrain.ema_decay)
     wrapped = ray.train.torch.prepare_model(
         model, parallel_strategy_kwargs=family.public_ddp_kwargs or None) if world > 1 else model
-    from privimage_core.pretrain import resolve_precision
+
     # resolved here, on the worker's hardware; reported to the driver's log
     precision = resolve_precision(cfg.pretrain.precision, dev, family.public_precisions)
     trainer = family.public_trainer(wrapped, lr=cfg.pretrain.lr, precision=precision)
@@ -161,9 +160,6 @@ def pretrain_loop(config: dict) -> None:
 def _restore_dp(job: TrainJob, model, ledger: PrivacyLedger, dev):
     """(checkpoint state or None). Ray Train's own restore (a failed worker
     group) first; else the checkpoint the driver found when resuming."""
-    from privimage_core.errors import PrivacyBudgetError
-    from services.run_store import open_checkpoint
-
     ckpt = ray.train.get_checkpoint()
     if ckpt is None and job.resume_checkpoint:
         ckpt = open_checkpoint(**job.resume_checkpoint)
@@ -190,10 +186,6 @@ def _restore_dp(job: TrainJob, model, ledger: PrivacyLedger, dev):
 
 def finetune_loop(config: dict) -> None:
     """DP-SGD on the SENSITIVE data (Opacus, Poisson sampling)."""
-    from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
-
-    from privimage_core.dp_sgd.finetune import dp_finetune, make_private
-
     job: TrainJob = config["job"]
     cfg, rank, world, dev, family, model, x, y = _setup(job)
     x, y = x.to(dev), y.to(dev)  # sensitive: stays in the workers' memory

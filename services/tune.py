@@ -22,17 +22,20 @@ import math
 import os
 from pathlib import Path
 
+import mlflow
+from ray import tune
+
 from privimage_core.config import Config, from_dict
 from privimage_core.privacy.ledger import compose_ledgers
+from services import ray_runtime
+from services.pipeline import run_pipeline
+from services.run_store import STATE_FILE, spent_upper_bound
+from services.tracking import Tracker
 
 REPORTED = ("accuracy", "fid", "kid", "epsilon", "total_seconds")
 
 
 def _trial(config: dict) -> None:
-    from ray import tune
-
-    from services.pipeline import run_pipeline
-
     cfg = from_dict(config["trial"]["config"])
     s = run_pipeline(cfg, parent_run_id=config["parent_run_id"])
     ev = s.get("evaluation") or {}
@@ -82,8 +85,6 @@ def sweep_ledgers(output_dir: str, sweep_run_id: str) -> dict[str, dict | None]:
     """run_dir -> upper bound on the budget (``spent_upper_bound``; None if it
     never touched the sensitive data) of every trial of this sweep whose run
     directory this machine can see, finished or failed."""
-    from services.run_store import STATE_FILE, spent_upper_bound
-
     out = {}
     for state_file in sorted(Path(output_dir).glob(f"*/{STATE_FILE}")):
         try:
@@ -126,12 +127,6 @@ def _sweep_run_id(tracker, exp_dir: Path, name: str) -> tuple[str, bool]:
 
 
 def run_sweep(cfg: Config, log=print) -> dict:
-    import mlflow
-    from ray import tune
-
-    from services import ray_runtime
-    from services.tracking import Tracker
-
     # Absolute paths: trials run in other working directories.
     cfg = cfg.with_overrides({"run.output_dir": os.path.abspath(cfg.run.output_dir)})
     # A local Ray gets the trial drivers' fractional CPUs on top of the

@@ -13,9 +13,9 @@ from PIL import Image
 
 from privimage_core.config import from_dict
 from privimage_core.data.folders import CLASS_NAMES_KEY
+from privimage_core.data.provenance import declaration, provenance_path, read_provenance
 from privimage_core.data.sources import check_public_specs, load_source, validate_sensitive
-from privimage_core.data.subsample import (declaration, materialise_subsample, provenance_path,
-                                           read_provenance, source_digest)
+from privimage_core.data.subsample import materialise_subsample, source_digest
 from privimage_core.errors import ConfigError, DataError
 from privimage_core.selection.distribution import class_histograms
 

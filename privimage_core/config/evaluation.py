@@ -12,10 +12,10 @@ class EvaluationConfig:
     """What the evaluator measures (privimage_core/evaluation/suite.py). All of
     it is non-private evaluation (real test split; the ceiling and the
     membership audit also read the sensitive training set). FID and KID use
-    5,000 images per side by default, the size published FIDs use (ANCHORS.md):
-    the Inception pass over the synthetic side is most of the evaluation's
-    time on a CPU (~3 min on 2 cores with OpenVINO); the real side's features
-    are cached by content hash after the first run."""
+    5,000 images per side by default, the size published FIDs use: the
+    Inception pass over the synthetic side is most of the evaluation's time
+    on a CPU; the real side's features are cached by content hash after the
+    first run."""
     # Semantic distribution similarity (paper Eq. 5) of the sensitive classes
     # to the selected public data and to the whole public pool, computed by
     # the selector from the noisy histograms (a DP output) and public counts:
@@ -29,8 +29,8 @@ class EvaluationConfig:
     fid_images: int = 5000
     fid_weights: str | None = None
     # Which runtime runs the FID Inception (one of INCEPTION_BACKENDS):
-    # 'auto' = OpenVINO on a CPU where installed (same float32 network, 1.8x
-    # faster on 2 cores; evaluation/inception_openvino.py), else torch.
+    # 'auto' = OpenVINO on a CPU where installed (the same float32 network,
+    # faster there: benchmarks/bench_inception.py), else torch.
     inception_backend: str = "auto"
     # Precision/recall in the FID features (computed only when fid is on).
     precision_recall: bool = True
@@ -69,9 +69,9 @@ class EvaluationConfig:
     # probability 1/2; the guarantee then covers that dataset (ledger.json says
     # so). Half the canaries choose the guesses, half give the bound at
     # confidence 1 - canary_beta. With m canaries at most about ln(m) can be
-    # shown (500: 4.4, 1,000: 5.1, 10,000: 7.4): a larger claim is reported
-    # "inconclusive", never "passed". 500 keeps the quickstart cheap (about
-    # 250 public images added to 60,000; scoring is seconds).
+    # shown: a larger claim is reported "inconclusive", never "passed". 500
+    # keeps the quickstart cheap (about 250 public images join the training
+    # set; scoring takes seconds).
     canary_audit: bool = True
     canaries: int = 500
     canary_beta: float = 0.05
@@ -85,7 +85,7 @@ class EvaluationConfig:
     # against EVERY training image and memorisation_heldout held-out test
     # images in pixel space, and on memorisation_feature_images synthetic
     # images and class-matched training / held-out pairs in FID-Inception
-    # space (~3-5 images/s on 2 CPU cores; 0 = pixel space only). The
+    # space (an Inception pass per image; 0 = pixel space only). The
     # reconstruction attack uses memorisation_reconstruction_images pairs.
     memorisation: bool = True
     memorisation_images: int = 500
@@ -112,7 +112,7 @@ class EvaluationConfig:
         _require(self.detector_kind in kinds, "evaluation.detector_kind must be cnn, mlp or lr")
         _require(self.pr_k >= 1, f"evaluation.pr_k must be >= 1, got {self.pr_k}")
         _require(self.fid_images > self.pr_k and self.fid_images >= 2,
-                 f"evaluation.fid_images must be >= 2 and > evaluation.pr_k, got {self.fid_images}; set self.g. 200")
+                 f"evaluation.fid_images must be >= 2 and > evaluation.pr_k, got {self.fid_images}; set e.g. 200")
         _require(self.inception_backend in INCEPTION_BACKENDS,
                  f"evaluation.inception_backend must be one of {', '.join(INCEPTION_BACKENDS)}, "
                  f"got '{self.inception_backend}'")
@@ -120,33 +120,33 @@ class EvaluationConfig:
                   "ceiling_images", "utility_holdout", "detector_min_steps", "mia_repeats"):
             _require(getattr(self, k) >= 1, f"evaluation.{k} must be >= 1, got {getattr(self, k)}")
         _require(self.detector_images >= 4,
-                 f"evaluation.detector_images must be >= 4, got {self.detector_images}; set self.g. 400")
+                 f"evaluation.detector_images must be >= 4, got {self.detector_images}; set e.g. 400")
         for k in ("mia_members", "mia_nonmembers"):
-            _require(getattr(self, k) >= 2, f"evaluation.{k} must be >= 2, got {getattr(self, k)}; set self.g. 500")
+            _require(getattr(self, k) >= 2, f"evaluation.{k} must be >= 2, got {getattr(self, k)}; set e.g. 500")
         _require(len(self.mia_noise_levels) >= 1 and all(
             0 < s < 1000 and math.isfinite(s) for s in self.mia_noise_levels),
             f"evaluation.mia_noise_levels must be a non-empty list of sigmas in (0, 1000), "
-            f"got {self.mia_noise_levels}; set self.g. [0.1, 0.3, 1.0]")
+            f"got {self.mia_noise_levels}; set e.g. [0.1, 0.3, 1.0]")
         _require(0 < self.mia_confidence < 1,
-                 f"evaluation.mia_confidence must be in (0, 1), got {self.mia_confidence}; set self.g. 0.95")
+                 f"evaluation.mia_confidence must be in (0, 1), got {self.mia_confidence}; set e.g. 0.95")
         _require(self.canary_source in CANARY_SOURCES + ("auto",),
                  f"evaluation.canary_source must be auto or one of {', '.join(CANARY_SOURCES)}, got "
                  f"'{self.canary_source}'")
         _require(16 <= self.canaries <= MAX_CANARIES,
-                 f"evaluation.canaries must be in [16, {MAX_CANARIES}], got {self.canaries}; set self.g. 500")
+                 f"evaluation.canaries must be in [16, {MAX_CANARIES}], got {self.canaries}; set e.g. 500")
         _require(0 < self.canary_beta <= 0.5,
-                 f"evaluation.canary_beta must be in (0, 0.5], got {self.canary_beta}; set self.g. 0.05")
+                 f"evaluation.canary_beta must be in (0, 0.5], got {self.canary_beta}; set e.g. 0.05")
         _require(1 <= self.canary_repeats <= 64,
-                 f"evaluation.canary_repeats must be in [1, 64], got {self.canary_repeats}; set self.g. 4")
+                 f"evaluation.canary_repeats must be in [1, 64], got {self.canary_repeats}; set e.g. 4")
         for k in ("memorisation_images", "memorisation_heldout", "memorisation_reconstruction_images"):
-            _require(getattr(self, k) >= 2, f"evaluation.{k} must be >= 2, got {getattr(self, k)}; set self.g. 500")
+            _require(getattr(self, k) >= 2, f"evaluation.{k} must be >= 2, got {getattr(self, k)}; set e.g. 500")
         _require(self.memorisation_feature_images >= 0,
                  f"evaluation.memorisation_feature_images must be >= 0 (0 = pixel space only), "
                  f"got {self.memorisation_feature_images}")
         _require(len(self.memorisation_noise_levels) >= 1 and all(
             0 < s < 1000 and math.isfinite(s) for s in self.memorisation_noise_levels),
             f"evaluation.memorisation_noise_levels must be a non-empty list of sigmas in (0, 1000), "
-            f"got {self.memorisation_noise_levels}; set self.g. [0.5, 1.0, 2.0]")
+            f"got {self.memorisation_noise_levels}; set e.g. [0.5, 1.0, 2.0]")
         _require(0 < self.memorisation_alpha < 0.5,
                  f"evaluation.memorisation_alpha must be in (0, 0.5), got {self.memorisation_alpha}")
         _require(0 < self.memorisation_effect < 0.5,

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+import pyarrow.parquet as pq
+import pyarrow.types as pat
 from PIL import Image, UnidentifiedImageError
 
 from privimage_core.data.imageset import ImageSet
@@ -208,9 +210,6 @@ def parquet_records(path: str | os.PathLike, image_column: str = "image",
                     ) -> tuple[list[bytes], np.ndarray, list[str], str]:
     """(encoded images, labels, class names, classes_from) of a Parquet file
     (or directory of files) with an image column and a label column."""
-    import pyarrow.parquet as pq
-    import pyarrow.types as pat
-
     path = Path(path)
     dataset = path.stem or str(path)
     if not path.exists():

@@ -56,6 +56,7 @@ def _font_files(dirs: Sequence[str]) -> list[str]:
 
 def _have_fonttools() -> bool:
     try:
+        # lazy: fontTools is needed only when glyphs are rendered; this probes for it
         import fontTools.ttLib  # noqa: F401
     except ImportError:
         return False
@@ -69,6 +70,7 @@ def _names_match(font_path: str, chars: str) -> bool:
     without it the check passes and such fonts get in as label noise."""
     if not _have_fonttools():
         return True
+    # lazy: fontTools is needed only when glyphs are rendered
     from fontTools.ttLib import TTFont
     try:
         cmap = TTFont(font_path, lazy=True, fontNumber=0).getBestCmap() or {}

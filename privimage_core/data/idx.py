@@ -77,7 +77,7 @@ def _load(name: str, split: str, root: Path, classes: list[str],
     prefix = "train" if split == "train" else "t10k"
     paths = [_find(root, prefix, k) for k in ("images", "labels")]
     if None in paths and allow_download:
-        import torchvision.datasets as tvd  # only on explicit opt-in: it reaches the network
+        import torchvision.datasets as tvd  # lazy: only on explicit opt-in (it reaches the network)
 
         getattr(tvd, tv_cls)(str(root), train=split == "train", download=True)
         paths = [_find(root, prefix, k) for k in ("images", "labels")]

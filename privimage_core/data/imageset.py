@@ -20,6 +20,7 @@ def writable_tensor(a: np.ndarray):
     """A torch tensor of ``a``; a copy when ``a`` is read-only (arrays from
     Ray's object store or Parquet are): torch.from_numpy would share the
     buffer and warn that writing to it is undefined."""
+    # lazy: ImageSet is numpy; torch only for tensor views
     import torch
     return torch.from_numpy(a) if a.flags.writeable else torch.tensor(a)
 
@@ -80,7 +81,5 @@ class ImageSet:
 
     def to_tensor(self):
         """Float tensor [N, C, H, W] in [-1, 1], the scale the models use."""
-        import torch
-
         x = writable_tensor(self.images).permute(0, 3, 1, 2).float()
         return x / 127.5 - 1.0

@@ -16,10 +16,7 @@ from privimage_core.data.glyphs import render_glyphs
 from privimage_core.data.idx import load_fashion_mnist, load_mnist
 from privimage_core.data.imageset import ImageSet
 from privimage_core.data.provenance import lineage
-from privimage_core.data.specs import (BUILTIN_PREFIX, SPEC_HELP, is_user_source,  # noqa: F401
-                                       parse_or_raise, parse_spec, same_dataset,
-                                       same_user_dataset,
-                                       source_prefix)
+from privimage_core.data.specs import parse_or_raise, same_dataset, source_prefix
 from privimage_core.errors import DataError
 
 _GLYPH_OPTS = {"chars", "max_fonts", "per_font", "augment", "cache_dir", "fonts", "font_dirs"}

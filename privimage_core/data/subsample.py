@@ -25,14 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 
 from privimage_core.data.folders import CLASS_NAMES_KEY, folder_records, parquet_records
-from privimage_core.data.provenance import (PROVENANCE_SUFFIX, STATEMENT,  # noqa: F401
-                                            declaration, lineage, provenance_path,
-                                            read_provenance)
-from privimage_core.data.sources import is_user_source, load_source, parse_spec
+from privimage_core.data.provenance import STATEMENT, provenance_path
+from privimage_core.data.sources import load_source
+from privimage_core.data.specs import is_user_source, parse_spec
 from privimage_core.errors import DataError
+
 
 @dataclass
 class Records:
@@ -119,9 +121,6 @@ def materialise_subsample(spec: str, n: int, out_path: str | os.PathLike, seed: 
     n, seed, date, digest) beside it. Returns ``out_path``.
 
     Not a mechanism: the operator declares the file to be the dataset."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     out = Path(out_path)
     if out.suffix != ".parquet":
         raise DataError(f"subsample output {out} must end in .parquet; pass --out PATH.parquet")

@@ -40,10 +40,11 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
 
 from privimage_core.config.training import GRAD_SAMPLE_MODES
-from privimage_core.models.ema import unwrap
 from privimage_core.dp_sgd.ghost_clipping import BookKeepingClipper, unsupported_parameters
 from privimage_core.dp_sgd.per_sample_grads import compute_grad_samples, fold_multiplicity
+from privimage_core.dp_sgd.poisson_sampler import keep_empty_draws
 from privimage_core.models.base import DPObjective
+from privimage_core.models.ema import unwrap
 from privimage_core.privacy.ledger import MechanismRecord, PrivacyLedger
 from privimage_core.privacy.plan import DP_SGD_MECHANISM
 
@@ -146,8 +147,7 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
         world = torch.distributed.get_world_size() if distributed else 1
         dp_opt.expected_batch_size = int(num_records * q) / world
     dp_opt.attach_step_hook(ledger.step_hook(record, q))
-    if distributed:  # every rank yields every Poisson draw, empty ones too (W8)
-        from privimage_core.dp_sgd.poisson_sampler import keep_empty_draws
+    if distributed:  # every rank yields every Poisson draw, empty ones too
         dp_loader = keep_empty_draws(dp_loader)
     return DPTraining(model, dp_opt, dp_loader, record, q, engine, grad_sample_mode, clipper)
 

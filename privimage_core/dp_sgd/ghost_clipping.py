@@ -143,8 +143,8 @@ def _sq_norm(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 def _conv_patches(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """[N, T, kh*kw*C]: the input patches each output position's weights see,
     columns in any fixed order (only their Gram matrix is used). Stride 1:
-    stacked shifted channels-last views, faster than F.unfold (2.1 vs 8.6 ms
-    at 7x7, 128 channels, batch 64; ghost-kernels-2026-12-06.txt)."""
+    stacked shifted channels-last views, faster than F.unfold
+    (benchmarks/bench_ghost_kernels.py)."""
     if m.kernel_size == (1, 1) and m.stride == (1, 1) and m.padding == (0, 0):
         return x.flatten(2).transpose(1, 2)
     if m.stride != (1, 1):
@@ -165,11 +165,9 @@ def _conv_sq_norm(m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor, b: int, k: int
     grouped-convolution weight-gradient kernel, one group per example (an
     example's k rows are that group's batch, so they are summed), and kept:
     the clipped sum is a weighted sum of them instead of a second
-    weight-gradient pass (Bu et al.'s mixed ghost clipping). Per-layer times
-    in benchmarks/results/ghost-kernels-2026-12-06.txt: the grouped kernel
-    beats unfold + bmm everywhere and shifted batched matmuls at 14x14 (at
-    7x7 with k = 4 the two trade places from run to run), the whole DP step
-    was as fast or faster with it, and ghost wins where the rule picks it."""
+    weight-gradient pass (Bu et al.'s mixed ghost clipping). The kernels
+    were chosen by per-layer and whole-step timings
+    (benchmarks/bench_ghost_kernels.py, benchmarks/bench_dp_step.py)."""
     t = g.shape[2] * g.shape[3] * k
     p, d = m.out_channels, m.in_channels * m.kernel_size[0] * m.kernel_size[1]
     if _ghost_cheaper(t, d, p):

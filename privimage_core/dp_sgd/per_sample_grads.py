@@ -6,8 +6,9 @@ stored as ``p.grad_sample``, the field Opacus's hooks would have filled. The
 DPOptimizer then does everything private as usual: per-sample clipping, the
 Gaussian noise, the step hook (accounting), virtual steps
 (BatchMemoryManager) and, under DPDDP, the all-reduce of the clipped sums.
-Measured faster than the hooks on this project's UNet (FIELD_NOTES, "DP-SGD
-cost"), and noise multiplicity fits inside the per-example function.
+Measured faster than the hooks on this project's UNet
+(benchmarks/bench_dp_step.py), and noise multiplicity fits inside the
+per-example function.
 
 The per-example loss must be a pure function of (params, x_i, y_i, rnd_i):
 vmap refuses random ops, so all randomness comes in ``rnd`` (drawn by the

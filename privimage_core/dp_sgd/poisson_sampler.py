@@ -1,4 +1,4 @@
-"""Distributed Poisson sampling that keeps empty draws (issue 13 W8).
+"""Distributed Poisson sampling that keeps empty draws.
 
 Opacus 1.6's ``DistributedUniformWithReplacementSampler`` draws each rank's
 batch by including each of the rank's examples with probability q, but

@@ -40,6 +40,9 @@ from scipy.stats import binom
 
 from privimage_core.config.evaluation import CANARY_SOURCES
 from privimage_core.data.imageset import writable_tensor
+from privimage_core.data.provenance import lineage
+from privimage_core.data.sources import load_source
+from privimage_core.data.specs import same_dataset
 from privimage_core.errors import DataError
 
 CANARY_FILE = "audit_canaries.npz"   # in the run dir: operator only (holds the bits)
@@ -93,8 +96,6 @@ def resolve_canary_source(source: str, sensitive: str) -> str:
     is (drawn from) Fashion-MNIST; any other value as given."""
     if source != "auto":
         return source
-    from privimage_core.data.specs import same_dataset
-    from privimage_core.data.provenance import lineage
     origins = lineage(sensitive)
     return next(s for s in ("fashion_mnist", "mnist")
                 if not any(same_dataset(s, o) for o in origins))
@@ -104,9 +105,6 @@ def check_canary_source(source: str, sensitive: str) -> str:
     """Refuse canaries from the sensitive dataset or from a source it was
     materialised from: canaries must be public, never sensitive records.
     Returns the resolved source."""
-    from privimage_core.data.specs import same_dataset
-    from privimage_core.data.provenance import lineage
-
     source = resolve_canary_source(source, sensitive)
     if source not in CANARY_SOURCES:
         raise DataError(f"canary source {source!r} is unknown; use one of {', '.join(CANARY_SOURCES)}")
@@ -124,8 +122,6 @@ def make_canaries(source: str, m: int, num_classes: int, image_size: int, channe
     """m distinct public images (the TEST split of a built-in source, which no
     public pool pre-trains on) with labels uniform over the sensitive classes
     and Bernoulli(1/2) inclusion bits, all from OS entropy."""
-    from privimage_core.data.sources import load_source
-
     if source not in CANARY_SOURCES:
         raise DataError(f"canary source {source!r} is unknown; use one of {', '.join(CANARY_SOURCES)}")
     rng = rng or os_rng()

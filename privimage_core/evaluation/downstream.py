@@ -17,11 +17,12 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
+from sklearn.neural_network import MLPClassifier
 from torch import nn
 
-from privimage_core.data.imageset import ImageSet
+from privimage_core.data.imageset import ImageSet, writable_tensor
 from privimage_core.errors import DataError
-from privimage_core.data.imageset import writable_tensor
 
 KINDS = ("lr", "mlp", "cnn")
 
@@ -114,11 +115,9 @@ def _predict_cnn(model: nn.Module, ds: ImageSet, batch_size: int = 1000) -> np.n
 
 def _sklearn_model(kind: str, seed: int, epochs: int, max_iter: int | None):
     if kind == "lr":
-        from sklearn.linear_model import LogisticRegression
         # lbfgs iterations, capped for speed (full convergence on 50k MNIST-size
         # images takes minutes and moves accuracy by well under a point)
         return LogisticRegression(max_iter=max_iter or 30 * max(1, epochs), random_state=seed)
-    from sklearn.neural_network import MLPClassifier
     # max_iter = Adam epochs for MLPClassifier
     return MLPClassifier(hidden_layer_sizes=(128,), max_iter=max_iter or 4 * max(1, epochs),
                          batch_size=128, random_state=seed, early_stopping=False)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 
 from privimage_core.config.evaluation import INCEPTION_BACKENDS
 from privimage_core.errors import DataError, MissingWeightsError
+from privimage_core.evaluation import inception_openvino as ovi
 
 WEIGHTS_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 FEATURE_DIM = 2048
@@ -81,7 +83,6 @@ def load_fid_inception(path: str | os.PathLike | None = None, verify: bool = Tru
         raise MissingWeightsError(f"{p} has sha1 {digest}, not the FID-Inception weights "
                                   f"{WEIGHTS_SHA1}; {_FIX}")
     try:
-        import warnings
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated"
             model = torch.jit.load(str(p), map_location="cpu").eval()
@@ -133,10 +134,9 @@ def preprocess(batch_uint8: np.ndarray, resize: str = "nv_bilinear",
     return (x - 128.0) / 128.0
 
 
-# Measured on a 2-core AMD EPYC (benchmarks/results/inception-2026-12-03.txt):
-# the FID Inception runs 1.5x faster in batches of 8 in channels_last than in
-# batches of 100 in NCHW (6.35 vs 4.25 images/s; features equal to 8e-6);
-# large CPU batches fall out of cache. GPUs keep large batches.
+# On a CPU the FID Inception runs fastest in small channels_last batches
+# (large ones fall out of cache; benchmarks/bench_inception.py measures it,
+# features unchanged); GPUs keep large batches.
 CPU_BATCH = 8
 
 
@@ -146,7 +146,6 @@ def resolve_backend(backend: str, device: str | torch.device = "cpu") -> str:
     always run torch)."""
     if backend not in INCEPTION_BACKENDS:
         raise ValueError(f"inception backend must be one of {INCEPTION_BACKENDS}, got {backend!r}")
-    from privimage_core.evaluation import inception_openvino as ovi
     on_cpu = torch.device(device).type == "cpu"
     if backend == "openvino":
         if not on_cpu:
@@ -182,7 +181,6 @@ def _torch_features(x: np.ndarray, model, batch_size: int | None, device, resize
 
 def _openvino_features(x: np.ndarray, model, batch_size: int | None, resize: str,
                        progress=None) -> list:
-    from privimage_core.evaluation import inception_openvino as ovi
     batch_size = batch_size or ovi.BATCH
     feats, cm = [], None
     for i in range(0, len(x), batch_size):
@@ -228,6 +226,7 @@ def frechet_distance(mu1, s1, mu2, s2) -> float:
     (benchmarks/bench_frechet.py: 800x slower than frechet_distance_from_features
     at the quickstart's 200 images, 2.4x at 5,000, agreeing to 6e-8), so
     compute_fid uses the factorised form when features are at hand."""
+    # lazy: pytorch-fid is only the reference implementation this cross-checks
     from pytorch_fid.fid_score import calculate_frechet_distance
     return float(calculate_frechet_distance(mu1, s1, mu2, s2))
 

@@ -3,11 +3,11 @@
 and run in float32 (``INFERENCE_PRECISION_HINT`` f32, so no bf16 or int8
 shortcut changes the features).
 
-Why: a comparable FID needs 5,000 images per side (ANCHORS.md), and the
-Inception pass is what a CPU pays for it. On the project's 2-core machines
-OpenVINO runs the network 1.8x faster than torch's oneDNN path (27 against
-15 images/s on an idle Intel Xeon, ``benchmarks/bench_inception.py``) with
-features equal to torch's within 1e-5 (tests/test_evaluation.py checks it
+Why: a comparable FID needs 5,000 images per side (FID is biased at small
+sample sizes), and the Inception pass is what a CPU pays for it. On the
+project's 2-core machines OpenVINO runs the network faster than torch's
+oneDNN path (``benchmarks/bench_inception.py``) with features equal to
+torch's within 1e-5 (tests/test_evaluation.py checks it
 against the TorchScript module on every CI run). The conversion and
 compilation take about 3 s, once per process.
 
@@ -21,7 +21,7 @@ import importlib.util
 import numpy as np
 import torch
 
-# Batches of 16 were the fastest measured on 2 cores (8: 25.1, 16: 25.5 images/s).
+# The fastest batch size measured on 2 cores (benchmarks/bench_inception.py).
 BATCH = 16
 
 # id(TorchScript module), threads -> compiled model; one conversion per process.
@@ -41,6 +41,7 @@ def compiled(model: torch.nn.Module, example: torch.Tensor, threads: int | None 
     hit = _COMPILED.get(key)
     if hit is not None and hit[0] is model:
         return hit[1]
+    # lazy: OpenVINO is an optional backend and takes seconds to import
     import openvino as ov
 
     with torch.no_grad():

@@ -21,10 +21,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from scipy.stats import beta
+from sklearn.metrics import roc_auc_score, roc_curve
 
-from privimage_core.data.imageset import ImageSet
+from privimage_core.data.imageset import ImageSet, writable_tensor
 from privimage_core.errors import DataError
-from privimage_core.data.imageset import writable_tensor
+from privimage_core.evaluation.downstream import train_classifier
 
 
 def _scores(x, name: str) -> np.ndarray:
@@ -43,8 +45,6 @@ def roc_metrics(member_scores, nonmember_scores) -> dict:
     is <= the target; with fewer than 1/target non-members only FPR = 0
     qualifies) and the fpr, tpr, thresholds arrays.
     """
-    from sklearn.metrics import roc_auc_score, roc_curve
-
     m = _scores(member_scores, "member_scores")
     n = _scores(nonmember_scores, "nonmember_scores")
     y = np.r_[np.ones(len(m)), np.zeros(len(n))]
@@ -61,8 +61,6 @@ def roc_metrics(member_scores, nonmember_scores) -> dict:
 
 def clopper_pearson_upper(k: np.ndarray, n: int, alpha: float) -> np.ndarray:
     """One-sided (1 - alpha) Clopper-Pearson upper bound on a binomial rate k/n."""
-    from scipy.stats import beta
-
     k = np.asarray(k, dtype=np.float64)
     ub = np.ones_like(k)
     lt = k < n
@@ -201,8 +199,6 @@ def detector_attack(real: ImageSet, synthetic: ImageSet, seed: int = 0, kind: st
     Both classes are subsampled to the same size so chance is exactly 0.5.
     ``kind``: 'cnn' (default, strongest), 'mlp' or 'lr' (see downstream).
     """
-    from privimage_core.evaluation.downstream import train_classifier
-
     if real.shape != synthetic.shape:
         raise DataError(f"real images are {real.shape} but synthetic are {synthetic.shape} (H,W,C); "
                         "resize one set to match")

@@ -43,13 +43,17 @@ effect; "inconclusive" = not significant with too few images to have seen it.
 """
 from __future__ import annotations
 
+import io
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
+from scipy.stats import binomtest, mannwhitneyu, norm
 
 from privimage_core.data.imageset import ImageSet
 from privimage_core.errors import DataError
+from privimage_core.evaluation.membership import loss_threshold_scores
 
 VERDICT_CODES = {"memorisation": 1.0, "no evidence": 0.0, "inconclusive": -1.0}
 PERMUTATIONS = 1999
@@ -136,8 +140,6 @@ def dcr_statistics(d_mem, i_mem, d_ho, i_ho, labels_mem, labels_ho, alpha: float
     (and equal to the raw share for equal-size references). Its null is
     drawn by permuting the member / held-out labels within each class (exact
     for that hypothesis, whatever the nearest-neighbour 'hubs')."""
-    from scipy.stats import binomtest, norm
-
     d_mem, d_ho = np.asarray(d_mem, np.float64), np.asarray(d_ho, np.float64)
     lm, lh = np.asarray(labels_mem), np.asarray(labels_ho)
     n, n_m = len(d_mem), len(lm)
@@ -234,9 +236,6 @@ def pairs_grid_png(synthetic: ImageSet, members: ImageSet, heldout: ImageSet, pa
                    scale: int = 2) -> bytes:
     """PNG: one column per pair; rows = synthetic image, its nearest MEMBER
     (a sensitive training image), its nearest held-out image; exact pixels."""
-    import io
-
-    from PIL import Image
     si, mi, hi = (np.asarray(p) for p in pairs)
     h, w, c = synthetic.shape
     grid = np.full((3 * h + 2, max(1, len(si)) * (w + 1), c), 255, np.uint8)
@@ -255,8 +254,6 @@ def reconstruction_errors(reconstruct: Callable, images: ImageSet, sigma: float,
     reconstruction reconstruct(x, eps, sigma, y) of x (for a pixel model
     the denoiser on x + sigma * eps); eps is seeded per (seed, position),
     so pair i of two sets sees the same noise."""
-    from privimage_core.evaluation.membership import loss_threshold_scores
-
     def err(x, y, s, noise):
         x0 = reconstruct(x, noise, torch.full((len(x),), float(s), dtype=x.dtype), y)
         return ((x0.clamp(-1, 1) - x) ** 2).flatten(1).mean(1)
@@ -276,7 +273,6 @@ def reconstruction_attack(reconstruct: Callable | None, members: ImageSet, heldo
     if reconstruct is None:
         return {"verdict": "not applicable",
                 "reason": reason or "the family has no one-step reconstruction"}
-    from scipy.stats import mannwhitneyu, norm
 
     n1, n2 = len(members), len(heldout)
     if n1 < 2 or n2 < 2:

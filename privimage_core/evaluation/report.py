@@ -21,13 +21,13 @@ import io
 import time
 
 import numpy as np
+from PIL import Image
 
 from privimage_core.data.imageset import ImageSet
 from privimage_core.evaluation.context import NON_PRIVATE_NOTE, EvaluationResult
 
 
 def _png(arr: np.ndarray) -> bytes:
-    from PIL import Image
     buf = io.BytesIO()
     Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(buf, format="PNG")
     return buf.getvalue()
@@ -49,6 +49,7 @@ def class_strips(ds: ImageSet, per_class: int = 10, scale: int = 2) -> list[tupl
 
 
 def _fig_png(fig) -> bytes:
+    # lazy: matplotlib only for the report's figures (Agg chosen in _plt first)
     import matplotlib.pyplot as plt
     buf = io.BytesIO()
     fig.tight_layout()
@@ -58,9 +59,10 @@ def _fig_png(fig) -> bytes:
 
 
 def _plt():
+    # lazy: matplotlib only for the report's figures; Agg before pyplot loads
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: see above
     return plt
 
 
@@ -182,7 +184,7 @@ _ROWS = {
 }
 
 
-# ------------------------------------------------------------ canary audit (issue 13 W1)
+# ------------------------------------------------------------ canary audit
 _ROWS["Privacy audit: canaries, one run (Steinke et al. 2023) [non-private, operator only]"] = [
     ("canary_eps_lb", "canary audit: epsilon lower bound (confidence 1 - beta)"),
     ("canary_eps_max", "most it could show with these guesses (all correct)"),

@@ -62,6 +62,7 @@ def _load(package: str = MODEL_PACKAGE):
         # The files are local: make sure nothing tries the Hugging Face hub.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        # lazy: sentence-transformers pulls transformers (seconds); only SDS needs it
         from sentence_transformers import SentenceTransformer
         pkg = importlib.import_module(package)
         model_dir = Path(pkg.__file__).resolve().parent / "model"

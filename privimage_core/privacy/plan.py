@@ -16,6 +16,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from privimage_core.errors import PrivacyBudgetError
+from privimage_core.models import get_family
 from privimage_core.privacy.ledger import PrivacyLedger
 from privimage_core.privacy.query_budget import resolve_sigma_q
 from privimage_core.selection.distribution import QUERY_MECHANISM
@@ -134,8 +135,6 @@ class PrivacyPlan:
 def plan_run(cfg, method, n: int, delta: float) -> PrivacyPlan:
     """The privacy plan of ``method`` on a sensitive dataset of ``n`` records
     (canaries are added here), stage by stage against the composed ledger."""
-    from privimage_core.models import get_family
-
     p = cfg.privacy
     plan = PrivacyPlan(p.target_epsilon, delta, p.accountant)
     led = PrivacyLedger(p.target_epsilon, delta, p.accountant)

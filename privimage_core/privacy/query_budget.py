@@ -26,11 +26,10 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from scipy.stats import norm
 
-from privimage_core.config.sections import ON_INSIGNIFICANT  # noqa: F401 (the policies fallback_plan reads)
 from privimage_core.privacy.ledger import PrivacyLedger
 from privimage_core.selection.distribution import noise_std
-
 
 
 def fallback_plan(sig: "Significance", policy: str) -> str | None:
@@ -94,8 +93,6 @@ def selection_significance(noisy: np.ndarray, selection: dict[int, list[int]], k
                            sigma_q: float, alpha: float) -> Significance:
     """Decided from the noisy histograms, the selection (both DP outputs) and
     public parameters (k1, sigma_q, the shape): post-processing."""
-    from scipy.stats import norm
-
     noisy = np.asarray(noisy, dtype=np.float64)
     cells = noisy.size
     s = noise_std(k1, sigma_q)

@@ -3,22 +3,21 @@ run by the selector actor (services/actors.py)."""
 from __future__ import annotations
 
 import numpy as np
+import ray
 
 from privimage_core.errors import DataError
 from privimage_core.methods import Stage
 from privimage_core.privacy.ledger import MechanismRecord, PrivacyLedger
 from privimage_core.privacy.query_budget import Significance, fallback_plan, selection_significance
+from services.actors import SelectorActor
 from services.stage_engine import RunContext
 
 
 def _selector(ctx: RunContext):
-    from services.actors import SelectorActor
     return ctx.actor("selector", SelectorActor)
 
 
 def public_index(ctx: RunContext, stage: Stage) -> dict:
-    import ray
-
     info = ray.get(_selector(ctx).build_index.remote())
     ctx.values["public_names"] = info["label_names"]
     return {"num_public_images": info["num_public_images"],
@@ -27,8 +26,6 @@ def public_index(ctx: RunContext, stage: Stage) -> dict:
 
 def query_function(ctx: RunContext, stage: Stage) -> dict:
     """Lines 1-2: the semantic query function, trained on public data only."""
-    import ray
-
     if all(ctx.done(s) is not None for s in ctx.method.stages if s.kind == "semantic_query"):
         return {}  # the selection it served is saved: no need to train it again
     qm = ray.get(_selector(ctx).train_query_function.remote())
@@ -40,15 +37,13 @@ def query_function(ctx: RunContext, stage: Stage) -> dict:
 def semantic_query(ctx: RunContext, stage: Stage) -> dict:
     """Lines 3-8: the DP semantic distribution query (charged to the ledger
     by the selector before it runs) and the top-k2 selection."""
-    import ray
-
     sel = ctx.cfg.selection
     sigma_q = ctx.plan.query_sigma
     q = ray.get(_selector(ctx).query.remote(ctx.ledger.state_dict(), ctx.sens_ref,
                                             len(ctx.class_names), sigma_q))
     ctx.ledger = PrivacyLedger.from_state_dict(q["ledger"])
     ctx.state["ledger"] = ctx.ledger.state_dict()
-    # W5: the released histogram is rounded to integers (post-processing of
+    # The released histogram is rounded to integers (post-processing of
     # the Gaussian mechanism's output: same guarantee, no float64 digits)
     noisy = np.round(np.asarray(q["noisy_histograms"], dtype=np.float64))
     sig = selection_significance(noisy, q["selection"], q["k1"], q["sigma_q"],
@@ -155,8 +150,6 @@ def pretrain_images(ctx: RunContext, stage: Stage) -> tuple[np.ndarray, np.ndarr
     pool (PDP-Diffusion) with class ids drawn uniformly from a public seed,
     so the class embedding carries no public semantics and DP fine-tuning
     teaches it the sensitive classes."""
-    import ray
-
     sel = _selector(ctx)
     if pretrain_data(ctx, stage) == "selection":
         images, labels = ray.get(sel.selected_images.remote(ctx.values["selection"]))
@@ -168,9 +161,10 @@ def pretrain_images(ctx: RunContext, stage: Stage) -> tuple[np.ndarray, np.ndarr
 
 def histogram_png(noisy: np.ndarray, class_names: list[str], public_names: list[str],
                   path) -> None:
+    # lazy: matplotlib only for this figure; Agg before pyplot loads
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: see above
     fig, ax = plt.subplots(figsize=(max(8, len(public_names) * 0.18), 0.45 * len(class_names) + 1.5))
     im = ax.imshow(noisy, aspect="auto", cmap="viridis")
     ax.set_yticks(range(len(class_names)), class_names)

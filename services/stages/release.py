@@ -4,25 +4,31 @@ and the membership audit read the sensitive training set), by the
 evaluator actor."""
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import ray
+from mlflow import set_tag
+from PIL import Image
 
-from privimage_core.models.state import state_bytes
+from privimage_core.evaluation.canary_audit import CANARY_FILE, CanarySet
 from privimage_core.methods import Stage
+from privimage_core.models.release import ReleaseManifest
+from privimage_core.models.state import state_bytes
+from privimage_core.synthesize import read_dataset
+from services.actors import Evaluator, EvaluatorActor
+from services.progress import progress_line
 from services.stage_engine import RunContext
+from services.stages.training import RELEASE_FILE
 
 
 def _evaluator(ctx: RunContext):
-    from services.actors import EvaluatorActor
     return ctx.actor("evaluator", EvaluatorActor)
 
 
 def synthesize(ctx: RunContext, stage: Stage) -> dict:
-    import ray
-
-    from privimage_core.synthesize import read_dataset
-
     led = ctx.ledger
     provenance = {"epsilon": led.epsilon(), "delta": led.target_delta,
                   "accountant": led.accountant_name, "mlflow_run_id": ctx.mlflow_run_id,
@@ -32,7 +38,6 @@ def synthesize(ctx: RunContext, stage: Stage) -> dict:
     if ctx.values.get("selection_note"):  # DP outputs only (query_budget.py)
         provenance.update(selection_warning=ctx.values["selection_note"],
                           pretrain_data_fallback=ctx.values.get("selection_fallback"))
-    from services.progress import progress_line
     with progress_line(ctx.mlflow_run_id or "run", stage.name, "sampling", ctx.log,
                        unit="images") as board:
         syn = ray.get(_evaluator(ctx).synthesize.remote(
@@ -46,25 +51,17 @@ def synthesize(ctx: RunContext, stage: Stage) -> dict:
 
 def _manifest(ctx: RunContext) -> dict:
     """The release's manifest (written beside it by its DP stage)."""
-    from privimage_core.models.release import ReleaseManifest
-    from services.stages.training import RELEASE_FILE
     return ReleaseManifest.for_run(ctx.cfg, ctx.method.family, ctx.class_names,
                                    RELEASE_FILE).to_dict()
 
 
 def evaluate(ctx: RunContext, stage: Stage) -> dict:
-    import ray
-    from mlflow import set_tag
-
-    from services.actors import Evaluator
-
     set_tag("evaluation", "non-private: uses the real test split; the ceiling and the "
             "membership diagnostic also read the sensitive training set; the canary audit "
             "reads the canaries' inclusion bits (operator only)")
     test = ctx.inputs.test
     canaries, reference = _canary_args(ctx)
     # sens_ref: the diagnostic's members and the ceiling's training data (never written)
-    from services.progress import progress_line
     with progress_line(ctx.mlflow_run_id or "run", stage.name, "evaluation: FID Inception",
                        ctx.log, unit="images") as board:
         ev = ray.get(_evaluator(ctx).evaluate.remote((test.images, test.labels),
@@ -97,10 +94,6 @@ CANARY_RESULT_FILE = "canary_audit.json"  # counts + verdict, run dir only (oper
 def _canary_args(ctx: RunContext):
     """(CanarySet fields, public pre-trained weights) for the evaluator, or
     (None, None) when this run has no canaries."""
-    from dataclasses import asdict
-
-    from privimage_core.evaluation.canary_audit import CANARY_FILE, CanarySet
-
     path = ctx.run_dir / CANARY_FILE
     if not ctx.cfg.evaluation.canary_audit or not path.is_file():
         return None, None
@@ -115,10 +108,6 @@ def _canary_args(ctx: RunContext):
 def _record_canary_audit(ctx: RunContext, detail: dict | None, verdict: str | None) -> None:
     """The full result stays in the run dir; MLflow gets the verdict (a tag)
     and, through the metrics, the bound and what it could show."""
-    import json
-
-    from mlflow import set_tag
-
     if detail is None:
         return
     (ctx.run_dir / CANARY_RESULT_FILE).write_text(json.dumps(detail, indent=2, default=str))
@@ -138,7 +127,6 @@ def mlflow_key(k: str) -> str:
 
 
 def sample_grid_png(ds, path: Path, per_class: int = 10) -> None:
-    from PIL import Image
     h, w, c = ds.shape
     rows = []
     for k in range(ds.num_classes):

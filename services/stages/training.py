@@ -2,32 +2,40 @@
 line 9) and DP-SGD fine-tuning on the sensitive data (line 10)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
+import mlflow
 import numpy as np
+import ray
 import torch
+from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 
+from privimage_core.data.provenance import declaration
 from privimage_core.errors import PrivacyBudgetError
-from privimage_core.evaluation.canary_audit import CANARY_FILE
+from privimage_core.evaluation.canary_audit import (CANARY_FILE, CanarySet, make_canaries,
+                                                    resolve_canary_source)
 from privimage_core.methods import Stage
+from privimage_core.models import build_model, get_family
 from privimage_core.models.release import ReleaseManifest, write_release
 from privimage_core.models.state import state_bytes
 from privimage_core.privacy.ledger import PrivacyLedger
+from services.progress import progress_line
 from services.run_store import trainer_name
 from services.stage_engine import RunContext
+from services.stages.public import pretrain_data, pretrain_images
 from services.train_job import TrainJob
+from services.train_loops import finetune_loop, pretrain_loop
 
 PRETRAINED_FILE = "pretrained_generator.pt"   # public-only weights
 RELEASE_FILE = "dp_generator.pt"              # the DP release (its manifest: release.json)
 
 
 def _fit(ctx: RunContext, stage: Stage, loop, job: TrainJob):
-    from dataclasses import replace
-
-    from services.progress import progress_line
-
     r = ctx.cfg.ray
     label = "DP fine-tuning" if job.is_dp else "pre-training"
     with progress_line(ctx.mlflow_run_id or "run", stage.name, label, ctx.log) as board:
@@ -35,9 +43,6 @@ def _fit(ctx: RunContext, stage: Stage, loop, job: TrainJob):
 
 
 def _trainer(ctx: RunContext, stage: Stage, loop, job: TrainJob, r):
-    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     return TorchTrainer(
         loop, train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
@@ -73,7 +78,6 @@ def _with_ema(model_state: dict, ema_shadow: dict, release_prefix: str) -> dict:
 def _release_prefix(ctx: RunContext, part: str | None = None) -> str:
     """State-dict prefix of the submodule whose EMA the stage training
     ``part`` keeps (ModelFamily.ema_module)."""
-    from privimage_core.models import build_model, get_family
     fam = get_family(ctx.method.family)
     m = build_model(ctx.cfg, ctx.method.family, len(ctx.class_names))
     rel = fam.ema_module(m, part)
@@ -94,10 +98,6 @@ def _pretrain_key(ctx: RunContext, stage: Stage, labels) -> str:
     """Digest of everything public pre-training depends on: the family and
     its settings, the public pool's settings, the seed and the data choice
     (for PrivImage the selection, a DP output). Ray/Tune settings aside."""
-    import hashlib
-
-    from services.stages.public import pretrain_data
-
     c = ctx.cfg.to_dict()
     data = pretrain_data(ctx, stage)
     key = {"family": ctx.method.family, "generator": c["generator"], "pretrain": c["pretrain"],
@@ -113,12 +113,6 @@ def _pretrain_key(ctx: RunContext, stage: Stage, labels) -> str:
 
 
 def pretrain(ctx: RunContext, stage: Stage) -> dict:
-    import mlflow
-    import ray
-
-    from services.stages.public import pretrain_data, pretrain_images
-    from services.train_loops import pretrain_loop
-
     images, labels = pretrain_images(ctx, stage)
     data = pretrain_data(ctx, stage)
     cache = Path(ctx.cfg.run.output_dir).resolve() / "cache" / \
@@ -160,11 +154,6 @@ def restore_pretrain(ctx: RunContext, stage: Stage, saved: dict) -> None:
 
 
 def dp_finetune(ctx: RunContext, stage: Stage) -> dict:
-    import mlflow
-    import ray
-
-    from services.train_loops import finetune_loop
-
     f = ctx.cfg.finetune
     part = stage.options.get("part")
     plan = ctx.plan.stages[stage.name]  # computed once when the run started
@@ -241,9 +230,6 @@ def dp_finetune(ctx: RunContext, stage: Stage) -> dict:
 
 def guarantee_statement(ctx: RunContext) -> dict:
     """What the (epsilon, delta) covers, stated where the release is."""
-    from privimage_core.data.provenance import declaration
-    from privimage_core.evaluation.canary_audit import resolve_canary_source
-
     d = ctx.cfg.data
     e = ctx.cfg.evaluation
     src = resolve_canary_source(e.canary_source, d.sensitive)
@@ -272,9 +258,6 @@ def audit_canaries(ctx: RunContext):
     """The run's canaries (a CanarySet) or None when the audit is off. Drawn
     once from OS entropy and kept in the run dir (operator only: the bits are
     the audit's secret); a resumed run trains on the same ones."""
-    from privimage_core.evaluation.canary_audit import (CanarySet, make_canaries,
-                                                        resolve_canary_source)
-
     e = ctx.cfg.evaluation
     if not e.canary_audit:
         return None

@@ -7,14 +7,13 @@ ODE solver; the audit scores the denoising loss at fixed noise levels.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
+from privimage_core.models.base import ModelFamily, PublicTrainer, no_part
 from privimage_core.models.diffusion.edm import (EDMObjective, EDMPrecond, denoising_loss_fn,
                                                  edm_loss, sample, sample_training_noise)
 from privimage_core.models.diffusion.unet import PRESETS, build_unet
-from privimage_core.models.base import ModelFamily, PublicTrainer, no_part
 
 
 def _null_label(model: nn.Module) -> int:
