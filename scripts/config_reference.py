@@ -33,6 +33,10 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 OUT = ROOT / "docs" / "configuration.md"
 
+from privimage_core.config import SCALAR_KEYS, SECTIONS, Config  # noqa: E402 (after sys.path)
+from privimage_core.methods import METHODS  # noqa: E402
+from privimage_core.models import FAMILY_PACKAGES, family_config_sections  # noqa: E402
+
 REGENERATE = "python scripts/config_reference.py"
 
 
@@ -224,8 +228,6 @@ def _source_path(cls: type) -> str:
 
 
 def _family_of(section: str) -> str | None:
-    from privimage_core.models import FAMILY_PACKAGES, family_config_sections
-
     cls = family_config_sections().get(section)
     if cls is None:
         return None
@@ -267,9 +269,6 @@ def render_section(name: str, cls: type, sections: dict[str, type]) -> list[str]
 
 def render(sections: dict[str, type] | None = None) -> str:
     """The whole reference (``sections``: SECTIONS unless given, for tests)."""
-    from privimage_core.config import SCALAR_KEYS, SECTIONS, Config
-    from privimage_core.methods import METHODS
-
     sections = dict(SECTIONS if sections is None else sections)
     top = {f.name: f for f in dataclasses.fields(Config)}
     lines = [

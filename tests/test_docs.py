@@ -15,6 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
+
+from privimage_core.config import SECTIONS, all_keys, from_dict
+from privimage_core.config.sections import DataConfig
+from privimage_core.methods import METHODS
+from privimage_core.models.base import ModelFamily
+from services.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -55,8 +62,6 @@ def test_configuration_reference_is_current():
 
 
 def test_configuration_reference_lists_every_key_and_section():
-    from privimage_core.config import SECTIONS, all_keys
-
     text = (DOCS / "configuration.md").read_text()
     for key in all_keys():
         assert f"| `{key}` |" in text, f"{key} is not in docs/configuration.md"
@@ -79,9 +84,6 @@ def test_reference_carries_the_comment_above_a_field_and_allowed_values():
 
 
 def test_control_a_changed_default_changes_the_reference():
-    from privimage_core.config import SECTIONS
-    from privimage_core.config.sections import DataConfig
-
     @dataclass
     class ChangedData(DataConfig):
         image_size: int = 32
@@ -104,8 +106,6 @@ class ExtraFamilyConfig:
 
 
 def test_control_a_new_family_section_appears_automatically():
-    from privimage_core.config import SECTIONS
-
     text = config_reference.render({**SECTIONS, "extra": ExtraFamilyConfig})
     assert "## `extra`" in text and "A section a new model family would add." in text
     assert "| `extra.widgets` | `int` | `3` | How many widgets the family builds. |" in text
@@ -250,8 +250,6 @@ NOT_KEYS = {"selection.fallback", "ray.init"}
 def _unknown_keys(text: str) -> list[str]:
     """Dotted config keys named in ``text`` (inline code, `--set key=` in code
     blocks) that the config does not have."""
-    from privimage_core.config import SECTIONS, all_keys
-
     keys = set(all_keys())
     pattern = re.compile(r"(?<![\w./-])(" + "|".join(SECTIONS) + r")\.([a-z_0-9]+)\b")
     fenced = re.findall(r"```\w*\n(.*?)```", text, re.S)
@@ -275,20 +273,14 @@ def test_control_a_misspelt_key_is_caught():
 
 @pytest.mark.parametrize("name", ["README.md"] + [f"docs/{p}" for p in PAGES])
 def test_yaml_examples_are_valid_configs(name):
-    import yaml
-
-    from privimage_core.config import from_dict
-
     for block in re.findall(r"```yaml\n(.*?)```", _all_docs()[name], re.S):
         from_dict(yaml.safe_load(block))
 
 
 def _options(argv: list[str]) -> set[str]:
-    from services.cli import main
-
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
-        main(argv + ["--help"])
+        cli_main(argv + ["--help"])
     return set(re.findall(r"(--[a-z-]+)", out.getvalue()))
 
 
@@ -329,16 +321,12 @@ def test_control_a_wrong_command_or_option_is_caught(cli_options):
 
 
 def test_documented_methods_are_registered():
-    from privimage_core.methods import METHODS
-
     text = (ROOT / "README.md").read_text()
     listed = re.search(r"Methods \(`method:` in the config\): (.*?);", text, re.S)[1]
     assert re.findall(r"`(\w+)`", listed) == list(METHODS)
 
 
 def test_family_interface_table_lists_base_members():
-    from privimage_core.models.base import ModelFamily
-
     text = (DOCS / "extending.md").read_text()
     members = {n for n, v in vars(ModelFamily).items() if callable(v)}
     members |= set(ModelFamily.__annotations__)
