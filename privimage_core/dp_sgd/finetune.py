@@ -21,13 +21,13 @@ DP-SGD through stock Opacus.
 - Every real optimizer step is recorded in the privacy ledger through the
   optimizer's step hook; training stops before the ledger's target would be
   exceeded.
-- Privacy randomness (Poisson sampling, gradient noise) is seeded from OS
-  entropy, never from the logged run seed.
+- Privacy randomness (Poisson sampling, gradient noise) comes from
+  generators whose whole state is OS entropy (dp_sgd/entropy.py), never
+  from the logged run seed.
 """
 from __future__ import annotations
 
 import math
-import secrets
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -40,6 +40,7 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
 
 from privimage_core.config.training import GRAD_SAMPLE_MODES
+from privimage_core.dp_sgd.entropy import entropy_generator
 from privimage_core.dp_sgd.ghost_clipping import BookKeepingClipper, unsupported_parameters
 from privimage_core.dp_sgd.per_sample_grads import compute_grad_samples, fold_multiplicity
 from privimage_core.dp_sgd.poisson_sampler import keep_empty_draws
@@ -120,7 +121,7 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
     # with torch.normal(device=grad.device, generator=...), which refuses a CPU
     # generator for CUDA tensors.
     device = next(module.parameters()).device
-    noise_gen = torch.Generator(device=device).manual_seed(secrets.randbits(63))
+    noise_gen = entropy_generator(device)
     model, dp_opt, dp_loader = engine.make_private(
         module=module, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm, poisson_sampling=True,
@@ -147,6 +148,9 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
         world = torch.distributed.get_world_size() if distributed else 1
         dp_opt.expected_batch_size = int(num_records * q) / world
     dp_opt.attach_step_hook(ledger.step_hook(record, q))
+    # Poisson sampling draws on the CPU from its own entropy-filled generator
+    # (Opacus's default is torch's global one, 32 bits of seed on the CPU).
+    dp_loader.batch_sampler.generator = entropy_generator("cpu")
     if distributed:  # every rank yields every Poisson draw, empty ones too
         dp_loader = keep_empty_draws(dp_loader)
     return DPTraining(model, dp_opt, dp_loader, record, q, engine, grad_sample_mode, clipper)
@@ -223,7 +227,8 @@ def dp_finetune(dp: DPTraining, ema, inner: torch.nn.Module, total_steps: int,
     if noise_multiplicity < 1:
         raise ValueError(f"noise_multiplicity must be >= 1, got {noise_multiplicity}")
     check_clipper(dp, objective, noise_multiplicity)
-    # Unpredictable Poisson sampling and diffusion noise for this stage.
+    # The loss's own draws (diffusion noise levels) are not the privacy noise;
+    # they come from the global generator, re-seeded so that runs differ.
     torch.seed()
     dp.model.train()
     record = dp.record
