@@ -14,11 +14,11 @@ implementation or its accounting is broken.
 
 Unlike the train-vs-test attack (diffusion_mia.py), this can fail: members and
 non-members are randomised by the auditor, so nothing but the training can
-make them differ; and k is chosen on one half of the canaries and the bound
-evaluated on the other, so no threshold is maximised on the scores it is
-judged by. It also states what it cannot show: with r guesses all correct the
-bound is at most ``max_provable_epsilon(m, r)``; a claim above that is
-"inconclusive", never "passed".
+make them differ; and the guessing thresholds are chosen on one half of the
+canaries and applied to the other, which gives the bound, so no threshold is
+maximised on the scores it is judged by. It also states what it cannot show:
+with r guesses all correct the bound is at most ``max_provable_epsilon(m,
+r)``; a claim above that is "inconclusive", never "passed".
 
 Canaries are PUBLIC images (Fashion-MNIST's test split, MNIST's test split or
 rendered glyphs) with labels drawn uniformly from the sensitive classes:
@@ -226,33 +226,65 @@ def guesses(scores: np.ndarray, k_pos: int, k_neg: int) -> np.ndarray:
     return g
 
 
-def _count(scores, included, k_pos, k_neg) -> tuple[int, int]:
-    g = guesses(scores, k_pos, k_neg)
+def _count(guess: np.ndarray, included: np.ndarray) -> tuple[int, int]:
+    """(guesses made, correct guesses)."""
     truth = np.where(included, 1, -1)
-    return int((g != 0).sum()), int((g == truth).sum())
+    return int((guess != 0).sum()), int((guess == truth).sum())
 
 
 def _ks(n: int, fp: float, fn: float) -> tuple[int, int]:
     return int(round(fp * n)), min(int(round(fn * n)), n - int(round(fp * n)))
 
 
-def choose_fractions(scores, included, beta: float, delta: float) -> tuple[float, float]:
-    """(k+/n, k-/n) maximising the bound on THIS half (the selection half);
-    applied to the other half, whose bits played no part in the choice."""
+def thresholds(scores: np.ndarray, k_pos: int, k_neg: int) -> tuple[float, float]:
+    """(t_pos, t_neg): midway between the k_pos-th and the next lowest score,
+    and between the k_neg-th and the next highest (-inf / +inf for none), so
+    that a threshold sits in a gap between scores rather than on one.
+    ``guess_by_threshold`` with them reproduces ``guesses(scores, k_pos,
+    k_neg)`` on these scores (ties aside)."""
+    order = np.sort(scores)
+    n = len(order)
+    t_pos = -np.inf if not k_pos else float(
+        order[k_pos - 1] if k_pos == n else (order[k_pos - 1] + order[k_pos]) / 2)
+    t_neg = np.inf if not k_neg else float(
+        order[n - k_neg] if k_neg == n else (order[n - k_neg] + order[n - k_neg - 1]) / 2)
+    return t_pos, t_neg
+
+
+def guess_by_threshold(scores: np.ndarray, t_pos: float, t_neg: float) -> np.ndarray:
+    """+1 ("in") where the loss is at most t_pos, -1 ("out") where it is at
+    least t_neg (and not already "in"), 0 elsewhere."""
+    g = np.zeros(len(scores), dtype=np.int8)
+    g[scores >= t_neg] = -1
+    g[scores <= t_pos] = 1
+    return g
+
+
+def choose_thresholds(scores, included, beta: float, delta: float
+                      ) -> tuple[float, float, int, int]:
+    """(t_pos, t_neg, k_pos, k_neg): the score thresholds whose guesses give
+    the largest bound on THIS half (the selection half). They are applied as
+    thresholds to the other half, whose bits played no part in the choice:
+    counts would not transfer, since the number of members in the other half
+    varies (a leaking model would get some of its "in" guesses wrong)."""
     n = len(scores)
     # ties (e.g. every choice gives 0) go to more guesses: a larger provable maximum
-    best, best_key = (0.5, 0.5), (-1.0, 0)
+    best, best_key = None, (-1.0, 0)
     for fp in GUESS_FRACTIONS:
         for fn in GUESS_FRACTIONS:
             if fp + fn > 1 or fp + fn == 0:
                 continue
             kp, kn = _ks(n, fp, fn)
-            r, v = _count(scores, included, kp, kn)
+            t = thresholds(scores, kp, kn)
+            r, v = _count(guess_by_threshold(scores, *t), included)
             if r == 0:
                 continue
             key = (epsilon_lower_bound(n, r, v, beta, delta, tol=1e-3), r)
             if key > best_key:
-                best, best_key = (fp, fn), key
+                best, best_key = (*t, kp, kn), key
+    if best is None:  # no guesses possible (e.g. all scores equal): guess half each way
+        kp, kn = _ks(n, 0.5, 0.5)
+        best = (*thresholds(scores, kp, kn), kp, kn)
     return best
 
 
@@ -281,12 +313,16 @@ def audit(scores: np.ndarray, included: np.ndarray, claimed_epsilon: float | Non
           delta: float, beta: float = 0.05) -> dict:
     """The audit on canary scores (lower = "in") and their inclusion bits.
 
-    Even positions choose (k+, k-) (``choose_fractions``); odd positions (the
-    evaluation half, m_eval canaries) are guessed with those fractions and
-    give the bound. Canaries are in random order, so the split is independent
-    of the bits. The bound is valid for the evaluation half: conditioned on
-    the selection half's bits (independent of the others), the training is
-    still DP in each evaluation canary and the guesses are post-processing.
+    Even positions choose the score thresholds (``choose_thresholds``); odd
+    positions (the evaluation half, m_eval canaries) are guessed with those
+    thresholds and give the bound. Canaries are in random order, so the split
+    is independent of the bits. The bound is valid for the evaluation half:
+    conditioned on the selection half's bits (independent of the others), the
+    training is still DP in each evaluation canary, and the guesses (and their
+    number r) are a function of the scores alone: post-processing, given
+    which each guessed bit is right with probability at most e^eps/(1+e^eps)
+    up to the delta term (Steinke et al. Sec. 5; jax_privacy's auditing
+    counts guesses at a fixed threshold the same way).
     Returns eps_lb, eps_max (all of these guesses correct), eps_max_all (all
     m_eval canaries guessed and correct: the ceiling of m), the counts, the
     verdict and its message."""
@@ -300,15 +336,15 @@ def audit(scores: np.ndarray, included: np.ndarray, claimed_epsilon: float | Non
     if not (0 < beta < 1 and 0 <= delta < 1):
         raise ValueError(f"need beta in (0, 1) and delta in [0, 1), got {beta}, {delta}")
     sel, ev = np.arange(0, len(s), 2), np.arange(1, len(s), 2)
-    fp, fn = choose_fractions(s[sel], b[sel], beta, delta)
+    t_pos, t_neg, kp, kn = choose_thresholds(s[sel], b[sel], beta, delta)
     n = len(ev)
-    kp, kn = _ks(n, fp, fn)
-    r, v = _count(s[ev], b[ev], kp, kn)
+    r, v = _count(guess_by_threshold(s[ev], t_pos, t_neg), b[ev])
     eps_lb = epsilon_lower_bound(n, r, v, beta, delta) if r else 0.0
     eps_max = max_provable_epsilon(n, r, beta, delta) if r else 0.0
     out = {"eps_lb": eps_lb, "eps_max": eps_max,
            "eps_max_all": max_provable_epsilon(n, n, beta, delta),
            "canaries": len(s), "canaries_eval": n, "k_pos": kp, "k_neg": kn,
+           "t_pos": t_pos, "t_neg": t_neg,
            "guesses": r, "correct": v, "beta": beta, "delta": delta,
            "claimed_epsilon": claimed_epsilon}
     out["verdict"], out["message"] = verdict(eps_lb, eps_max, claimed_epsilon, len(s))
