@@ -242,6 +242,15 @@ class PipelineMetrics:
         if loss is not None and (stage == "pretrain" or self.export_nonprivate_loss):
             _record("train_loss", tags, float(loss))
 
+    def stage_steps(self, stage: str, steps: int, n_samples: int) -> None:
+        """A whole stage's steps and samples at once: how a DP stage reports
+        them, at its end, so no per-step timing leaves the process."""
+        if stage not in TRAIN_STAGES:
+            raise ValueError(f"stage must be one of {sorted(TRAIN_STAGES)}, got {stage!r}")
+        tags = {"run_id": self.run_id, "stage": stage}
+        _record("train_steps", tags, float(steps))
+        _record("train_samples", tags, float(n_samples))
+
     def epsilon(self, spent: float, target: float) -> None:
         _record("epsilon_spent", {"run_id": self.run_id}, float(spent))
         _record("epsilon_target", {"run_id": self.run_id}, float(target))

@@ -116,6 +116,15 @@ class Tracker:
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
+def log_curve(uri: str, run_id: str, key: str, points: list[tuple[int, float]]) -> None:
+    """Log ``points`` (step, value) of one metric to a run, all stamped with
+    the same time: a curve whose per-point timestamps would time the steps
+    (a DP stage's step time follows its realised Poisson batch size)."""
+    ts = int(_t.time() * 1000)
+    MlflowClient(uri).log_batch(run_id, metrics=[Metric(key, float(v), ts, int(s))
+                                                 for s, v in points])
+
+
 def log_remote_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
     """From a Ray worker: log a batch of metrics to an existing run."""
     ts = int(_t.time() * 1000)

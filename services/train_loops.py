@@ -217,23 +217,15 @@ def finetune_loop(config: dict) -> None:
         dp.optimizer.original_optimizer.load_state_dict(restored["opt"]["dp"])
         if after is not None and restored["opt"].get("after") is not None:
             after.load_state_dict(restored["opt"]["after"])
-    pm = _metrics(job)
     total = plan.total_steps
-    every = max(1, total // 20)
     progress = ProgressPoster(job.progress_board if rank == 0 else None)
 
     def on_step(step, sps):
-        progress(step, total)  # console only, averaged on the driver (services/progress.py)
-        # No per-step timing leaves a DP stage: a step's duration follows its
-        # realised Poisson batch size, a count of sensitive records. Only the
-        # expected batch and the stage's total time are exported.
-        if pm:
-            pm.train_step("finetune", f.batch_size // world, None, None, worker=str(rank))
-        if rank == 0 and (step % every == 0 or step == total):
-            eps = ledger.epsilon()
-            if pm:
-                pm.epsilon(eps, ledger.target_epsilon)
-            _log_mlflow(job, {"epsilon_spent": eps}, step)
+        # Console only, averaged on the driver (services/progress.py). Nothing
+        # else leaves a DP stage per step: a step's duration follows its
+        # realised Poisson batch size, a count of sensitive records. The driver
+        # exports the stage's steps and its epsilon curve when it ends.
+        progress(step, total)
 
     def save(d):
         opt_state = {"dp": dp.optimizer.original_optimizer.state_dict(),

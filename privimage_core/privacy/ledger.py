@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 from opacus.accountants import create_accountant
@@ -72,6 +72,13 @@ class PrivacyLedger:
     def steps_of(self, name: str) -> int:
         """Steps recorded so far for the mechanism ``name`` (0 if none)."""
         return sum(r.steps for r in self.records if r.name == name)
+
+    def epsilon_at(self, name: str, steps: int) -> float:
+        """Epsilon had the mechanism ``name`` taken ``steps`` steps (the
+        others as recorded): the curve of a DP-SGD stage, computed from public
+        parameters after the fact instead of being timed while it ran."""
+        recs = [replace(r, steps=steps) if r.name == name else r for r in self.records]
+        return self._epsilon_of(recs)
 
     def epsilon_if(self, extra: list[MechanismRecord]) -> float:
         return self._epsilon_of(self.records + extra)

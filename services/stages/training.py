@@ -26,6 +26,7 @@ from privimage_core.models.state import state_bytes
 from privimage_core.privacy.ledger import PrivacyLedger
 from services.progress import progress_line
 from services.run_store import trainer_name
+from services.tracking import log_curve
 from services.stage_engine import RunContext
 from services.stages.public import pretrain_data, pretrain_images
 from services.train_job import TrainJob
@@ -193,6 +194,7 @@ def dp_finetune(ctx: RunContext, stage: Stage) -> dict:
                init_ref=ray.put(state_bytes(init)) if init is not None else None,
                ledger=ctx.ledger.state_dict(), plan=plan, part=part,
                resume_checkpoint=resume and {"storage": ctx.storage, "relpath": resume})
+    steps_before = ctx.ledger.steps_of(mech)
     res = _fit(ctx, stage, finetune_loop, job)
     with res.checkpoint.as_directory() as d:
         ledger = PrivacyLedger.from_state_dict(json.loads((Path(d) / "ledger.json").read_text()))
@@ -219,13 +221,28 @@ def dp_finetune(ctx: RunContext, stage: Stage) -> dict:
     clipping = res.metrics.get("grad_sample_mode", f.grad_sample_mode)
     mlflow.set_tag(f"clipping_{stage.name}", clipping)
     ctx.finish(stage, {"steps": steps, "grad_sample_mode": clipping})
-    if ctx.pm:
-        ctx.pm.epsilon(eps, ledger.target_epsilon)
+    _export_dp_progress(ctx, ledger, mech, steps, steps - steps_before)
     ctx.tracker.file_artifact(ctx.run_dir / "ledger.json")
     ctx.log(f"[privimage] DP fine-tuning done: epsilon={eps:.4f} at "
             f"delta={ledger.target_delta:.2g} ({steps} steps; per-example clipping: {clipping}, "
             f"finetune.grad_sample_mode: {f.grad_sample_mode})")
     return {"epsilon": eps, "delta": ledger.target_delta, "steps": steps}
+
+
+def _export_dp_progress(ctx: RunContext, ledger: PrivacyLedger, mech: str, steps: int,
+                        new_steps: int) -> None:
+    """A DP stage's progress leaves only when it is over: the epsilon curve
+    (every 1/20 of the stage, computed from the plan's public parameters, all
+    points stamped with one time) to MLflow, and the steps and expected
+    samples to the live metrics. Per-step times would follow the realised
+    Poisson batch sizes."""
+    every = max(1, steps // 20)
+    points = sorted({*range(every, steps + 1, every), steps} - {0})
+    log_curve(ctx.tracker.uri, mlflow.active_run().info.run_id, "epsilon_spent",
+              [(s, ledger.epsilon_at(mech, s)) for s in points])
+    if ctx.pm:
+        ctx.pm.stage_steps("finetune", new_steps, new_steps * ctx.cfg.finetune.batch_size)
+        ctx.pm.epsilon(ledger.epsilon(), ledger.target_epsilon)
 
 
 def guarantee_statement(ctx: RunContext) -> dict:
