@@ -31,6 +31,7 @@ from mlflow import set_tag
 
 from privimage_core.config import Config, from_dict, resolve_delta
 from privimage_core.data.imageset import ImageSet
+from privimage_core.data.provenance import dataset_identity
 from privimage_core.data.sources import check_public_specs, load_source, validate_sensitive
 from privimage_core.data.specs import is_user_source, same_user_dataset
 from privimage_core.data.subsample import source_digest
@@ -104,13 +105,18 @@ def check_generator(cfg: Config, method: Method, num_classes: int) -> None:
 def reserve_lifetime(cfg: Config, plan: PrivacyPlan, inputs: Inputs, run_dir: Path,
                      resume: bool = False):
     """Charge this run's plan to the lifetime ledger of its sensitive dataset
-    (keyed by a content digest, stored locally, never released) before any
-    mechanism reads the data; refused past ``privacy.lifetime_epsilon``."""
+    (keyed by its identity, stored locally, never released) before any
+    mechanism reads the data; refused past ``privacy.lifetime_epsilon``. A
+    ledger kept under the data's content digest (the earlier key) is folded
+    in first."""
     d = cfg.data
     store = Path(cfg.run.ledger_store or Path(cfg.run.output_dir) / "lifetime_ledgers")
-    digest = source_digest(d.sensitive, "train", d.class_names)
-    led = lifetime_ledger.open(store.resolve(), digest, cfg.privacy.lifetime_epsilon or 1e12,
-                               inputs.delta, cfg.privacy.accountant)
+    identity = dataset_identity(d.sensitive, "train", cfg.privacy.dataset_id)
+    led = lifetime_ledger.open(store.resolve(), lifetime_ledger.dataset_key(identity),
+                               cfg.privacy.lifetime_epsilon or 1e12, inputs.delta,
+                               cfg.privacy.accountant)
+    if any(p.stem != led.digest for p in store.glob("*.json")):
+        led.absorb(source_digest(d.sensitive, "train", d.class_names))
     if resume and str(run_dir) in led.runs():
         return led
     led.reserve(str(run_dir), plan.ledger().state_dict())

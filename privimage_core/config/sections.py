@@ -171,6 +171,10 @@ class PrivacyConfig:
     # run whose plan would take the composition past it is refused before it
     # reads the data. None: every run is composed and reported, none refused.
     lifetime_epsilon: float | None = None
+    # The identity the lifetime ledger follows the sensitive dataset by, shared
+    # by all its versions and copies (e.g. "clinic-xrays"). None: its origin,
+    # a folder's or file's path or a subsample's source (docs/privacy.md).
+    dataset_id: str | None = None
 
     def validate(self) -> None:
         _require(self.target_epsilon > 0 and math.isfinite(self.target_epsilon),
@@ -181,6 +185,8 @@ class PrivacyConfig:
             _require(0 < self.target_delta < 1,
                      f"privacy.target_delta must be in (0, 1), got {self.target_delta}; "
                      "set e.g. 1e-5")
+        _require(self.dataset_id is None or bool(self.dataset_id.strip()),
+                 "privacy.dataset_id must be a non-empty name or null")
         _require(self.accountant in ACCOUNTANTS,
                  f"privacy.accountant must be 'rdp' or 'prv', got '{self.accountant}'")
 

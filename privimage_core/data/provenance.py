@@ -54,3 +54,27 @@ def lineage(spec: str) -> list[str]:
         out.append(prov["source"])
         seen.add(prov["source"])
     return out
+
+
+def dataset_identity(spec: str, split: str = "train", declared: str | None = None) -> str:
+    """What the lifetime ledger follows a dataset by: the operator's
+    ``declared`` identity when given (shared by every version and copy of a
+    dataset), else the origin of ``spec``: the source a materialised
+    subsample was drawn from (recursively), a user folder's or file's
+    absolute path, a built-in dataset's name and split. So a folder that
+    gains or loses images, or a subsample of it, stays on one ledger; a copy
+    elsewhere does not (declare an identity for that)."""
+    if declared is not None:
+        return f"declared:{declared.strip()}"
+    chain = lineage(spec)
+    root = chain[-1]
+    if len(chain) > 1:  # the split the nearest record was drawn from
+        split = read_provenance(chain[-2]).get("split") or split
+    parsed = parse_spec(root)
+    if parsed is None:
+        raise DataError(f"unknown data source {root!r}; cannot identify it for the lifetime "
+                        "ledger")
+    kind, arg = parsed
+    if arg is None:
+        return f"builtin:{kind}:{split}"
+    return f"{kind}:{Path(arg).expanduser().resolve()}"

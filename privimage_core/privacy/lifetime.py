@@ -2,18 +2,21 @@
 
 Each run's PrivacyLedger bounds that run. Running again on the same data
 composes, so a per-dataset ledger persists across runs in the output store:
-``<store_dir>/<digest>.json``, keyed by the dataset's content digest
-(privimage_core.data.subsample.source_digest). A run reserves its planned
+``<store_dir>/<key>.json``, keyed by a SHA-256 of the dataset's identity
+(``data.provenance.dataset_identity``: a declared ``privacy.dataset_id``, or
+the origin of the data: a folder's path, a subsample's source), so that a
+dataset that changes by a few records, or a subsample of it, is composed
+with its earlier runs. An exact content digest would start a fresh ledger
+for the same data plus one image. A run reserves its planned
 ledger before it touches the data and settles its final ledger at the end, so
 a run that crashes in between stays charged its whole plan. Composition is
 the Opacus accountant's (privacy_ledger.compose_ledgers), never our own math.
 
-The digest is the only data-derived value stored. A SHA-256 of the whole
-dataset reveals nothing about a record to anyone who does not already hold
-every other record, and the output store belongs to the data holder, who
-holds the data itself; but to someone comparing two candidate neighbouring
-datasets it is an exact test, so it must never be released (MLflow,
-manifests, logs).
+Ledgers keyed by a content digest (this project's earlier key) are folded
+into the identity's ledger the first time a run on the same data opens it
+(``absorb``), so no spent budget is forgotten. Such a digest is an exact
+test between two candidate neighbouring datasets, so it is never released
+(MLflow, manifests, logs); the store belongs to the data holder.
 
 Writes are atomic (temporary file + os.replace) and serialised across
 processes by an fcntl lock, so two concurrent runs cannot both reserve the
@@ -22,6 +25,7 @@ last of the budget.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -49,7 +53,7 @@ class LifetimeLedger:
                  delta: float, accountant: str = "rdp"):
         if not _DIGEST.fullmatch(str(digest)):
             raise PrivacyBudgetError(f"lifetime ledger key {digest!r} is not a SHA-256 hex digest; "
-                                     "pass source_digest(data.sensitive)")
+                                     "pass dataset_key(dataset_identity(...))")
         if not (lifetime_epsilon > 0 and math.isfinite(lifetime_epsilon)):
             raise PrivacyBudgetError(f"lifetime epsilon must be > 0, got {lifetime_epsilon}; "
                                      "set e.g. 10")
@@ -160,16 +164,39 @@ class LifetimeLedger:
                                      "settled": _now()}
             self._write(state)
 
+    def absorb(self, other_key: str) -> int:
+        """Fold the runs of the ledger stored under ``other_key`` (a ledger of
+        the same data under an earlier key) into this one, once; the other
+        file is kept. Returns the number of runs added."""
+        other = LifetimeLedger(self.dir, other_key, self.lifetime_epsilon, self.delta,
+                               self.accountant)
+        if other_key == self.digest or not other.path.exists():
+            return 0
+        with self._locked(exclusive=True):
+            state = self._read()
+            if other_key in state.get("absorbed", []):
+                return 0
+            new = {k: v for k, v in other._read()["runs"].items() if k not in state["runs"]}
+            state["runs"].update(new)
+            state.setdefault("absorbed", []).append(other_key)
+            self._write(state)
+            return len(new)
+
     def runs(self) -> dict[str, dict]:
         """run id -> entry (status, ledger, times), for reports."""
         with self._locked(exclusive=False):
             return self._read()["runs"]
 
 
+def dataset_key(identity: str) -> str:
+    """The ledger key of a dataset identity (data.provenance.dataset_identity)."""
+    return hashlib.sha256(identity.encode()).hexdigest()
+
+
 def open(store_dir: str | os.PathLike, digest: str, lifetime_epsilon: float, delta: float,
          accountant: str = "rdp") -> LifetimeLedger:
-    """The lifetime ledger of the dataset with this digest under ``store_dir``
-    (created on the first reservation)."""
+    """The lifetime ledger stored under this key in ``store_dir`` (created on
+    the first reservation)."""
     return LifetimeLedger(store_dir, digest, lifetime_epsilon, delta, accountant)
 
 
