@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from privimage_core.config import load_config
+from privimage_core.config import load_config, resolve_delta
 from privimage_core.errors import PrivImageError
 
 
@@ -65,11 +65,17 @@ def cmd_run(a) -> int:
 
 def cmd_validate(a) -> int:
     # lazy: each subcommand imports what it runs: --help starts without Ray or torch
+    from privimage_core.privacy.dataset_size import known_size
+    # lazy: each subcommand imports what it runs: --help starts without Ray or torch
     from services.pipeline import load_inputs
     cfg = load_config(a.config, _overrides(a.set))
     inp = load_inputs(cfg)
-    print(json.dumps({"ok": True, "n_sensitive": len(inp.sensitive),
-                      "classes": inp.sensitive.num_classes, "delta": inp.delta}))
+    size = known_size(cfg)  # no DP size query here: validate spends nothing
+    print(json.dumps({"ok": True, "classes": inp.sensitive.num_classes,
+                      "dataset_size": size.value if size else None,
+                      "dataset_size_source": size.source if size else
+                      "dp_estimate (at run time, privacy.size_epsilon_share of epsilon)",
+                      "delta": resolve_delta(cfg, size.value) if size else None}))
     return 0
 
 

@@ -29,22 +29,18 @@ from typing import Callable
 import ray
 from mlflow import set_tag
 
-from privimage_core.config import Config, from_dict, resolve_delta
+from privimage_core.config import Config, from_dict
 from privimage_core.data.imageset import ImageSet
-from privimage_core.data.provenance import dataset_identity
 from privimage_core.data.sources import check_public_specs, load_source, validate_sensitive
 from privimage_core.data.specs import is_user_source, same_user_dataset
-from privimage_core.data.subsample import source_digest
 from privimage_core.errors import ConfigError, DataError
 from privimage_core.evaluation.canary_audit import check_canary_source
 from privimage_core.evaluation.semantic_similarity import require_model
 from privimage_core.methods import Method, get_method
 from privimage_core.models import build_model
-from privimage_core.privacy import lifetime as lifetime_ledger
-from privimage_core.privacy.ledger import PrivacyLedger
-from privimage_core.privacy.plan import PrivacyPlan, plan_run
 from services import ray_runtime
 from services.metrics import PipelineMetrics
+from services.budget import prepare_budget
 from services.run_store import STATE_FILE, load_state, new_run_dir, resume_ledger, save_state
 from services.stage_engine import RunContext, run_stages
 from services.stages import STAGES
@@ -58,7 +54,6 @@ class Inputs:
     """Loaded and validated before any expensive work starts."""
     sensitive: ImageSet
     test: ImageSet
-    delta: float
 
 
 def load_inputs(cfg: Config) -> Inputs:
@@ -87,8 +82,7 @@ def load_inputs(cfg: Config) -> Inputs:
         raise DataError(f"the test split's classes {test.class_names[:5]}... differ from the "
                         f"sensitive classes {sens.class_names[:5]}...; point data.sensitive_test "
                         "at the matching test split")
-    delta = resolve_delta(cfg, len(sens))
-    return Inputs(sens, test, delta)
+    return Inputs(sens, test)
 
 
 def check_generator(cfg: Config, method: Method, num_classes: int) -> None:
@@ -100,27 +94,6 @@ def check_generator(cfg: Config, method: Method, num_classes: int) -> None:
     except (TypeError, ValueError) as e:
         raise ConfigError(f"generator.overrides {g.overrides} do not build a {method.family} "
                           f"'{g.preset}' generator ({e}); fix or remove them") from e
-
-
-def reserve_lifetime(cfg: Config, plan: PrivacyPlan, inputs: Inputs, run_dir: Path,
-                     resume: bool = False):
-    """Charge this run's plan to the lifetime ledger of its sensitive dataset
-    (keyed by its identity, stored locally, never released) before any
-    mechanism reads the data; refused past ``privacy.lifetime_epsilon``. A
-    ledger kept under the data's content digest (the earlier key) is folded
-    in first."""
-    d = cfg.data
-    store = Path(cfg.run.ledger_store or Path(cfg.run.output_dir) / "lifetime_ledgers")
-    identity = dataset_identity(d.sensitive, "train", cfg.privacy.dataset_id)
-    led = lifetime_ledger.open(store.resolve(), lifetime_ledger.dataset_key(identity),
-                               cfg.privacy.lifetime_epsilon or 1e12, inputs.delta,
-                               cfg.privacy.accountant)
-    if any(p.stem != led.digest for p in store.glob("*.json")):
-        led.absorb(source_digest(d.sensitive, "train", d.class_names))
-    if resume and str(run_dir) in led.runs():
-        return led
-    led.reserve(str(run_dir), plan.ledger().state_dict())
-    return led
 
 
 def run_pipeline(cfg: Config, resume_dir: str | None = None, parent_run_id: str | None = None,
@@ -141,26 +114,24 @@ def run_pipeline(cfg: Config, resume_dir: str | None = None, parent_run_id: str 
     method = get_method(cfg.method)
     inputs = load_inputs(cfg)
     check_generator(cfg, method, len(inputs.sensitive.class_names))
-    # The privacy plan, once: every mechanism's noise, rate and steps, from
-    # the config and public quantities (a resumed run keeps its own).
-    plan = (PrivacyPlan.from_dict(state["privacy_plan"]) if "privacy_plan" in state
-            else plan_run(cfg, method, len(inputs.sensitive), inputs.delta))
-    state["privacy_plan"] = plan.to_dict()
-    if run_dir is None:  # only now: bad input leaves no directory behind
+    fresh = run_dir is None
+    if fresh:  # only now: bad input leaves no directory behind
         run_dir = new_run_dir(Path(cfg.run.output_dir), cfg.run.name)
-        try:
-            lifetime = reserve_lifetime(cfg, plan, inputs, run_dir)
-        except Exception:
+    # The public size, delta and privacy plan, once, charged to the lifetime
+    # ledger before any mechanism reads the data (a resumed run keeps its own).
+    try:
+        budget = prepare_budget(cfg, method, len(inputs.sensitive), state, run_dir, log)
+    except Exception:
+        if fresh and not any(run_dir.iterdir()):
             run_dir.rmdir()  # refused before anything was written or spent
-            raise
-    else:  # a resume keeps the entry it reserved (or settled) when it started
-        lifetime = reserve_lifetime(cfg, plan, inputs, run_dir, resume=True)
+        raise
+    plan, lifetime = budget.plan, budget.lifetime
     storage = cfg.ray.storage_path or str(run_dir / "ray_train")
     if "ledger" in state:
         ledger, resume = resume_ledger(state, storage, run_dir)
     else:
-        ledger = PrivacyLedger(cfg.privacy.target_epsilon, inputs.delta, cfg.privacy.accountant)
-        resume = {}
+        ledger, resume = budget.ledger, {}
+        state["ledger"] = ledger.state_dict()
     save_state(run_dir, state)
 
     ray_info = ray_runtime.ensure_ray(cfg.ray, metrics_port=cfg.metrics.port)
@@ -181,7 +152,10 @@ def run_pipeline(cfg: Config, resume_dir: str | None = None, parent_run_id: str 
             ctx.pm.epsilon(ledger.epsilon(), ledger.target_epsilon)
         # every MLflow run records the full resolved config (a resumed run is a new MLflow run)
         tracker.params(cfg.flat())
-        tracker.params({"resolved.delta": inputs.delta, "resolved.n_sensitive": len(inputs.sensitive)})
+        # the public size the run uses (never the true N: docs/privacy.md)
+        tracker.params({"resolved.delta": plan.delta,
+                        "resolved.dataset_size": budget.size.value,
+                        "resolved.dataset_size_source": budget.size.source})
         tracker.json_artifact(cfg.to_dict(), "resolved_config.json")
         if resume_dir:
             set_tag("resumed_from", str(run_dir))

@@ -4,7 +4,6 @@ content digest that one added image changes."""
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 from PIL import Image
@@ -14,7 +13,7 @@ from privimage_core.data.provenance import dataset_identity
 from privimage_core.data.subsample import materialise_subsample, source_digest
 from privimage_core.privacy import lifetime
 from privimage_core.privacy.ledger import PrivacyLedger
-from services.pipeline import reserve_lifetime
+from services.budget import open_lifetime
 
 
 def _folder(root: Path, n_per_class: int, seed: int = 0) -> Path:
@@ -63,14 +62,14 @@ def test_runs_compose_across_versions_and_an_old_digest_ledger_is_folded_in(tmp_
     old.reserve("old-run", _ledger(100))
     cfg = from_dict({"data": {"sensitive": spec, "sensitive_test": spec},
                      "run": {"ledger_store": str(store)}})
-    plan = SimpleNamespace(ledger=lambda: PrivacyLedger.from_state_dict(_ledger(50)))
-    inputs = SimpleNamespace(delta=1e-5)
-    led = reserve_lifetime(cfg, plan, inputs, tmp_path / "run1")
+    led = open_lifetime(cfg, 1e-5)
+    led.reserve(str(tmp_path / "run1"), _ledger(50))
     assert set(led.runs()) == {"old-run", str(tmp_path / "run1")}
     eps_two = led.composed_epsilon()
     # the folder gains an image: the next run lands on the same ledger
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(d / "b" / "new.png")
-    led2 = reserve_lifetime(cfg, plan, inputs, tmp_path / "run2")
+    led2 = open_lifetime(cfg, 1e-5)
+    led2.reserve(str(tmp_path / "run2"), _ledger(50))
     assert led2.path == led.path and len(led2.runs()) == 3
     assert led2.composed_epsilon() > eps_two
     assert led2.absorb(source_digest(spec)) == 0  # nothing under the new digest

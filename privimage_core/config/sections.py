@@ -175,6 +175,14 @@ class PrivacyConfig:
     # by all its versions and copies (e.g. "clinic-xrays"). None: its origin,
     # a folder's or file's path or a subsample's source (docs/privacy.md).
     dataset_id: str | None = None
+    # The sensitive dataset's size as you declare it public: the Poisson rate
+    # q = 1/ceil(size / batch), the expected batch and the default delta use
+    # it, and it is what the run releases (the true N never is). None: a
+    # built-in dataset's published size, a materialised subsample's size, or
+    # else a DP estimate costing size_epsilon_share of the target epsilon
+    # (privacy/dataset_size.py).
+    dataset_size: int | None = None
+    size_epsilon_share: float = 0.01
 
     def validate(self) -> None:
         _require(self.target_epsilon > 0 and math.isfinite(self.target_epsilon),
@@ -185,6 +193,11 @@ class PrivacyConfig:
             _require(0 < self.target_delta < 1,
                      f"privacy.target_delta must be in (0, 1), got {self.target_delta}; "
                      "set e.g. 1e-5")
+        _require(self.dataset_size is None or self.dataset_size >= 1,
+                 f"privacy.dataset_size must be >= 1 or null, got {self.dataset_size}")
+        _require(0 < self.size_epsilon_share < 1,
+                 f"privacy.size_epsilon_share must be in (0, 1), got "
+                 f"{self.size_epsilon_share}; set e.g. 0.01")
         _require(self.dataset_id is None or bool(self.dataset_id.strip()),
                  "privacy.dataset_id must be a non-empty name or null")
         _require(self.accountant in ACCOUNTANTS,

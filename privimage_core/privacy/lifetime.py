@@ -123,16 +123,24 @@ class LifetimeLedger:
     def reserve(self, run_id: str, planned_ledger_state: dict) -> None:
         """Charge a run its plan before it touches the data; refused when the
         composition would exceed the lifetime budget. Reserving the same run
-        again with the same plan (a resume) changes nothing."""
+        again with the same plan (a resume) changes nothing; a reserved plan
+        may grow (its records a prefix of the new plan's: the size query,
+        reserved and run alone before the rest could be planned), never
+        shrink; a settled run is not reserved again."""
         _check(planned_ledger_state)
         with self._locked(exclusive=True):
             state = self._read()
             old = state["runs"].get(run_id)
+            new_records = planned_ledger_state["records"]
             if old is not None:
-                if old["ledger"]["records"] == planned_ledger_state["records"]:
+                have = old["ledger"]["records"]
+                if have == new_records or old["status"] == "settled":
                     return
-                raise PrivacyBudgetError(f"run {run_id!r} already holds a lifetime-ledger entry "
-                                         "with another plan; resume it unchanged or use a new run id")
+                if new_records[:len(have)] != have:
+                    raise PrivacyBudgetError(f"run {run_id!r} already holds a lifetime-ledger "
+                                             "entry with another plan; resume it unchanged or "
+                                             "use a new run id")
+                state["runs"].pop(run_id)  # grown: checked below as a whole
             eps = self._epsilon(state, [planned_ledger_state])
             if eps > self.lifetime_epsilon:
                 spent = self._epsilon(state)

@@ -1,8 +1,9 @@
 """A run's privacy plan, computed once, before it touches the data.
 
-From the config and public quantities only (N is public in this project,
-``docs/privacy.md``), the plan fixes every mechanism the method will run:
-the semantic query's noise multiplier and, for each DP-SGD stage, its noise
+From the config and public quantities only (the dataset's public size,
+privacy/dataset_size.py, never the true N), the plan fixes every mechanism
+the method will run: the size query's noise multiplier when the size is
+estimated, the semantic query's, and, for each DP-SGD stage, its noise
 multiplier sigma, Poisson rate q and number of steps. The lifetime ledger
 charges the plan's final ledger before the first mechanism runs (so a run
 that dies is still counted); the semantic query and every DP stage then run
@@ -17,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 from privimage_core.errors import PrivacyBudgetError
 from privimage_core.models import get_family
+from privimage_core.privacy.dataset_size import SIZE_MECHANISM
 from privimage_core.privacy.ledger import PrivacyLedger
 from privimage_core.privacy.query_budget import resolve_sigma_q
 from privimage_core.selection.distribution import QUERY_MECHANISM
@@ -107,6 +109,8 @@ class PrivacyPlan:
     target_epsilon: float
     delta: float
     accountant: str
+    # None: the dataset's size is public (no size query).
+    size_sigma: float | None = None
     # None: the method runs no semantic query.
     query_sigma: float | None = None
     # DP stage name -> its plan, in the method's order; None: the config skips it.
@@ -115,6 +119,8 @@ class PrivacyPlan:
     def ledger(self) -> PrivacyLedger:
         """The ledger the run holds when every planned mechanism has run."""
         led = PrivacyLedger(self.target_epsilon, self.delta, self.accountant)
+        if self.size_sigma is not None:
+            led.record_gaussian(SIZE_MECHANISM, self.size_sigma, note="plan")
         if self.query_sigma is not None:
             led.record_gaussian(QUERY_MECHANISM, self.query_sigma, note="plan")
         for p in self.stages.values():
@@ -132,12 +138,16 @@ class PrivacyPlan:
         return cls(**{**d, "stages": stages})
 
 
-def plan_run(cfg, method, n: int, delta: float) -> PrivacyPlan:
-    """The privacy plan of ``method`` on a sensitive dataset of ``n`` records
-    (canaries are added here), stage by stage against the composed ledger."""
+def plan_run(cfg, method, n: int, delta: float, size_sigma: float | None = None) -> PrivacyPlan:
+    """The privacy plan of ``method`` on a sensitive dataset of public size
+    ``n`` (canaries are added here), stage by stage against the composed
+    ledger; ``size_sigma``: the size query's noise when the size was
+    estimated (privacy/dataset_size.py)."""
     p = cfg.privacy
-    plan = PrivacyPlan(p.target_epsilon, delta, p.accountant)
+    plan = PrivacyPlan(p.target_epsilon, delta, p.accountant, size_sigma=size_sigma)
     led = PrivacyLedger(p.target_epsilon, delta, p.accountant)
+    if size_sigma is not None:
+        led.record_gaussian(SIZE_MECHANISM, size_sigma, note="plan")
     records = dp_record_count(cfg, n)
     f = cfg.finetune
     family = get_family(method.family)
@@ -159,6 +169,7 @@ def plan_run(cfg, method, n: int, delta: float) -> PrivacyPlan:
     return plan
 
 
-def planned_ledger(cfg, method, n: int, delta: float) -> PrivacyLedger:
+def planned_ledger(cfg, method, n: int, delta: float,
+                   size_sigma: float | None = None) -> PrivacyLedger:
     """The ledger ``method`` would hold at the end (``plan_run(...).ledger()``)."""
-    return plan_run(cfg, method, n, delta).ledger()
+    return plan_run(cfg, method, n, delta, size_sigma).ledger()

@@ -255,19 +255,23 @@ def guarantee_statement(ctx: RunContext) -> dict:
                      f"{e.canaries} public canaries ({src} test images, labels "
                      "drawn uniformly) included independently with probability 1/2; the "
                      "guarantee covers that dataset. DP-SGD's sampling rate was computed from "
-                     "n_records + canaries, so it does not reveal which were included."} \
+                     "the public size + canaries, so it does not reveal which were included."} \
         if e.canary_audit else {"audit_run": False}
     return {
         "audit": audit,
         "neighbouring_relation": "add or remove one record (image and label) of the sensitive "
                                  "dataset",
         "dataset": d.sensitive, "declared": declaration(d.sensitive),
-        "public_parameters": {"n_records": len(ctx.inputs.sensitive),
+        "public_parameters": {"dataset_size": ctx.state["dataset_size"],
                               "class_names": ctx.class_names},
-        "note": "N and the class list are treated as public (Opacus's and the paper's "
-                "convention). The guarantee covers the declared dataset: a subsample "
-                "materialised with `privimage data subsample` is the dataset, not its source. "
-                "Mechanisms: " + ", ".join(r.name for r in ctx.ledger.records),
+        "note": "The true number of records is not released: the Poisson rate, the expected "
+                "batch and delta use dataset_size, which is declared public, a built-in "
+                "dataset's or a materialised subsample's size, or a DP estimate (then a "
+                "mechanism of the ledger). The class list is declared public. The guarantee "
+                "covers the declared dataset: a subsample materialised with `privimage data "
+                "subsample` is the dataset, not its source. Wall-clock times of whole stages "
+                "are released and depend weakly on the data (docs/privacy.md). Mechanisms: "
+                + ", ".join(r.name for r in ctx.ledger.records),
     }
 
 
