@@ -172,11 +172,14 @@ class Evaluator:
     def evaluate(self, real_test: tuple[np.ndarray, np.ndarray], class_names: list[str],
                  sensitive: tuple[np.ndarray, np.ndarray] | None = None,
                  ledger_epsilon: float | None = None, canaries: dict | None = None,
-                 reference_state: bytes | None = None, progress_board: str | None = None) -> dict:
+                 reference_state: bytes | None = None, progress_board: str | None = None,
+                 audit_epsilon: float | None = None) -> dict:
         """Non-private evaluation. ``sensitive``: the sensitive training
         images and labels the generator was fine-tuned on (members of the
         audit, the ceiling's training data); never written anywhere.
-        ``ledger_epsilon``: the release's epsilon (default: the provenance's).
+        ``ledger_epsilon``: the release's epsilon (default: the provenance's);
+        ``audit_epsilon``: the epsilon of the DP-SGD stages alone, the claim the
+        canary audit tests (canaries never enter the queries).
         ``canaries``: the run's CanarySet fields (images, labels, included,
         source, source_index) for the canary audit; ``reference_state``: the
         public pre-trained weights (state_bytes), which calibrate its scores.
@@ -192,7 +195,7 @@ class Evaluator:
         logs: list[str] = []
         canary = self._canary_input(canaries, reference_state)
         res = run_evaluation(self.cfg.evaluation, self.synthetic, test, seed=self.cfg.run.seed,
-                             real_train=train, ledger_epsilon=eps,
+                             real_train=train, ledger_epsilon=eps, audit_epsilon=audit_epsilon,
                              delta=self.provenance.get("delta"),
                              fid_cache_dir=str(self.workdir.parent / "fid_cache"),
                              log=logs.append, canary=canary, family=self.family,

@@ -29,7 +29,7 @@ from typing import Callable
 import ray
 from mlflow import set_tag
 
-from privimage_core.config import Config, from_dict
+from privimage_core.config import Config, from_dict, resolve_delta
 from privimage_core.data.imageset import ImageSet
 from privimage_core.data.sources import check_public_specs, load_source, validate_sensitive
 from privimage_core.data.specs import is_user_source, same_user_dataset
@@ -37,6 +37,7 @@ from privimage_core.errors import ConfigError, DataError
 from privimage_core.evaluation.canary_audit import check_canary_source
 from privimage_core.evaluation.semantic_similarity import require_model
 from privimage_core.methods import Method, get_method
+from privimage_core.privacy.dataset_size import known_size
 from privimage_core.models import build_model
 from services import ray_runtime
 from services.metrics import PipelineMetrics
@@ -73,6 +74,9 @@ def load_inputs(cfg: Config) -> Inputs:
                           "at held-out data of the same classes")
     if cfg.evaluation.canary_audit:  # canaries must be public, never sensitive records
         check_canary_source(cfg.evaluation.canary_source, d.sensitive)
+    size = known_size(cfg)
+    if size is not None:  # delta against the public size, before any work
+        resolve_delta(cfg, size.value)
     sens = load_source(d.sensitive, split="train", image_size=d.image_size, channels=d.channels,
                        resize=d.resize, class_names=d.class_names)
     validate_sensitive(sens)

@@ -76,7 +76,7 @@ def test_delta_too_large_for_n(tmp_path):
     root = _folder(tmp_path / "d", {"a": 30, "b": 30})
     cfg = from_dict({"data": {"sensitive": f"folder:{root}",
                               "sensitive_test": f"folder:{_folder(tmp_path / 't', {'a': 2, 'b': 2})}"},
-                     "privacy": {"target_delta": 0.05}})
+                     "privacy": {"target_delta": 0.05, "dataset_size": 60}})
     with pytest.raises(ConfigError) as e:
         load_inputs(cfg)
     msg = _one_line(e)

@@ -69,3 +69,31 @@ def test_a_partly_leaking_model_is_flagged_at_the_promised_rate():
     se = np.sqrt(p * (1 - p) / draws)
     print(f"violations {hits}/{draws}, promised {p:.3f}")
     assert p > 0.5 and abs(hits / draws - p) <= 3 * se + 0.05
+
+
+def test_the_audit_tests_the_epsilon_of_the_stages_canaries_enter(monkeypatch):
+    """Canaries enter DP-SGD, never the semantic (or size) query: the audit's
+    claim is the DP-SGD stages' epsilon alone, below the run's."""
+    from privimage_core.config import EvaluationConfig
+    from privimage_core.evaluation import metric_groups
+    from privimage_core.evaluation.suite import run_evaluation
+    from privimage_core.data.imageset import ImageSet
+    from privimage_core.privacy.ledger import PrivacyLedger
+
+    led = PrivacyLedger(10.0, 1e-5)
+    led.record_gaussian("semantic_distribution_query", 4.0)
+    led.begin_dp_sgd("dp_sgd_finetune", 0.45, 0.0084).steps = 60
+    assert 0 < led.epsilon_of("dp_sgd_") < led.epsilon()
+    seen = {}
+    monkeypatch.setattr(metric_groups, "run_canary_audit",
+                        lambda canary, claimed, *a, **k: seen.setdefault("claim", claimed) and
+                        {"eps_lb": 0.0, "eps_max": 1.0, "eps_max_all": 1.0, "canaries": 16,
+                         "beta": 0.05, "verdict": "inconclusive", "message": "m"})
+    cfg = EvaluationConfig(fid=False, classifiers=["lr"], classifier="lr", real_ceiling=False,
+                           utility_matrix=False, detector=False, mia=False, memorisation=False)
+    rng = np.random.default_rng(3)
+    data = ImageSet(rng.integers(0, 255, (40, 16, 16, 1), dtype=np.uint8),
+                    np.arange(40) % 2, ["a", "b"], "real")
+    run_evaluation(cfg, data, data, ledger_epsilon=led.epsilon(),
+                   audit_epsilon=led.epsilon_of("dp_sgd_"), canary=object())
+    assert seen["claim"] == led.epsilon_of("dp_sgd_")

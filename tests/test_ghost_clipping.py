@@ -188,7 +188,8 @@ def test_what_the_per_layer_sum_cannot_clip_is_refused():
     assert any("shared by several layers" in n for n in unsupported_parameters(tied))
     assert resolve_grad_sample_mode("auto", tied) == "vmap"
     padded = _MLP(padding_idx=0)
-    assert unsupported_parameters(padded) == ["emb.weight (padding_idx, sparse or scale_grad_by_freq)"]
+    assert unsupported_parameters(padded) == [
+        "emb.weight (padding_idx, sparse, scale_grad_by_freq or max_norm)"]
     assert unsupported_parameters(_MLP()) == []
 
 
@@ -246,3 +247,11 @@ def test_an_optimizer_over_other_parameters_is_refused():
         make_private(model, torch.optim.SGD([*model.parameters(), extra], lr=0.1), x, y,
                      batch_size=4, noise_multiplier=1.0, max_grad_norm=1.0,
                      ledger=PrivacyLedger(10, 1e-5), grad_sample_mode="ghost")
+
+
+def test_an_embedding_with_max_norm_is_refused():
+    """max_norm renormalises rows in the forward: refused, so auto falls back
+    to vmap; the same Embedding without it is supported (the control)."""
+    assert unsupported_parameters(nn.Embedding(5, 4)) == []
+    assert unsupported_parameters(nn.Embedding(5, 4, max_norm=1.0)) == [
+        "weight (padding_idx, sparse, scale_grad_by_freq or max_norm)"]

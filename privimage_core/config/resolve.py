@@ -20,7 +20,8 @@ def resolve_delta(cfg: Config, n_sensitive: int) -> float:
         delta = 1e-5 if 1e-5 < 1.0 / n_sensitive else 0.1 / n_sensitive
     if delta >= 1.0 / n_sensitive:
         raise ConfigError(f"privacy.target_delta={delta:g} must be < 1/N = {1.0 / n_sensitive:.3g} "
-                          f"for N={n_sensitive} sensitive images; set e.g. {0.1 / n_sensitive:.1g}")
+                          f"for the dataset's public size N={n_sensitive}; set e.g. "
+                          f"{0.1 / n_sensitive:.1g}")
     return delta
 
 

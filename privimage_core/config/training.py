@@ -49,7 +49,8 @@ class FinetuneConfig:
     """DP-SGD fine-tuning (Sec. 3.4, Algorithm 1)."""
     # Planned optimizer steps; training stops earlier if the budget would be exceeded.
     steps: int = 60
-    # Expected logical batch size (Poisson sampling rate = batch_size / N).
+    # Expected logical batch size: the Poisson rate is 1 / ceil(n / batch_size)
+    # for the dataset's public size n (privacy/dataset_size.py).
     batch_size: int = 512
     # Physical batch for memory (BatchMemoryManager virtual steps).
     physical_batch_size: int = 128

@@ -68,8 +68,10 @@ def unsupported_parameters(model: nn.Module) -> list[str]:
                                                or m.padding_mode != "zeros"):
                 why = "grouped, 'same'-string or non-zero padding"
             elif isinstance(m, nn.Embedding) and (m.padding_idx is not None or m.sparse
-                                                  or m.scale_grad_by_freq):
-                why = "padding_idx, sparse or scale_grad_by_freq"
+                                                  or m.scale_grad_by_freq
+                                                  or m.max_norm is not None):
+                # max_norm renormalises the looked-up rows in place in the forward
+                why = "padding_idx, sparse, scale_grad_by_freq or max_norm"
             elif owners[id(p)] > 1:
                 # tied weights: the example's gradient is the SUM of the
                 # layers' parts, whose norm the per-layer sum would undercount

@@ -93,6 +93,8 @@ class EvaluationContext:
     family: object | None = None     # a ModelFamily
     release: object | None = None    # its released module
     ledger_epsilon: float | None = None
+    # The canary audit's claim: the epsilon of the mechanisms canaries entered.
+    audit_epsilon: float | None = None
     delta: float | None = None
     fid_cache_dir: str | None = None
     log: Callable[[str], None] = lambda s: None

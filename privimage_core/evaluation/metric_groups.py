@@ -198,7 +198,7 @@ def canary_audit(ctx: EvaluationContext, canary) -> None:
         return
     e = ctx.ecfg
     with ctx.timed("canary_audit"):
-        a = run_canary_audit(canary, ctx.ledger_epsilon, 1e-5 if ctx.delta is None else ctx.delta,
+        a = run_canary_audit(canary, ctx.audit_epsilon, 1e-5 if ctx.delta is None else ctx.delta,
                              beta=e.canary_beta, repeats=e.canary_repeats)
     # only aggregates become metrics; counts stay in res.canary (operator only)
     ctx.m.update({f"canary_{k}": float(a[k]) for k in ("eps_lb", "eps_max", "eps_max_all",

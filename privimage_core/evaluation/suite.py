@@ -32,6 +32,7 @@ _REPORTED_SETTINGS = (
 def run_evaluation(ecfg: EvaluationConfig, synthetic: ImageSet, real_test: ImageSet, *,
                    seed: int = 0, real_train: ImageSet | None = None,
                    ledger_epsilon: float | None = None, delta: float | None = None,
+                   audit_epsilon: float | None = None,
                    fid_cache_dir: str | None = None,
                    log: Callable[[str], None] = lambda s: None,
                    canary=None, family=None, release=None,
@@ -44,7 +45,9 @@ def run_evaluation(ecfg: EvaluationConfig, synthetic: ImageSet, real_test: Image
     released module): the membership diagnostic (the family's
     ``membership_loss``) and the memorisation check's reconstruction attack.
     ``ledger_epsilon`` / ``delta``: the release's guarantee, for the audits
-    (delta also enters the lower bounds; default 1e-5). ``progress(done,
+    (delta also enters the lower bounds; default 1e-5). ``audit_epsilon``:
+    the claim the canary audit tests, the epsilon of the mechanisms the
+    canaries entered (DP-SGD only; default ``ledger_epsilon``). ``progress(done,
     total)`` (optional) hears the FID Inception passes, the long part on a
     CPU (images of both sides; the real side only when its features are not
     cached). ``canary`` (a canary_audit.CanaryAuditInput; optional): the
@@ -68,6 +71,8 @@ def run_evaluation(ecfg: EvaluationConfig, synthetic: ImageSet, real_test: Image
                             ecfg.mia_nonmembers if mia_on else 0, seed)
     ctx = EvaluationContext(ecfg, synthetic, real_test, seed, parts, real_train=real_train,
                             family=family, release=release, ledger_epsilon=ledger_epsilon,
+                            audit_epsilon=ledger_epsilon if audit_epsilon is None
+                            else audit_epsilon,
                             delta=delta, fid_cache_dir=fid_cache_dir, log=log, progress=progress)
     if ecfg.fid:
         metric_groups.fidelity(ctx)

@@ -69,6 +69,12 @@ class PrivacyLedger:
         """Epsilon spent so far at the target delta (composition of all records)."""
         return self._epsilon_of(self.records)
 
+    def epsilon_of(self, prefix: str) -> float:
+        """Epsilon of the mechanisms whose names start with ``prefix`` alone:
+        what a record that enters only those mechanisms is protected by (the
+        canary audit's canaries enter DP-SGD, never the queries)."""
+        return self._epsilon_of([r for r in self.records if r.name.startswith(prefix)])
+
     def steps_of(self, name: str) -> int:
         """Steps recorded so far for the mechanism ``name`` (0 if none)."""
         return sum(r.steps for r in self.records if r.name == name)

@@ -67,7 +67,7 @@ def evaluate(ctx: RunContext, stage: Stage) -> dict:
         ev = ray.get(_evaluator(ctx).evaluate.remote((test.images, test.labels),
                                                      ctx.class_names, ctx.sens_ref,
                                                      ctx.ledger.epsilon(), canaries, reference,
-                                                     board))
+                                                     board, ctx.ledger.epsilon_of("dp_sgd_")))
     ctx.kill_actors("evaluator")
     _record_canary_audit(ctx, ev.pop("canary_detail", None), ev.pop("audit_verdict", None))
     report = ctx.run_dir / "evaluation_report.html"
