@@ -13,61 +13,9 @@ import pytest
 from privimage_core.config import from_dict
 from privimage_core.data.sources import load_source
 from privimage_core.selection.distribution import class_histograms
+from tests.helpers import tiny_config
 
 pytestmark = pytest.mark.ray
-
-
-def small_mnist(tmp_path: Path, n: int = 1000, seed: int = 0) -> Path:
-    """A declared sensitive dataset of n MNIST train images, materialised
-    outside the DP boundary as a user would (`privimage data subsample`)."""
-    from privimage_core.data.subsample import materialise_subsample
-
-    out = Path(tmp_path) / f"mnist-{n}-{seed}.parquet"
-    if not out.is_file():
-        materialise_subsample("mnist", n, out, seed=seed)
-    return out
-
-
-def tiny_config(tmp_path: Path, sensitive_n: int = 1000, **over) -> dict:
-    cfg = {
-        "run": {"name": "e2e", "output_dir": str(tmp_path / "runs"), "torch_threads": 1},
-        "data": {"sensitive": f"parquet:{small_mnist(tmp_path, sensitive_n)}",
-                 "sensitive_test": "mnist", "public": ["glyphs"],
-                 "glyph_max_fonts": 6, "public_max_per_class": 20},
-        "semantic_query": {"epochs": 1, "width": 8},
-        "selection": {"k2": 1, "sigma_q": 20.0},
-        "privacy": {"target_epsilon": 5.0, "target_delta": 1e-4},
-        "pretrain": {"steps": 6, "batch_size": 16},
-        "finetune": {"steps": 4, "batch_size": 50, "physical_batch_size": 25},
-        "sampling": {"num_images": 40, "num_steps": 2, "batch_size": 40},
-        # the headline classifier only: every other (non-private) metric has
-        # its own tests, and each costs seconds per run on 2 cores
-        "evaluation": {"fid": False, "classifier": "lr", "classifier_epochs": 1,
-                       "classifiers": ["lr"], "precision_recall": False,
-                       "utility_matrix": False, "detector": False,
-                       "canaries": 32, "canary_repeats": 1, "memorisation_images": 100,
-                       "memorisation_heldout": 200, "memorisation_reconstruction_images": 100,
-                       "memorisation_feature_images": 0},
-        # one checkpoint per stage (the last): ~1.7 s each on 2 cores, and a
-        # 6-step stage at the default 4 per stage checkpointed every step
-        "ray": {"num_workers": 1, "cpus_per_worker": 1, "checkpoints_per_stage": 1},
-        "metrics": {"enabled": True},
-    }
-    for k, v in over.items():
-        sec, _, key = k.partition(".")
-        cfg[sec][key] = v
-    return cfg
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from services.ray_runtime import ensure_ray
-    from privimage_core.config import RayConfig
-    ensure_ray(RayConfig(), num_cpus=2)
-    yield ray
-    ray.shutdown()
 
 
 def test_local_ray_binds_loopback_only(ray_local):
