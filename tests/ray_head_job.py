@@ -257,12 +257,12 @@ class JobOutcome:
 
 
 def job_config(tmp: Path) -> dict:
-    """tests/test_pipeline_e2e.py's tiny pipeline, with enough DP steps to
+    """The tiny pipeline (tests/helpers.py), with enough DP steps to
     watch it move, an absolute MLflow store and run directory."""
     import dataclasses
 
     from privimage_core.config import EvaluationConfig
-    from tests.test_pipeline_e2e import tiny_config
+    from tests.helpers import tiny_config
     cfg = tiny_config(tmp, **{"run.name": "jobsubmit",
                               "finetune.steps": FINETUNE_STEPS,
                               "finetune.batch_size": FINETUNE_BATCH},

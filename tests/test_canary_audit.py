@@ -238,28 +238,21 @@ def test_reference_calibration_and_scores_do_not_depend_on_bits():
 # ------------------------------------------------------------------ the pipeline, on Ray
 @pytest.mark.ray
 @pytest.mark.slow
-def test_pipeline_audit_run_keeps_bits_in_the_run_dir(tmp_path):
+def test_pipeline_audit_run_keeps_bits_in_the_run_dir(ray_local, tmp_path):
     """An audit run end to end: the canaries and bits are in the run dir
     only; q is fixed from N + m; ledger.json says the dataset held canaries;
     the report and MLflow carry the bound and verdict, never the bits."""
     import json
     from pathlib import Path
 
-    import ray
     from mlflow.tracking import MlflowClient
 
     from privimage_core.privacy.plan import sample_rate_for
-    from privimage_core.config import RayConfig
     from services.pipeline import run_pipeline
-    from services.ray_runtime import ensure_ray
-    from tests.test_pipeline_e2e import tiny_config
+    from tests.helpers import tiny_config
 
-    ensure_ray(RayConfig(), num_cpus=2)
-    try:
-        cfg = from_dict(tiny_config(tmp_path, **{"evaluation.canaries": 64}))
-        s = run_pipeline(cfg, log=lambda _: None)
-    finally:
-        ray.shutdown()
+    cfg = from_dict(tiny_config(tmp_path, **{"evaluation.canaries": 64}))
+    s = run_pipeline(cfg, log=lambda _: None)
     run_dir = Path(s["run_dir"])
     c = ca.CanarySet.load(run_dir / ca.CANARY_FILE)
     assert len(c) == 64 and c.source == "fashion_mnist"

@@ -18,7 +18,7 @@ import torch
 
 from privimage_core.config import from_dict
 from privimage_core.evaluation import canary_audit as ca
-from tests.test_pipeline_e2e import tiny_config
+from tests.helpers import tiny_config
 
 pytestmark = pytest.mark.ray
 
@@ -54,23 +54,16 @@ def _config(tmp_path: Path, **over) -> dict:
 
 
 def _audited_run(tmp_path: Path, **over):
-    """Run the pipeline; return (summary, the run's canary_audit.json, the
-    audit re-run on the run's saved release and saved inclusion bits against
-    SMALL_CLAIM, wall seconds)."""
-    import ray
-
-    from privimage_core.config import RayConfig
+    """Run the pipeline (on the module's local Ray, the ``ray_local``
+    fixture); return (summary, the run's canary_audit.json, the audit re-run
+    on the run's saved release and saved inclusion bits against SMALL_CLAIM,
+    wall seconds)."""
     from privimage_core.models import build_model, get_family
     from services.pipeline import run_pipeline
-    from services.ray_runtime import ensure_ray
 
     t0 = time.time()
     cfg = from_dict(_config(tmp_path, **over))
-    ensure_ray(RayConfig(), num_cpus=2)
-    try:
-        s = run_pipeline(cfg, log=lambda _: None)
-    finally:
-        ray.shutdown()
+    s = run_pipeline(cfg, log=lambda _: None)
     run_dir = Path(s["run_dir"])
     detail = json.loads((run_dir / "canary_audit.json").read_text())
     # The same audit module on what the run kept: its canaries and bits (the
@@ -90,7 +83,7 @@ def _audited_run(tmp_path: Path, **over):
 # ~100 s alone on 2 cores (Ray start, 400 DP steps at ~0.13 s, synthesis,
 # evaluation): over the default suite's per-test allowance, so opt-in.
 @pytest.mark.slow
-def test_noiseless_pipeline_run_is_caught_against_a_small_claim(tmp_path):
+def test_noiseless_pipeline_run_is_caught_against_a_small_claim(ray_local, tmp_path):
     s, d, again, secs = _audited_run(tmp_path)
     print(f"noiseless pipeline run: eps_lb {d['eps_lb']:.3f} (max {d['eps_max']:.3f}, "
           f"{d['correct']}/{d['guesses']}), claim {d['claimed_epsilon']:.3g}, {secs:.0f}s")
@@ -115,7 +108,7 @@ def test_noiseless_pipeline_run_is_caught_against_a_small_claim(tmp_path):
 
 
 @pytest.mark.slow
-def test_same_pipeline_run_with_calibrated_noise_shows_no_violation(tmp_path):
+def test_same_pipeline_run_with_calibrated_noise_shows_no_violation(ray_local, tmp_path):
     """The control's other side: noise calibrated to epsilon 1 (sigma ~70 at
     q = 1 and 400 steps): the bound stays below the claim."""
     s, d, again, secs = _audited_run(tmp_path, **{"finetune.noise_multiplier": None,

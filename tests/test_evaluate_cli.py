@@ -19,12 +19,13 @@ from PIL import Image
 
 from privimage_core.data.imageset import ImageSet
 from privimage_core.errors import DataError
-from privimage_core.evaluation import fid
 from privimage_core.synthesize import read_dataset, write_dataset
 from services.evaluate_cli import align_classes, evaluate_dataset
-from tests.test_evaluation import _FakeInception, shapes
+from tests.helpers import shapes, tiny_edm
 
 torch.set_num_threads(1)
+# every test here evaluates with the stand-in Inception
+pytestmark = pytest.mark.usefixtures("fake_fid_inception")
 
 # shapes(): label 0 = square, 1 = ring. An image folder sorts its classes, so a
 # real folder dataset has class_names ["ring", "square"].
@@ -61,11 +62,6 @@ def cfg(tmp_path):
                        "ceiling_images": 60, "utility_holdout": 10, "detector": False,
                        "mia": False}}))
     return str(p)
-
-
-@pytest.fixture(autouse=True)
-def fake_inception(monkeypatch):
-    monkeypatch.setattr(fid, "load_fid_inception", lambda *a, **k: _FakeInception())
 
 
 def _check_result(res, out, fmt):
@@ -275,7 +271,6 @@ def test_copied_training_images_refused_as_test(tmp_path, cfg, real, syn_npz):
 
 def test_mia_refuses_members_as_nonmembers():
     from privimage_core.evaluation.diffusion_mia import diffusion_mia
-    from tests.test_evaluation_report import tiny_edm
 
     members = shapes(8, seed=91)
     others = shapes(8, seed=92)

@@ -23,36 +23,9 @@ from privimage_core.evaluation.downstream import (train_eval_classifier, utility
 from privimage_core.evaluation.membership import (detector_attack, empirical_epsilon_lower_bound,
                                                   loss_threshold_scores, roc_metrics)
 from privimage_core.evaluation.precision_recall import precision_recall
+from tests.helpers import fake_inception, noised, shapes
 
 torch.set_num_threads(1)
-
-
-# ------------------------------------------------------------------ data
-
-def shapes(n: int, size: int = 16, seed: int = 0, channels: int = 1, kinds=(0, 1)):
-    """Easy labelled task: filled squares (label 0) vs. rings (label 1) at
-    random positions and sizes, on a noisy background."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    imgs = np.empty((n, size, size, channels), np.uint8)
-    labels = rng.choice(np.asarray(kinds), n)
-    for i, lab in enumerate(labels):
-        r = rng.uniform(size * 0.18, size * 0.3)
-        cy, cx = rng.uniform(r + 1, size - r - 1, 2)
-        if lab == 0:
-            mask = (np.abs(yy - cy) <= r) & (np.abs(xx - cx) <= r)
-        else:
-            d = np.hypot(yy - cy, xx - cx)
-            mask = (d <= r) & (d >= r * 0.55)
-        img = rng.normal(30, 10, (size, size)) + mask * rng.uniform(160, 220)
-        imgs[i] = np.clip(img, 0, 255).astype(np.uint8)[..., None]
-    return ImageSet(imgs, labels, ["square", "ring"], name=f"shapes{seed}")
-
-
-def noised(ds: ImageSet, std: float, seed: int = 99) -> ImageSet:
-    rng = np.random.default_rng(seed)
-    x = np.clip(ds.images.astype(np.float64) + rng.normal(40, std, ds.images.shape), 0, 255)
-    return ImageSet(x.astype(np.uint8), ds.labels, ds.class_names, name=ds.name + "+noise")
 
 
 # ------------------------------------------------------------------ FID
@@ -276,21 +249,8 @@ def test_grayscale_repeated():
     assert torch.equal(fid.preprocess(np.repeat(g, 3, axis=3)), x)
 
 
-class _FakeInception(torch.nn.Module):
-    """Cheap stand-in with the same interface, for cache mechanics."""
-    model_id = "fake-v1"
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.proj = torch.nn.Linear(3 * 8 * 8, 2048)
-
-    def forward(self, x):
-        return self.proj(torch.nn.functional.adaptive_avg_pool2d(x, 8).flatten(1))
-
-
 def test_fid_cache(tmp_path, monkeypatch):
-    fake = _FakeInception()
+    fake = fake_inception()
     real = shapes(40, size=16, seed=3).images
     syn = shapes(40, size=16, seed=4).images
     cache = fid.FIDCache(tmp_path)
@@ -305,7 +265,7 @@ def test_fid_cache(tmp_path, monkeypatch):
     f2, mu2, _ = cache.features(real, fake)  # served from disk
     assert np.array_equal(f1, f2) and np.array_equal(mu, mu2)
     with pytest.raises(AssertionError):  # other model id -> other key
-        other = _FakeInception()
+        other = fake_inception()
         other.model_id = "fake-v2"
         cache.features(real, other)
     monkeypatch.undo()
@@ -331,7 +291,7 @@ def test_missing_weights_errors(tmp_path, monkeypatch):
 
 def test_bad_images_rejected():
     with pytest.raises(DataError):
-        fid.extract_features(np.zeros((2, 8, 8, 3), np.float32), model=_FakeInception())
+        fid.extract_features(np.zeros((2, 8, 8, 3), np.float32), model=fake_inception())
     with pytest.raises(DataError):
         fid.frechet_distance_from_features(np.zeros((1, 4)), np.zeros((3, 4)))
 

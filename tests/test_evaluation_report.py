@@ -21,26 +21,17 @@ from PIL import Image
 
 from privimage_core.config import EvaluationConfig, from_dict
 from privimage_core.data.imageset import ImageSet
-from privimage_core.models.diffusion.edm import (EDMObjective, EDMPrecond, edm_loss,
-                                                 sample_training_noise)
-from privimage_core.models.diffusion.unet import build_unet
+from privimage_core.models.diffusion.edm import EDMObjective, edm_loss, sample_training_noise
 from privimage_core.errors import ConfigError, DataError
-from privimage_core.evaluation import fid
 from privimage_core.evaluation.diffusion_mia import (audit_check, denoising_loss_fn,
                                                      diffusion_mia, max_detectable_epsilon)
 from privimage_core.evaluation.membership import (empirical_epsilon_lower_bound,
                                                   loss_threshold_scores, roc_metrics)
 from privimage_core.evaluation.report import class_strips, render_html
 from privimage_core.evaluation.suite import EvaluationResult, run_evaluation
-from tests.test_evaluation import _FakeInception, noised, shapes
+from tests.helpers import noised, shapes, tiny_edm, use_fake_inception
 
 torch.set_num_threads(1)
-
-
-def tiny_edm(size: int = 16, classes: int = 2, seed: int = 0) -> EDMPrecond:
-    torch.manual_seed(seed)
-    return EDMPrecond(build_unet("tiny", image_size=size, channels=1, num_classes=classes,
-                                 base_channels=16))
 
 
 # ------------------------------------------------------------------ membership audit
@@ -206,7 +197,7 @@ def evaluated(small_cfg, tmp_path_factory):
     real_train = shapes(200, size=16, seed=61)
     synthetic = noised(shapes(150, size=16, seed=62), std=20)
     mp = pytest.MonkeyPatch()
-    mp.setattr(fid, "load_fid_inception", lambda *a, **k: _FakeInception())
+    use_fake_inception(mp)
     logs: list[str] = []
     try:
         from privimage_core.evaluation.canary_audit import CanaryAuditInput, make_canaries
@@ -266,10 +257,9 @@ def test_report_has_banner_and_no_real_images(evaluated):
             assert im.tobytes() not in page.encode()
 
 
-def test_suite_identical_and_shifted_sets(monkeypatch):
+def test_suite_identical_and_shifted_sets(fake_fid_inception):
     """Wiring check with the stand-in features: the synthetic set equal to the
     FID reference gives FID ~0 and precision = recall = 1; a shifted set scores worse."""
-    monkeypatch.setattr(fid, "load_fid_inception", lambda *a, **k: _FakeInception())
     real = shapes(60, size=16, seed=70)
     cfg = EvaluationConfig(fid_images=60, classifiers=["lr"], classifier="lr", real_ceiling=False,
                            utility_matrix=False, detector=False, mia=False)
@@ -325,7 +315,6 @@ def test_evaluator_actor_class_and_cli(tmp_path, monkeypatch, mnist_small):
     from services.actors import Evaluator
     from services.evaluate_cli import evaluate_dataset
 
-    monkeypatch.setattr(fid, "load_fid_inception", lambda *a, **k: _FakeInception())
     train, test = mnist_small
     cfg = _tiny_run_cfg(tmp_path)
     run_dir = tmp_path / "runs" / "r"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from privimage_core.config import from_dict
-from tests.test_pipeline_e2e import tiny_config
+from tests.helpers import tiny_config
 
 # Opt-in (-m slow): 110 s of a 20-minute default suite on 2 cores. The
 # default suite keeps the driver-restart resume (tests/test_pipeline_e2e.py).
@@ -25,10 +25,16 @@ STEPS, EVERY = 20, 5
 
 
 def _train_workers() -> list:
+    """The Ray Train workers of this test's own Ray (the module's local Ray
+    is started by this process, so its workers are descendants of it): never
+    another Ray's on a shared host."""
     import psutil
     out = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
+    for p in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            cmd = " ".join(p.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
         if "RayTrainWorker" in cmd:
             out.append(p)
     return out
@@ -45,14 +51,10 @@ def _checkpointed_steps(storage: Path) -> int:
     return best
 
 
-def test_killed_worker_recovers_with_the_uninterrupted_ledger(tmp_path):
-    import ray
-
+def test_killed_worker_recovers_with_the_uninterrupted_ledger(ray_local, tmp_path):
     from privimage_core.methods import get_method
     from privimage_core.privacy.plan import planned_ledger
     from services.pipeline import run_pipeline
-    from services.ray_runtime import ensure_ray
-    from privimage_core.config import RayConfig
 
     d = tiny_config(tmp_path, **{"finetune.steps": STEPS, "finetune.batch_size": 100,
                                  "finetune.physical_batch_size": 50,
@@ -60,7 +62,6 @@ def test_killed_worker_recovers_with_the_uninterrupted_ledger(tmp_path):
                                  "metrics.enabled": False})
     d["pretrain"]["steps"] = 2
     cfg = from_dict({**d, "method": "dpdm"})
-    ensure_ray(RayConfig(), num_cpus=2)
     out: dict = {}
 
     def run():
@@ -73,19 +74,16 @@ def test_killed_worker_recovers_with_the_uninterrupted_ledger(tmp_path):
     t.start()
     killed = None
     deadline = time.time() + 400
-    try:
-        while time.time() < deadline and t.is_alive() and killed is None:
-            runs = list((tmp_path / "runs").glob("e2e-*/ray_train"))
-            if runs and EVERY <= _checkpointed_steps(runs[0]) < STEPS:
-                workers = _train_workers()
-                if workers:
-                    killed = workers[0].pid
-                    os.kill(killed, signal.SIGKILL)
-                    break
-            time.sleep(0.05)
-        t.join(timeout=600)
-    finally:
-        ray.shutdown()
+    while time.time() < deadline and t.is_alive() and killed is None:
+        runs = list((tmp_path / "runs").glob("e2e-*/ray_train"))
+        if runs and EVERY <= _checkpointed_steps(runs[0]) < STEPS:
+            workers = _train_workers()
+            if workers:
+                killed = workers[0].pid
+                os.kill(killed, signal.SIGKILL)
+                break
+        time.sleep(0.05)
+    t.join(timeout=600)
     assert killed is not None, "fine-tuning ended before a worker could be killed mid-stage"
     assert "error" not in out, out.get("error")
     s = out["summary"]

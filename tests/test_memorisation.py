@@ -22,7 +22,7 @@ from privimage_core.models.diffusion.unet import build_unet
 from privimage_core.errors import ConfigError
 from privimage_core.evaluation import memorisation as memo
 from privimage_core.models import get_family
-from tests.test_evaluation import shapes
+from tests.helpers import shapes
 
 torch.set_num_threads(1)
 

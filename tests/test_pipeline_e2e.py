@@ -12,62 +12,35 @@ import pytest
 
 from privimage_core.config import from_dict
 from privimage_core.data.sources import load_source
+from privimage_core.methods import METHODS
 from privimage_core.selection.distribution import class_histograms
+from tests.helpers import tiny_config
 
 pytestmark = pytest.mark.ray
 
-
-def small_mnist(tmp_path: Path, n: int = 1000, seed: int = 0) -> Path:
-    """A declared sensitive dataset of n MNIST train images, materialised
-    outside the DP boundary as a user would (`privimage data subsample`)."""
-    from privimage_core.data.subsample import materialise_subsample
-
-    out = Path(tmp_path) / f"mnist-{n}-{seed}.parquet"
-    if not out.is_file():
-        materialise_subsample("mnist", n, out, seed=seed)
-    return out
-
-
-def tiny_config(tmp_path: Path, sensitive_n: int = 1000, **over) -> dict:
-    cfg = {
-        "run": {"name": "e2e", "output_dir": str(tmp_path / "runs"), "torch_threads": 1},
-        "data": {"sensitive": f"parquet:{small_mnist(tmp_path, sensitive_n)}",
-                 "sensitive_test": "mnist", "public": ["glyphs"],
-                 "glyph_max_fonts": 6, "public_max_per_class": 20},
-        "semantic_query": {"epochs": 1, "width": 8},
-        "selection": {"k2": 1, "sigma_q": 20.0},
-        "privacy": {"target_epsilon": 5.0, "target_delta": 1e-4},
-        "pretrain": {"steps": 6, "batch_size": 16},
-        "finetune": {"steps": 4, "batch_size": 50, "physical_batch_size": 25},
-        "sampling": {"num_images": 40, "num_steps": 2, "batch_size": 40},
-        # the headline classifier only: every other (non-private) metric has
-        # its own tests, and each costs seconds per run on 2 cores
-        "evaluation": {"fid": False, "classifier": "lr", "classifier_epochs": 1,
-                       "classifiers": ["lr"], "precision_recall": False,
-                       "utility_matrix": False, "detector": False,
-                       "canaries": 32, "canary_repeats": 1, "memorisation_images": 100,
-                       "memorisation_heldout": 200, "memorisation_reconstruction_images": 100,
-                       "memorisation_feature_images": 0},
-        # one checkpoint per stage (the last): ~1.7 s each on 2 cores, and a
-        # 6-step stage at the default 4 per stage checkpointed every step
-        "ray": {"num_workers": 1, "cpus_per_worker": 1, "checkpoints_per_stage": 1},
-        "metrics": {"enabled": True},
-    }
-    for k, v in over.items():
-        sec, _, key = k.partition(".")
-        cfg[sec][key] = v
-    return cfg
+# The method of the default suite's one end-to-end run (``finished_run``):
+# the config's default. Every other registered method's run is opt-in.
+DEFAULT_METHOD = from_dict({}).method
+# A method's run is the tiny config plus these ("section.key" values and
+# whole sections), if any.
+METHOD_OVERRIDES: dict[str, tuple[dict, dict]] = {
+    # the release's evaluation is the main run's (audit and memorisation off here)
+    "dp_ldm": ({"evaluation.canary_audit": False, "evaluation.memorisation": False},
+               {"latent": {"autoencoder_dp_steps": 2, "width": 8}}),
+}
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
+def method_config(tmp: Path, method: str):
+    keys, sections = METHOD_OVERRIDES.get(method, ({}, {}))
+    return from_dict({**tiny_config(tmp, **keys), **sections, "method": method})
 
-    from services.ray_runtime import ensure_ray
-    from privimage_core.config import RayConfig
-    ensure_ray(RayConfig(), num_cpus=2)
-    yield ray
-    ray.shutdown()
+
+def _e2e(methods) -> list:
+    """``methods`` as test parameters: the default method's run is the
+    default suite's; every other's is opt-in (-m slow), minutes each on 2
+    cores."""
+    return [pytest.param(m, marks=() if m == DEFAULT_METHOD else pytest.mark.slow)
+            for m in methods]
 
 
 def test_local_ray_binds_loopback_only(ray_local):
@@ -102,6 +75,34 @@ def finished_run(tmp_path_factory, ray_local):
     return cfg, summary, logs, tmp
 
 
+@pytest.fixture(scope="module")
+def method_run(request, tmp_path_factory, ray_local):
+    """``run(method) -> (cfg, summary)``: a registered method's tiny run,
+    once per module, shared by the tests that read it; the default method's
+    is ``finished_run``."""
+    from services.pipeline import run_pipeline
+    runs: dict[str, tuple] = {}
+
+    def run(method: str):
+        if method == DEFAULT_METHOD:
+            return request.getfixturevalue("finished_run")[:2]
+        if method not in runs:
+            cfg = method_config(tmp_path_factory.mktemp(method), method)
+            runs[method] = cfg, run_pipeline(cfg, log=lambda _: None)
+        return runs[method]
+    return run
+
+
+def _stage_runs(s) -> tuple[object, list]:
+    """(the MLflow client, the run's nested stage runs) of a run summary."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(s["mlflow_uri"])
+    parent = client.get_run(s["mlflow_run_id"])
+    return client, client.search_runs([parent.info.experiment_id],
+                                      f"tags.mlflow.parentRunId = '{s['mlflow_run_id']}'")
+
+
 def test_pipeline_reports_dp_result(finished_run):
     cfg, s, logs, _ = finished_run
     assert 0 < s["epsilon"] <= cfg.privacy.target_epsilon
@@ -119,14 +120,11 @@ def test_pipeline_reports_dp_result(finished_run):
 
 
 def test_mlflow_has_parent_and_stage_runs(finished_run):
-    import mlflow
     cfg, s, _, _ = finished_run
-    client = mlflow.tracking.MlflowClient(s["mlflow_uri"])
+    client, children = _stage_runs(s)
     parent = client.get_run(s["mlflow_run_id"])
     assert parent.data.metrics["epsilon"] == pytest.approx(s["epsilon"])
     assert parent.data.params["privacy.target_epsilon"] == "5.0"
-    children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{s['mlflow_run_id']}'")
     stages = {r.data.tags.get("stage") for r in children}
     assert {"semantic_query", "selection", "pretrain", "finetune", "synthesize",
             "evaluate"} <= stages
@@ -188,36 +186,57 @@ def test_no_sensitive_data_leaves(finished_run):
     assert sizes_txt.decode() not in text and probe_labels_txt.decode() not in text
 
 
-# All three opt-in (-m slow) to keep the default suite short (DPGAN's took
-# 54 s of a 20-minute suite on 2 cores). DPDM's stages (fine-tuning, release)
-# are the main run's without pre-training; PDP-Diffusion's whole-pool
-# pre-training is what the main run's significance fallback runs too; DPGAN's
-# objective and its one-ledger step have unit tests (tests/test_gan_family.py).
-@pytest.mark.parametrize("method", [pytest.param("dpdm", marks=pytest.mark.slow),
-                                    pytest.param("pdp_diffusion", marks=pytest.mark.slow),
-                                    pytest.param("dpgan", marks=pytest.mark.slow)])
-def test_baselines_run_their_own_stages_and_spend_only_dp_sgd(ray_local, tmp_path, method):
+@pytest.mark.parametrize("method", _e2e(METHODS))
+def test_registered_method_runs_end_to_end(method_run, method):
+    """Every registered method (privimage_core/methods.py), end to end on the
+    local Ray: exactly its own stages ran (timings and nested MLflow runs),
+    its ledger is the plan's (every mechanism's sigma, q and steps, from the
+    config and N alone) under the target, the release rebuilds from its
+    manifest as the method's family, and the synthetic set is the configured
+    one. A new method is covered by registering it. The default method's run
+    is the default suite's main run; the others are opt-in (-m slow)."""
+    from privimage_core.methods import get_method
+    from privimage_core.models.release import load_release
+    from privimage_core.privacy.plan import planned_ledger
+    from privimage_core.synthesize import read_dataset
+
+    cfg, s = method_run(method)
+    m = get_method(method)
+    stages = {st.name for st in m.stages}
+    assert set(s["stage_seconds"]) == stages
+    client, runs = _stage_runs(s)
+    assert {r.data.tags["stage"] for r in runs} == stages
+    assert client.get_run(s["mlflow_run_id"]).data.params["method"] == method
+    plan = planned_ledger(cfg, m, len(_used_sensitive(cfg)), s["delta"])
+    assert [(r["name"], r["noise_multiplier"], r["sample_rate"], r["steps"])
+            for r in s["ledger"]["records"]] == \
+        [(r.name, r.noise_multiplier, r.sample_rate, r.steps) for r in plan.records]
+    assert 0 < s["epsilon"] <= cfg.privacy.target_epsilon
+    assert s["epsilon"] == pytest.approx(plan.epsilon(), rel=1e-9)
+    fam, release, man = load_release(s["run_dir"])
+    assert fam.name == man.family == m.family and man.method == method
+    syn = read_dataset(s["synthetic_path"])
+    size, ch = cfg.data.image_size, cfg.data.channels
+    assert syn.images.shape == (cfg.sampling.num_images, size, size, ch)
+    assert syn.images.dtype == np.uint8 and set(syn.labels.tolist()) <= set(range(10))
+
+
+# Every method without the semantic query: opt-in (-m slow) to keep the
+# default suite short (DPGAN's took 54 s of a 20-minute suite on 2 cores).
+# DPDM's stages (fine-tuning, release) are the main run's without
+# pre-training; PDP-Diffusion's whole-pool pre-training is what the main
+# run's significance fallback runs too; DPGAN's objective and its one-ledger
+# step have unit tests (tests/test_gan_family.py).
+@pytest.mark.parametrize("method", [pytest.param(n, marks=pytest.mark.slow)
+                                    for n, m in METHODS.items() if not m.has("semantic_query")])
+def test_baselines_run_their_own_stages_and_spend_only_dp_sgd(method_run, method):
     """DPDM (no public data) and PDP-Diffusion (whole pool, no query): no
-    semantic-query mechanism in the ledger, all of epsilon to DP-SGD, and
-    only their own stages as nested MLflow runs."""
-    from mlflow.tracking import MlflowClient
-
-    from privimage_core.config import from_dict
-    from services.pipeline import run_pipeline
-
-    cfg = from_dict({**tiny_config(tmp_path), "method": method})
-    s = run_pipeline(cfg, log=lambda _: None)
+    semantic-query mechanism in the ledger, all of epsilon to DP-SGD (that
+    only their own stages ran, as nested MLflow runs too, is
+    test_registered_method_runs_end_to_end's check of the same run)."""
+    cfg, s = method_run(method)
     assert [r["name"] for r in s["ledger"]["records"]] == ["dp_sgd_finetune"]
     assert 0 < s["epsilon"] <= cfg.privacy.target_epsilon
-    expected = {"dpdm": {"finetune", "synthesize", "evaluate"},
-                "dpgan": {"finetune", "synthesize", "evaluate"},
-                "pdp_diffusion": {"index", "pretrain", "finetune", "synthesize", "evaluate"}}
-    assert set(s["stage_seconds"]) == expected[method]
-    client = MlflowClient(s["mlflow_uri"])
-    runs = client.search_runs([client.get_run(s["mlflow_run_id"]).info.experiment_id],
-                              f"tags.mlflow.parentRunId = '{s['mlflow_run_id']}'")
-    assert {r.data.tags["stage"] for r in runs} == expected[method]
-    assert client.get_run(s["mlflow_run_id"]).data.params["method"] == method
     state = json.loads((Path(s["run_dir"]) / "pipeline_state.json").read_text())
     if method == "pdp_diffusion":  # the whole public pool, not a selection
         assert state["stages"]["pretrain"]["data"] == "public_pool"
@@ -226,15 +245,15 @@ def test_baselines_run_their_own_stages_and_spend_only_dp_sgd(ray_local, tmp_pat
 
 
 @pytest.mark.slow
-def test_public_pretraining_is_reused_across_runs(ray_local, tmp_path):
+def test_public_pretraining_is_reused_across_runs(method_run):
     """Public pre-training is budget-free: a second run with other DP settings
-    reuses it (cached by a digest of what it depends on)."""
+    reuses it (cached by a digest of what it depends on). The first run is
+    the module's pdp_diffusion run (the first in its output directory)."""
     import torch
 
     from services.pipeline import run_pipeline
 
-    cfg = from_dict({**tiny_config(tmp_path), "method": "pdp_diffusion"})
-    s = run_pipeline(cfg, log=lambda _: None)
+    cfg, s = method_run("pdp_diffusion")
     state = json.loads((Path(s["run_dir"]) / "pipeline_state.json").read_text())
     again = run_pipeline(cfg.with_overrides({"finetune.steps": 2}), log=lambda _: None)
     st2 = json.loads((Path(again["run_dir"]) / "pipeline_state.json").read_text())
@@ -313,7 +332,7 @@ def test_progress_line_shows_steps_rate_and_eta(ray_local, monkeypatch):
 # Ray Train runs); the two-stage budget split is unit-tested in
 # tests/test_latent_family.py.
 @pytest.mark.slow
-def test_dp_ldm_runs_two_dp_sgd_stages_in_one_ledger(ray_local, tmp_path):
+def test_dp_ldm_runs_two_dp_sgd_stages_in_one_ledger(method_run):
     """dp_ldm (seed 003): the autoencoder's DP stage (its share of epsilon
     alone), then the latent model's, composed with the query into one
     ledger under the target; the latent stage starts from the DP
@@ -321,13 +340,10 @@ def test_dp_ldm_runs_two_dp_sgd_stages_in_one_ledger(ray_local, tmp_path):
     import torch
 
     from privimage_core.privacy.ledger import MechanismRecord, PrivacyLedger
-    from services.pipeline import run_pipeline
 
-    # the release's evaluation is the main run's (audit and memorisation off here)
-    d = tiny_config(tmp_path, **{"evaluation.canary_audit": False,
-                                 "evaluation.memorisation": False})
-    cfg = from_dict({**d, "method": "dp_ldm", "latent": {"autoencoder_dp_steps": 2, "width": 8}})
-    s = run_pipeline(cfg, log=lambda _: None)
+    # the module's dp_ldm run (METHOD_OVERRIDES: 2 autoencoder DP steps,
+    # width 8, audit and memorisation off)
+    cfg, s = method_run("dp_ldm")
     recs = s["ledger"]["records"]
     assert [r["name"] for r in recs] == ["semantic_distribution_query",
                                          "dp_sgd_finetune_autoencoder", "dp_sgd_finetune"]

@@ -4,24 +4,22 @@ import mlflow
 import pytest
 
 from privimage_core.config import from_dict
-from tests.test_pipeline_e2e import tiny_config
+from tests.helpers import tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
+# run_sweep starts the local Ray itself, with the trial drivers' CPUs on top
+# of the machine's (part of what is tested): the ray_local fixture only stops it.
+RAY_STARTED_BY_TEST = True
 
 
-def test_sweep_runs_trials_as_nested_mlflow_runs(tmp_path):
-    import ray
-
+def test_sweep_runs_trials_as_nested_mlflow_runs(ray_local, tmp_path):
     from services.tune import run_sweep
     d = tiny_config(tmp_path)
     d["tune"] = {"search_space": {"generator.preset": ["tiny"],
                                   "selection.selection_ratio": [0.1, 0.2]},
                  "cpus_per_trial": 0.1}
     d["ray"]["cpus_per_worker"] = 1
-    try:
-        out = run_sweep(from_dict(d))
-    finally:
-        ray.shutdown()
+    out = run_sweep(from_dict(d))
     assert len(out["trials"]) == 2 and all("accuracy" in t for t in out["trials"])
     eps = [t["epsilon"] for t in out["trials"]]
     # the sweep as a whole spends more than any single trial
