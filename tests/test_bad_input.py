@@ -48,8 +48,8 @@ def test_missing_data_path(tmp_path):
 
 def test_empty_declared_class_flows_through_and_undeclared_labels_are_refused(tmp_path):
     """A declared class with no images is no error (its histogram row is pure
-    noise, issue 13 W9); a record outside the declared list is refused with a
-    message that neither names nor counts it (B2)."""
+    noise); a record outside the declared list is refused with a
+    message that neither names nor counts it."""
     root = _folder(tmp_path / "d", {"a": 3, "b": 0})
     inp = load_inputs(_cfg(tmp_path, f"folder:{root}"))
     assert list(inp.sensitive.class_names) == ["a", "b"] and len(inp.sensitive) == 3

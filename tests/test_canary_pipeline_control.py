@@ -1,4 +1,4 @@
-"""Issue 13: a failing control for the canary audit at PIPELINE scale. The
+"""A failing control for the canary audit at PIPELINE scale. The
 real pipeline (local Ray, method dpdm), set up by configuration only, with
 DP-SGD made effectively noiseless: noise_multiplier 0.01 (noise std
 0.01 * clip on a sum of ~160 clipped gradients) and a target epsilon of 1e8 so

@@ -1,4 +1,4 @@
-"""Issue 13 B1/B2/W9: the sensitive class list is declared, never read off the
+"""The sensitive class list is declared, never read off the
 records; a subsample is a materialised, declared dataset, never drawn in a run."""
 from __future__ import annotations
 

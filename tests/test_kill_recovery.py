@@ -2,7 +2,7 @@
 in the middle of DP fine-tuning. With ray.max_failures >= 1 the worker group
 restarts from the last committed checkpoint and the run ends with the ledger
 of an uninterrupted run of the same plan: the same steps, sigma, q and
-epsilon, never more (issue 13, reliability)."""
+epsilon, never more."""
 from __future__ import annotations
 
 import json

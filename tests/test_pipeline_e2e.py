@@ -131,6 +131,13 @@ def test_mlflow_has_parent_and_stage_runs(finished_run):
     ft = next(r for r in children if r.data.tags.get("stage") == "finetune")
     hist = client.get_metric_history(ft.info.run_id, "epsilon_spent")
     assert hist and max(m.value for m in hist) <= cfg.privacy.target_epsilon
+    # the curve is logged when the stage is over, every point stamped with one
+    # time: per-step timestamps would time the realised Poisson batches
+    assert len(hist) >= 2 and len({m.timestamp for m in hist}) == 1
+    assert sorted(m.value for m in hist) == [m.value for m in sorted(hist, key=lambda m: m.step)]
+    # the run records the public size it used, never the true N
+    assert parent.data.params["resolved.dataset_size_source"] == "subsample"
+    assert "resolved.n_sensitive" not in parent.data.params
 
 
 def _all_bytes(root: Path):
@@ -165,7 +172,7 @@ def test_no_sensitive_data_leaves(finished_run):
         assert probe_labels_txt not in data, f"sensitive labels (text) in {path}"
         assert sizes_txt not in data, f"sensitive class counts in {path}"
     assert scanned >= 10  # checkpoints, artifacts, state, MLflow store
-    # the released histogram is rounded (issue 13 W5): integers only
+    # the released histogram is rounded: integers only
     state = json.loads((Path(s["run_dir"]) / "pipeline_state.json").read_text())
     saved = state["stages"]["selection"]
     noisy = np.asarray(saved["noisy_histograms"])

@@ -1,4 +1,4 @@
-"""Distributed Poisson sampling keeps empty draws (issue 13 W8): each rank
+"""Distributed Poisson sampling keeps empty draws: each rank
 yields one draw per round, empty or not, so every rank takes the same logical
 steps and no batch is conditioned on being non-empty. Opacus's own sampler is
 the failing control."""
