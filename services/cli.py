@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from privimage_core.config import load_config, resolve_delta
+from privimage_core.config import load_config
 from privimage_core.errors import PrivImageError
 
 
@@ -56,26 +56,30 @@ def _print_summary(s: dict) -> None:
 
 def cmd_run(a) -> int:
     # lazy: each subcommand imports what it runs: --help starts without Ray or torch
+    from services import ray_runtime
+    # lazy: each subcommand imports what it runs: --help starts without Ray or torch
+    from services.interrupts import as_interrupted
+    # lazy: each subcommand imports what it runs: --help starts without Ray or torch
     from services.pipeline import run_pipeline
     cfg = load_config(a.config, _overrides(a.set)) if not a.resume else None
-    s = run_pipeline(cfg, resume_dir=a.resume)
+    try:
+        s = run_pipeline(cfg, resume_dir=a.resume)
+    except KeyboardInterrupt as e:
+        # the pipeline saved its state and printed the resume command; the Ray
+        # this process started goes with its workers, actors and placement groups
+        stop = as_interrupted(e)
+        ray_runtime.shutdown()
+        print(f"privimage: stopped by {stop.signal_name}", file=sys.stderr)
+        return stop.exit_code
     _print_summary(s)
     return 0
 
 
 def cmd_validate(a) -> int:
     # lazy: each subcommand imports what it runs: --help starts without Ray or torch
-    from privimage_core.privacy.dataset_size import known_size
-    # lazy: each subcommand imports what it runs: --help starts without Ray or torch
-    from services.pipeline import load_inputs
+    from services.pipeline import preflight
     cfg = load_config(a.config, _overrides(a.set))
-    inp = load_inputs(cfg)
-    size = known_size(cfg)  # no DP size query here: validate spends nothing
-    print(json.dumps({"ok": True, "classes": inp.sensitive.num_classes,
-                      "dataset_size": size.value if size else None,
-                      "dataset_size_source": size.source if size else
-                      "dp_estimate (at run time, privacy.size_epsilon_share of epsilon)",
-                      "delta": resolve_delta(cfg, size.value) if size else None}))
+    print(json.dumps({"ok": True, **preflight(cfg)}))
     return 0
 
 

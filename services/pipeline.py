@@ -33,16 +33,20 @@ from privimage_core.config import Config, from_dict, resolve_delta
 from privimage_core.data.imageset import ImageSet
 from privimage_core.data.sources import check_public_specs, load_source, validate_sensitive
 from privimage_core.data.specs import is_user_source, same_user_dataset
-from privimage_core.errors import ConfigError, DataError
+from privimage_core.errors import ConfigError, DataError, PrivacyBudgetError
 from privimage_core.evaluation.canary_audit import check_canary_source
 from privimage_core.evaluation.semantic_similarity import require_model
 from privimage_core.methods import Method, get_method
-from privimage_core.privacy.dataset_size import known_size
 from privimage_core.models import build_model
-from services import ray_runtime
+from privimage_core.privacy.dataset_size import known_size
+from privimage_core.privacy.ledger import PrivacyLedger
+from privimage_core.privacy.plan import plan_run
+from services import interrupts, ray_runtime
+from services.budget import open_lifetime, prepare_budget
+from services.interrupts import RunInterrupted
 from services.metrics import PipelineMetrics
-from services.budget import prepare_budget
-from services.run_store import STATE_FILE, load_state, new_run_dir, resume_ledger, save_state
+from services.run_store import (STATE_FILE, load_state, new_run_dir, resume_ledger, save_state,
+                                spent_upper_bound)
 from services.stage_engine import RunContext, run_stages
 from services.stages import STAGES
 from services.tracking import Tracker
@@ -101,25 +105,32 @@ def check_generator(cfg: Config, method: Method, num_classes: int) -> None:
 
 
 def run_pipeline(cfg: Config, resume_dir: str | None = None, parent_run_id: str | None = None,
-                 log: Callable[[str], None] = print, report_fn: Callable[[dict], None] | None = None
-                 ) -> dict:
-    """Run (or resume) one pipeline of ``cfg.method``; returns the final summary."""
+                 log: Callable[[str], None] = print, report_fn: Callable[[dict], None] | None = None,
+                 run_dir: str | None = None) -> dict:
+    """Run (or resume) one pipeline of ``cfg.method``; returns the final
+    summary. ``run_dir``: where a new run writes (default: a fresh directory
+    under ``run.output_dir``); a sweep names one per trial so that a retried
+    trial resumes instead of spending its budget again."""
+    fixed_dir = Path(run_dir).resolve() if run_dir else None
     t_start = time.time()
     # ---- validate everything cheap first: config, generator, data, delta
+    run_dir = None
     if resume_dir:
         run_dir = Path(resume_dir).resolve()
         state = load_state(run_dir)
         cfg = from_dict(state["config"])
         log(f"[privimage] resuming {run_dir} (stages done: {', '.join(state['stages']) or 'none'})")
     else:
-        run_dir = None
         state = {"config": cfg.to_dict(), "method": cfg.method, "stages": {},
                  "parent_run_id": parent_run_id}
     method = get_method(cfg.method)
     inputs = load_inputs(cfg)
     check_generator(cfg, method, len(inputs.sensitive.class_names))
     fresh = run_dir is None
-    if fresh:  # only now: bad input leaves no directory behind
+    if fresh and fixed_dir is not None:
+        fixed_dir.mkdir(parents=True, exist_ok=True)
+        run_dir = fixed_dir
+    elif fresh:  # only now: bad input leaves no directory behind
         run_dir = new_run_dir(Path(cfg.run.output_dir), cfg.run.name)
     # The public size, delta and privacy plan, once, charged to the lifetime
     # ledger before any mechanism reads the data (a resumed run keeps its own).
@@ -139,6 +150,8 @@ def run_pipeline(cfg: Config, resume_dir: str | None = None, parent_run_id: str 
     save_state(run_dir, state)
 
     ray_info = ray_runtime.ensure_ray(cfg.ray, metrics_port=cfg.metrics.port)
+    interrupts.install()  # after ray.init, which installs a SIGTERM handler of its own
+    state.pop("stopped", None)
     tracker = Tracker(cfg, parent_run_id=parent_run_id)
     if cfg.metrics.enabled:
         # Every process of the run records through Ray's metrics API; one scrape
@@ -169,6 +182,10 @@ def run_pipeline(cfg: Config, resume_dir: str | None = None, parent_run_id: str 
         ctx.sens_ref = ray.put((inputs.sensitive.images, inputs.sensitive.labels))
         try:
             run_stages(ctx, STAGES)
+        except KeyboardInterrupt as e:
+            stop = interrupts.as_interrupted(e)
+            _record_stop(ctx, stop)
+            raise stop from None
         finally:
             ctx.kill_actors()
         lifetime.settle(str(run_dir), ctx.ledger.state_dict())
@@ -210,3 +227,64 @@ def _summary(ctx, total_seconds: float) -> dict:
             "evaluation_report": ev.get("report_path"), "sds": ctx.values.get("sds"),
             "selection_warning": ctx.values.get("selection_note"),
             "pretrain_data_fallback": ctx.values.get("selection_fallback")}
+
+
+def preflight(cfg: Config) -> dict:
+    """Every check ``run`` makes before a mechanism reads the sensitive data,
+    spending nothing (``privimage validate``): the config, the data and its
+    classes, the generator built from the config, and, when the dataset's
+    size is public, the privacy plan and the lifetime budget. What it found."""
+    method = get_method(cfg.method)
+    inputs = load_inputs(cfg)
+    check_generator(cfg, method, len(inputs.sensitive.class_names))
+    out = {"method": method.name, "classes": inputs.sensitive.num_classes}
+    size = known_size(cfg)
+    if size is None:  # the DP size query would run first; nothing can be planned before it
+        return {**out, "dataset_size": None, "dataset_size_source":
+                "dp_estimate (at run time, privacy.size_epsilon_share of epsilon)"}
+    plan = plan_run(cfg, method, size.value, resolve_delta(cfg, size.value))
+    planned = plan.ledger()
+    lifetime = open_lifetime(cfg, plan.delta)
+    if lifetime.would_exceed(planned.state_dict()):
+        raise PrivacyBudgetError(
+            f"this run's plan would take the dataset's lifetime epsilon past "
+            f"privacy.lifetime_epsilon={cfg.privacy.lifetime_epsilon:g} "
+            f"({lifetime.composed_epsilon():.4g} already spent); raise it knowingly or use new "
+            "data")
+    return {**out, "dataset_size": size.value, "dataset_size_source": size.source,
+            "delta": plan.delta, "planned_epsilon": planned.epsilon(),
+            "dp_stages": {k: None if v is None else {"noise_multiplier": v.noise_multiplier,
+                                                     "sample_rate": v.sample_rate,
+                                                     "steps": v.total_steps}
+                          for k, v in plan.stages.items()}}
+
+
+def resume_command(run_dir: Path) -> str:
+    return f"privimage run --resume {run_dir}"
+
+
+def _record_stop(ctx, e: RunInterrupted) -> None:
+    """A run stopped by a signal: its state, the budget it may have spent and
+    the command that finishes it, in the run directory, MLflow and the log."""
+    stage = ctx.current_stage or "between stages"
+    upper = spent_upper_bound(ctx.run_dir)
+    spent = {"confirmed": ctx.ledger.epsilon(),
+             "at_most": PrivacyLedger.from_state_dict(upper).epsilon() if upper else 0.0}
+    ctx.state["stopped"] = {"signal": e.signal_name, "stage": stage,
+                            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                            "epsilon": spent, "resume": resume_command(ctx.run_dir)}
+    ctx.save()
+    (ctx.run_dir / "summary.json").write_text(json.dumps(
+        {"status": "stopped", **ctx.state["stopped"], "method": ctx.method.name,
+         "run_dir": str(ctx.run_dir), "stages_done": sorted(ctx.state["stages"]),
+         "stage_seconds": dict(ctx.stage_seconds), "mlflow_run_id": ctx.mlflow_run_id},
+        indent=2))
+    try:
+        set_tag("stopped", f"{e.signal_name} during {stage}")
+        ctx.tracker.metrics({"epsilon_confirmed": spent["confirmed"],
+                             "epsilon_at_most": spent["at_most"]})
+    except Exception:  # a tracking hiccup must not hide the stop
+        pass
+    ctx.log(f"[privimage] stopped by {e.signal_name} during stage '{stage}'; finished stages "
+            f"are saved in {ctx.run_dir} (epsilon spent: {spent['confirmed']:.4g} confirmed, at "
+            f"most {spent['at_most']:.4g}). Resume with:\n  {resume_command(ctx.run_dir)}")

@@ -9,7 +9,11 @@
   before init.
   Its metrics export port (where services/metrics.py's metrics and Ray's own
   appear) is ``metrics.port`` if set, else a free port Ray picks;
-  ``metrics_endpoint()`` says which.
+  ``metrics_endpoint()`` says which. While it lives, RAY_ADDRESS names it in
+  this process's environment: Ray Train's placement-group cleaner looks a
+  cluster up through the State API, which finds every Ray on the host and
+  refuses to choose when a second run has started its own; ``shutdown()``
+  stops it and takes the variable back.
 """
 from __future__ import annotations
 
@@ -21,8 +25,28 @@ from ray._private import ray_constants
 from privimage_core.config import RayConfig
 
 
+# The RAY_ADDRESS this process set for the local Ray it started (None: not ours).
+_OWNED: dict[str, str | None] = {"address": None}
+
+
 def in_ray_job() -> bool:
     return bool(os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_ADDRESS"))
+
+
+def owns_ray() -> bool:
+    """Whether this process started the Ray it is connected to."""
+    return _OWNED["address"] is not None and ray.is_initialized()
+
+
+def shutdown() -> None:
+    """Stop Ray if this process started it (its workers, actors and placement
+    groups end with it) and take back the RAY_ADDRESS it exported; only
+    disconnect from a cluster it joined."""
+    if ray.is_initialized():
+        ray.shutdown()
+    if _OWNED["address"] is not None and os.environ.get("RAY_ADDRESS") == _OWNED["address"]:
+        os.environ.pop("RAY_ADDRESS")
+    _OWNED["address"] = None
 
 
 def ensure_ray(cfg: RayConfig, num_cpus: int | None = None,
@@ -48,12 +72,14 @@ def ensure_ray(cfg: RayConfig, num_cpus: int | None = None,
     # The dashboard (State API, Jobs) is on: Ray Train's placement-group cleaner
     # polls the State API. It binds to 127.0.0.1 like everything else here.
     # The metrics agent binds the node address (127.0.0.1) for a loopback node.
-    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1", log_to_driver=True,
-             _metrics_export_port=metrics_port or None,
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
-                 [os.getcwd(), os.environ.get("PYTHONPATH", "")])}})
-    return {"mode": "local", "address": "127.0.0.1"}
+    info = ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True,
+                    dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=True,
+                    _metrics_export_port=metrics_port or None,
+                    runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
+                        [os.getcwd(), os.environ.get("PYTHONPATH", "")])}})
+    address = info.address_info["gcs_address"]
+    os.environ["RAY_ADDRESS"] = _OWNED["address"] = address
+    return {"mode": "local", "address": address}
 
 
 def metrics_endpoint() -> str | None:

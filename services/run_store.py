@@ -114,11 +114,15 @@ def resume_ledger(state: dict, storage: str, run_dir: Path
     saved state does not. We read them here instead of relying on Ray Train
     restoring the trainer by name (a storage change or a lost snapshot would
     silently break that): the checkpoint with the most steps wins, and the
-    stage restarts from it. Refused: the stage started and no checkpoint
-    survived (the steps it took cannot be known), or the surviving
-    checkpoints hold fewer steps than the saved ledger (the weights of the
-    later steps are gone); going on would release a model the ledger does not
-    describe or spend steps twice.
+    stage restarts from it. A stage stopped before its first checkpoint
+    restarts from its beginning when its checkpoints live in the run's own
+    directory (the default storage): none was written, so nothing the lost
+    steps computed survives to be released. Refused: the stage started, its
+    checkpoints live in other storage and none is visible (a checkpoint this
+    run cannot see could later seed a second, uncounted branch), or the
+    surviving checkpoints hold fewer steps than the saved ledger (the weights
+    of the later steps are gone); going on would release a model the ledger
+    does not describe or spend steps twice.
     """
     ledger = PrivacyLedger.from_state_dict(state["ledger"])
     resume: dict[str, str] = {}
@@ -127,6 +131,8 @@ def resume_ledger(state: dict, storage: str, run_dir: Path
             continue  # finished: its final ledger is in state["ledger"]
         mech, trainer = plan["mechanism"], trainer_name(run_dir, stage)
         found = checkpoint_ledgers(storage, trainer)
+        if not found and _own_storage(storage, run_dir):
+            continue  # restarts from the stage's beginning
         if not found:
             raise PrivacyBudgetError(
                 f"this run's DP stage '{stage}' started but no checkpoint of '{trainer}' is "
@@ -142,6 +148,11 @@ def resume_ledger(state: dict, storage: str, run_dir: Path
         ledger.load_state_dict(best)
         resume[stage] = path
     return ledger, resume
+
+
+def _own_storage(storage: str, run_dir: Path) -> bool:
+    """Whether ``storage`` is the run's own default checkpoint directory."""
+    return "://" not in storage and Path(storage).resolve() == (Path(run_dir) / "ray_train").resolve()
 
 
 def spent_upper_bound(run_dir: Path) -> dict | None:

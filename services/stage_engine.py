@@ -48,6 +48,7 @@ class RunContext:
     values: dict = field(default_factory=dict)
     actors: dict = field(default_factory=dict)
     stage_seconds: dict = field(default_factory=dict)
+    current_stage: str | None = None   # the stage under way (for a stop's report)
 
     @property
     def class_names(self) -> list[str]:
@@ -88,13 +89,16 @@ class StageImpl:
 
 
 def run_stages(ctx: RunContext, impls: dict[str, StageImpl]) -> None:
-    for stage in ctx.method.stages:
+    total = len(ctx.method.stages)
+    for i, stage in enumerate(ctx.method.stages, 1):
         impl = impls[stage.kind]
         saved = ctx.done(stage)
         if saved is not None and impl.restore is not None:
             impl.restore(ctx, stage, saved)
             ctx.log(f"[privimage] stage {stage.name}: done in an earlier attempt, restored")
             continue
+        ctx.current_stage = stage.name
+        ctx.log(f"[privimage] stage {i}/{total}: {stage.name}")
         with ctx.tracker.stage(stage.name):
             t0 = time.time()
             metrics = impl.run(ctx, stage) or {}
@@ -106,3 +110,4 @@ def run_stages(ctx: RunContext, impls: dict[str, StageImpl]) -> None:
             if ctx.pm:
                 ctx.pm.stage_done(stage.name, seconds)
             ctx.save()
+    ctx.current_stage = None

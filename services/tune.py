@@ -35,9 +35,20 @@ from services.tracking import Tracker
 REPORTED = ("accuracy", "fid", "kid", "epsilon", "total_seconds")
 
 
+def trial_run_dir(output_dir: str, sweep_run_id: str, trial_id: str) -> Path:
+    """The run directory of one Tune trial: fixed by the trial, so a trial
+    Tune retries or a restored sweep restarts resumes its own run (its
+    ledger continues) instead of reading the data again under a new one."""
+    return Path(output_dir) / f"sweep-{sweep_run_id[:12]}" / trial_id
+
+
 def _trial(config: dict) -> None:
     cfg = from_dict(config["trial"]["config"])
-    s = run_pipeline(cfg, parent_run_id=config["parent_run_id"])
+    d = trial_run_dir(cfg.run.output_dir, config["parent_run_id"], tune.get_context().get_trial_id())
+    if (d / STATE_FILE).is_file():
+        s = run_pipeline(None, resume_dir=str(d), parent_run_id=config["parent_run_id"])
+    else:
+        s = run_pipeline(cfg, parent_run_id=config["parent_run_id"], run_dir=str(d))
     ev = s.get("evaluation") or {}
     tune.report({"accuracy": s.get("accuracy") or 0.0, "fid": _num(s.get("fid")),
                  "kid": _num(ev.get("kid")), "epsilon": s["epsilon"],
@@ -55,7 +66,8 @@ def expand_grid(cfg: Config) -> list[dict]:
     Trials are distinct by their resolved config (the run name aside), so two
     values that resolve to the same settings run once. With
     ``tune.sweep_epsilon`` each trial's target is (sweep_epsilon / T,
-    delta / T) over the T distinct trials (basic composition)."""
+    delta / T) over the T runs Tune makes: the distinct trials times
+    ``tune.num_samples`` (basic composition)."""
     space = cfg.tune.search_space
     base = cfg
     trials, seen = [], set()
@@ -70,7 +82,7 @@ def expand_grid(cfg: Config) -> list[dict]:
         name = base.run.name + "-" + "-".join(f"{k.split('.')[-1]}={v}" for k, v in ov.items())
         trials.append({"overrides": ov, "config": resolved.with_overrides({"run.name": name})})
     if cfg.tune.sweep_epsilon is not None:
-        t = len(trials)
+        t = len(trials) * cfg.tune.num_samples
         for tr in trials:
             c = tr["config"]
             delta = c.privacy.target_delta or 1e-5
@@ -86,7 +98,9 @@ def sweep_ledgers(output_dir: str, sweep_run_id: str) -> dict[str, dict | None]:
     never touched the sensitive data) of every trial of this sweep whose run
     directory this machine can see, finished or failed."""
     out = {}
-    for state_file in sorted(Path(output_dir).glob(f"*/{STATE_FILE}")):
+    files = [*Path(output_dir).glob(f"*/{STATE_FILE}"),
+             *Path(output_dir).glob(f"sweep-{sweep_run_id[:12]}/*/{STATE_FILE}")]
+    for state_file in sorted(files):
         try:
             parent = json.loads(state_file.read_text()).get("parent_run_id")
         except ValueError:

@@ -12,7 +12,7 @@ def ray_local(request):
     """The local Ray of every test module that needs one: started the way
     the program starts it (``services.ray_runtime.ensure_ray``: loopback
     only, here with 2 CPUs) on the module's first request, and stopped with
-    ``ray.shutdown()`` after its last test, so no module sees another's Ray
+    ``ray_runtime.shutdown()`` after its last test, so no module sees another's Ray
     (never ``ray stop``, which would end every Ray on the host).
 
     A module whose code under test starts Ray itself sets
@@ -22,12 +22,12 @@ def ray_local(request):
     import ray
 
     from privimage_core.config import RayConfig
-    from services.ray_runtime import ensure_ray
+    from services.ray_runtime import ensure_ray, shutdown
 
     if not getattr(request.module, "RAY_STARTED_BY_TEST", False):
         ensure_ray(RayConfig(), num_cpus=2)
     yield ray
-    ray.shutdown()
+    shutdown()
 
 
 @pytest.fixture

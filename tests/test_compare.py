@@ -22,6 +22,28 @@ def test_sweep_epsilon_splits_the_budget_so_the_composition_fits():
     trials = expand_grid(cfg)
     assert [t["config"]["privacy"]["target_epsilon"] for t in trials] == [2.0] * 4
     assert sum(t["config"]["privacy"]["target_delta"] for t in trials) == pytest.approx(1e-5)
+    # Tune runs every grid point num_samples times: the split counts every run
+    rep = from_dict({"tune": {"search_space": {"run.seed": [0, 1]}, "sweep_epsilon": 8.0,
+                              "num_samples": 2}})
+    assert [t["config"]["privacy"]["target_epsilon"] for t in expand_grid(rep)] == [2.0] * 2
+
+
+def test_a_retried_trial_keeps_its_run_directory(tmp_path):
+    """A trial's run directory is fixed by the sweep and the trial, so a
+    retried or restored trial resumes its run (and ledger) instead of
+    spending again under a new one; the sweep's composition finds it."""
+    import json
+
+    from services.run_store import STATE_FILE
+    from services.tune import sweep_ledgers, trial_run_dir
+
+    a = trial_run_dir(str(tmp_path), "0123456789abcdef0123", "trial_0001")
+    assert a == trial_run_dir(str(tmp_path), "0123456789abcdef0123", "trial_0001")
+    assert a != trial_run_dir(str(tmp_path), "0123456789abcdef0123", "trial_0002")
+    a.mkdir(parents=True)
+    (a / STATE_FILE).write_text(json.dumps({"parent_run_id": "0123456789abcdef0123",
+                                            "stages": {}}))
+    assert list(sweep_ledgers(str(tmp_path), "0123456789abcdef0123")) == [str(a.resolve())]
 
 def test_bad_search_spaces_are_refused_in_one_line():
     with pytest.raises(ConfigError, match="not a config key"):

@@ -24,11 +24,12 @@ from privimage_core.models import build_model, get_family
 from privimage_core.models.release import ReleaseManifest, write_release
 from privimage_core.models.state import state_bytes
 from privimage_core.privacy.ledger import PrivacyLedger
+from services import interrupts
 from services.progress import progress_line
 from services.run_store import trainer_name
-from services.tracking import log_curve
 from services.stage_engine import RunContext
 from services.stages.public import pretrain_data, pretrain_images
+from services.tracking import log_curve
 from services.train_job import TrainJob
 from services.train_loops import finetune_loop, pretrain_loop
 
@@ -36,11 +37,21 @@ PRETRAINED_FILE = "pretrained_generator.pt"   # public-only weights
 RELEASE_FILE = "dp_generator.pt"              # the DP release (its manifest: release.json)
 
 
-def _fit(ctx: RunContext, stage: Stage, loop, job: TrainJob):
+def _fit(ctx: RunContext, stage: Stage, loop, job: TrainJob, planned_steps: int):
+    """Run the stage on Ray Train. ``fit`` runs in a thread of its own: Ray
+    Train installs its SIGINT handler only in the main thread, which keeps
+    the run's handlers (interrupts.py) in charge of Ctrl-C and SIGTERM while
+    the main thread waits. A fit that returns before ``planned_steps``
+    without an error was aborted: the run stops there instead of going on
+    with a half-trained model."""
     r = ctx.cfg.ray
     label = "DP fine-tuning" if job.is_dp else "pre-training"
     with progress_line(ctx.mlflow_run_id or "run", stage.name, label, ctx.log) as board:
-        return _trainer(ctx, stage, loop, replace(job, progress_board=board), r).fit()
+        trainer = _trainer(ctx, stage, loop, replace(job, progress_board=board), r)
+        res = interrupts.run_interruptible(trainer.fit, name=f"ray-train-{stage.name}")
+    if res.metrics is None or res.metrics.get("step", 0) < planned_steps:
+        raise interrupts.aborted_by_ray_train()
+    return res
 
 
 def _trainer(ctx: RunContext, stage: Stage, loop, job: TrainJob, r):
@@ -128,7 +139,7 @@ def pretrain(ctx: RunContext, stage: Stage) -> dict:
         return {"cached": 1, "num_pretrain_images": len(labels)}
     job = _job(ctx, stage, ray.put((images, labels)), mlflow.active_run().info.run_id,
                checkpoint_every=max(1, ctx.cfg.pretrain.steps // ctx.cfg.ray.checkpoints_per_stage))
-    res = _fit(ctx, stage, pretrain_loop, job)
+    res = _fit(ctx, stage, pretrain_loop, job, ctx.cfg.pretrain.steps)
     model, ema = _model_state(res)
     init = _with_ema(model, ema, _release_prefix(ctx))
     torch.save(init, ctx.run_dir / PRETRAINED_FILE)
@@ -195,7 +206,7 @@ def dp_finetune(ctx: RunContext, stage: Stage) -> dict:
                ledger=ctx.ledger.state_dict(), plan=plan, part=part,
                resume_checkpoint=resume and {"storage": ctx.storage, "relpath": resume})
     steps_before = ctx.ledger.steps_of(mech)
-    res = _fit(ctx, stage, finetune_loop, job)
+    res = _fit(ctx, stage, finetune_loop, job, total)
     with res.checkpoint.as_directory() as d:
         ledger = PrivacyLedger.from_state_dict(json.loads((Path(d) / "ledger.json").read_text()))
     model, ema = _model_state(res)
