@@ -307,7 +307,7 @@ def mnist_small():
     return train.subset(np.arange(300)), test.subset(np.arange(400))
 
 
-def test_evaluator_actor_class_and_cli(tmp_path, monkeypatch, mnist_small):
+def test_evaluator_actor_class_and_cli(tmp_path, monkeypatch, mnist_small, fake_fid_inception):
     """services.actors.Evaluator (used without Ray) and privimage evaluate:
     same metrics, the report written, the sensitive images nowhere in it."""
     from privimage_core.models.release import ReleaseManifest, write_release
