@@ -18,6 +18,20 @@ import numpy as np
 
 # ------------------------------------------------------------------ the tiny pipeline
 
+def noise_folder(root: Path, n_per_class: int, classes=("a", "b"), seed: int = 0) -> Path:
+    """An ImageFolder of random 28x28 grayscale PNGs: a user dataset whose
+    content does not matter (identity, size, bookkeeping)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        (Path(root) / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(
+                Path(root) / c / f"{i}.png")
+    return Path(root)
+
+
 def small_mnist(tmp_path: Path, n: int = 1000, seed: int = 0) -> Path:
     """A declared sensitive dataset of n MNIST train images, materialised
     outside the DP boundary as a user would (`privimage data subsample`)."""

@@ -3,7 +3,6 @@ identity (a declared privacy.dataset_id, or its origin), not by an exact
 content digest that one added image changes."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -14,16 +13,7 @@ from privimage_core.data.subsample import materialise_subsample, source_digest
 from privimage_core.privacy import lifetime
 from privimage_core.privacy.ledger import PrivacyLedger
 from services.budget import open_lifetime
-
-
-def _folder(root: Path, n_per_class: int, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    for c in ("a", "b"):
-        (root / c).mkdir(parents=True, exist_ok=True)
-        for i in range(n_per_class):
-            Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(
-                root / c / f"{i}.png")
-    return root
+from tests.helpers import noise_folder
 
 
 def _ledger(steps: int) -> dict:
@@ -33,7 +23,7 @@ def _ledger(steps: int) -> dict:
 
 
 def test_a_folder_that_gains_an_image_keeps_its_identity(tmp_path):
-    d = _folder(tmp_path / "data", 5)
+    d = noise_folder(tmp_path / "data", 5)
     spec = f"folder:{d}"
     before_id, before_digest = dataset_identity(spec), source_digest(spec)
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(d / "a" / "new.png")
@@ -43,18 +33,18 @@ def test_a_folder_that_gains_an_image_keeps_its_identity(tmp_path):
 
 
 def test_a_subsample_is_charged_to_its_source_and_a_declared_id_wins(tmp_path):
-    d = _folder(tmp_path / "data", 10)
+    d = noise_folder(tmp_path / "data", 10)
     sub = materialise_subsample(f"folder:{d}", 8, tmp_path / "sub.parquet", seed=0)
     assert dataset_identity(f"parquet:{sub}") == dataset_identity(f"folder:{d}")
     assert dataset_identity("mnist") == "builtin:mnist:train"
-    copy = _folder(tmp_path / "copy", 10)
+    copy = noise_folder(tmp_path / "copy", 10)
     assert dataset_identity(f"folder:{copy}") != dataset_identity(f"folder:{d}")
     assert (dataset_identity(f"folder:{copy}", declared="clinic") ==
             dataset_identity(f"folder:{d}", declared="clinic"))
 
 
 def test_runs_compose_across_versions_and_an_old_digest_ledger_is_folded_in(tmp_path):
-    d = _folder(tmp_path / "data", 5)
+    d = noise_folder(tmp_path / "data", 5)
     spec = f"folder:{d}"
     store = tmp_path / "store"
     # a ledger under the earlier key: the content digest of this very data

@@ -3,11 +3,8 @@ records (privimage_core/privacy/dataset_size.py, services/budget.py)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from privimage_core.config import from_dict
 from privimage_core.data.subsample import materialise_subsample
@@ -17,16 +14,7 @@ from privimage_core.privacy import dataset_size as ds
 from privimage_core.privacy.plan import plan_run, sample_rate_for
 from services import budget as budget_mod
 from services.budget import open_lifetime, prepare_budget
-
-
-def _folder(root: Path, n_per_class: int) -> Path:
-    rng = np.random.default_rng(0)
-    for c in ("a", "b"):
-        (root / c).mkdir(parents=True, exist_ok=True)
-        for i in range(n_per_class):
-            Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(
-                root / c / f"{i}.png")
-    return root
+from tests.helpers import noise_folder
 
 
 def _cfg(tmp_path, spec, **privacy):
@@ -39,7 +27,7 @@ def _cfg(tmp_path, spec, **privacy):
 
 
 def test_public_sizes_come_from_declarations_never_from_the_data(tmp_path):
-    d = _folder(tmp_path / "data", 20)
+    d = noise_folder(tmp_path / "data", 20)
     spec = f"folder:{d}"
     assert ds.known_size(_cfg(tmp_path, spec)) is None  # a user folder: nothing public
     assert ds.known_size(_cfg(tmp_path, spec, dataset_size=5000)) == ds.PublicSize(5000,
@@ -65,7 +53,7 @@ def test_neighbouring_datasets_get_the_same_plan():
 
 def test_the_size_query_is_reserved_before_it_runs_and_not_repeated_on_resume(tmp_path,
                                                                               monkeypatch):
-    d = _folder(tmp_path / "data", 20)
+    d = noise_folder(tmp_path / "data", 20)
     cfg = _cfg(tmp_path, f"folder:{d}")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -97,7 +85,7 @@ def test_the_size_query_is_reserved_before_it_runs_and_not_repeated_on_resume(tm
 
 
 def test_a_refused_plan_keeps_the_size_query_charged(tmp_path):
-    d = _folder(tmp_path / "data", 20)
+    d = noise_folder(tmp_path / "data", 20)
     cfg = _cfg(tmp_path, f"folder:{d}", lifetime_epsilon=10.0)
     led = open_lifetime(cfg, 1e-5)
     led.reserve("earlier", plan_run(_cfg(tmp_path, f"folder:{d}", dataset_size=40),
