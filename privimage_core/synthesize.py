@@ -126,6 +126,10 @@ def _read_project_dir(d: Path) -> ImageSet:
         if pq_path.is_file():
             raise DataError(f"'{d}' has images.parquet but no manifest.json; pass "
                             f"parquet:{pq_path} (class names then come from the real dataset)")
+        if (d / "synthetic" / "manifest.json").is_file():
+            raise DataError(f"'{d}' is a run directory; pass its synthetic dataset, "
+                            f"--synthetic {d / 'synthetic'} (or evaluate the whole run: "
+                            f"privimage evaluate --run {d})")
         if any(c.is_dir() and not c.name.startswith(".") for c in d.iterdir()):
             raise DataError(f"'{d}' has no manifest.json; for an image folder with one subfolder "
                             f"per class pass folder:{d}")

@@ -1,22 +1,24 @@
-"""The ``privimage`` command: run, tune, compare, evaluate, validate.
+"""The ``privimage`` command: run, validate, tune, compare, evaluate, data.
 
-Errors a user can fix (bad config, missing data, budget) print one line that
-names the problem and the fix, and exit with status 2.
+The options and help texts are in services/cli_args.py. Errors a user can
+fix (bad config, missing data, budget) print one line that names the problem
+and the fix, and exit with status 2; a run stopped by Ctrl-C or SIGTERM exits
+with 130 or 143 after printing how to resume it.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import yaml
 
-from privimage_core.config import load_config
+from privimage_core.config import Config, from_dict, load_config
 from privimage_core.errors import PrivImageError
+from services.cli_args import build_parser
 
 
-def _overrides(pairs: list[str]) -> dict:
+def _overrides(pairs: list[str] | None) -> dict:
     out = {}
     for p in pairs or []:
         if "=" not in p:
@@ -29,16 +31,54 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
+def _config(a) -> Config:
+    return load_config(a.config, _overrides(a.set))
+
+
+def _print_config(cfg: Config) -> int:
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None), end="")
+    return 0
+
+
+def plan_comment(found: dict) -> list[str]:
+    """What ``run --dry-run`` checked and planned, as YAML comments after the
+    resolved config (the output still loads as a config file)."""
+    out = ["# privimage run --dry-run: config, data, generator and privacy plan checked; "
+           "nothing was run or spent",
+           f"# method {found['method']}, {found['classes']} classes"]
+    if found.get("dataset_size") is None:
+        return out + [f"# dataset size: {found['dataset_size_source']}; the DP-SGD plan "
+                      "follows from it at run time"]
+    out.append(f"# dataset size {found['dataset_size']:,} ({found['dataset_size_source']}), "
+               f"delta {found['delta']:.3g}, planned epsilon {found['planned_epsilon']:.4g}")
+    for stage, dp in found["dp_stages"].items():
+        if dp:
+            out.append(f"# {stage}: DP-SGD, noise multiplier {dp['noise_multiplier']:.4g}, "
+                       f"sample rate {dp['sample_rate']:.4g}, {dp['steps']:,} steps")
+    return out
+
+
+def mlflow_ui_command(uri: str) -> str:
+    """The command that browses a run's MLflow store; one worker, since the
+    UI's default four loop on 'Child process died' on a 2-core machine."""
+    mlflow_bin = Path(sys.executable).with_name("mlflow")  # the venv's, even if not on PATH
+    return (f"{mlflow_bin if mlflow_bin.exists() else 'mlflow'} ui --backend-store-uri {uri} "
+            "--host 127.0.0.1 --port 5000 --workers 1")
+
+
 def _print_summary(s: dict) -> None:
-    print("\n=== PrivImage run finished ===")
+    print("\n=== PrivImage run " + ("FAILED" if s.get("status") == "failed" else "finished")
+          + " ===")
     print(f"privacy    : epsilon = {s['epsilon']:.4f}, delta = {s['delta']:.3g} "
           f"(target epsilon {s['ledger']['target_epsilon']:g})")
     fid = s.get("fid")
     print(f"fidelity   : FID = {fid:.2f} (vs real test split, non-private evaluation)"
           if fid is not None else "fidelity   : FID not computed")
     acc = s.get("accuracy")
-    print(f"utility    : downstream accuracy = {acc:.4f} (trained on synthetic, tested on real test split)"
-          if acc is not None else "utility    : not computed")
+    print(f"utility    : downstream accuracy = {100 * acc:.2f}% (trained on synthetic, tested on "
+          "real test split)" if acc is not None else "utility    : not computed")
+    if s.get("status") == "failed":
+        print(f"RESULT     : FAILED: {s['failure']}")
     if s.get("audit_message"):
         print(f"audit      : {s['audit_message']}")
     if s.get("evaluation_report"):
@@ -47,11 +87,20 @@ def _print_summary(s: dict) -> None:
     print(f"run dir    : {s['run_dir']}")
     print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in s["stage_seconds"].items())
           + f"; total {s['total_seconds']:.0f}s")
-    uri = s["mlflow_uri"]
-    mlflow_bin = Path(sys.executable).with_name("mlflow")  # the venv's, even if not on PATH
-    print(f"MLflow UI  : {mlflow_bin if mlflow_bin.exists() else 'mlflow'} ui "
-          f"--backend-store-uri {uri} --host 127.0.0.1 --port 5000")
-    print(f"             then open http://127.0.0.1:5000 (run {s['mlflow_run_id']})")
+    print("MLflow     : " + mlflow_browse_lines(s["mlflow_uri"], s.get("mlflow_experiment_id"),
+                                                 s["mlflow_run_id"]))
+
+
+def mlflow_browse_lines(uri: str, experiment_id: str | None, run_id: str) -> str:
+    """How to see a run beside the others: the UI command for a local store,
+    and the address of the runs table in the view that compares them."""
+    # lazy: --help starts without MLflow
+    from services.tracking import runs_view_url
+    served = uri.startswith(("http://", "https://"))
+    base = uri.rstrip("/") if served else "http://127.0.0.1:5000"
+    where = runs_view_url(base, experiment_id) if experiment_id else base
+    head = "" if served else f"{mlflow_ui_command(uri)}\n             then "
+    return f"{head}open {where}\n             (this run: {run_id})"
 
 
 def cmd_run(a) -> int:
@@ -60,8 +109,26 @@ def cmd_run(a) -> int:
     # lazy: each subcommand imports what it runs: --help starts without Ray or torch
     from services.interrupts import as_interrupted
     # lazy: each subcommand imports what it runs: --help starts without Ray or torch
-    from services.pipeline import run_pipeline
-    cfg = load_config(a.config, _overrides(a.set)) if not a.resume else None
+    from services.pipeline import preflight, run_pipeline
+    # lazy: each subcommand imports what it runs: --help starts without Ray or torch
+    from services.run_store import load_state
+
+    if a.resume:
+        if a.set or a.config:
+            raise PrivImageError("--resume finishes a run with the config its budget was planned "
+                                 "with; drop --set/--config, or start a new run to change settings")
+        if a.print_config or a.dry_run:  # what the resumed run goes on with
+            return _print_config(from_dict(load_state(Path(a.resume))["config"]))
+        cfg = None
+    else:
+        cfg = _config(a)
+        if a.print_config:
+            return _print_config(cfg)
+        if a.dry_run:
+            found = preflight(cfg)
+            _print_config(cfg)
+            print("\n".join(plan_comment(found)))
+            return 0
     try:
         s = run_pipeline(cfg, resume_dir=a.resume)
     except KeyboardInterrupt as e:
@@ -72,21 +139,25 @@ def cmd_run(a) -> int:
         print(f"privimage: stopped by {stop.signal_name}", file=sys.stderr)
         return stop.exit_code
     _print_summary(s)
-    return 0
+    return 4 if s.get("status") == "failed" else 0
 
 
 def cmd_validate(a) -> int:
     # lazy: each subcommand imports what it runs: --help starts without Ray or torch
     from services.pipeline import preflight
-    cfg = load_config(a.config, _overrides(a.set))
-    print(json.dumps({"ok": True, **preflight(cfg)}))
+    cfg = _config(a)
+    if a.print_config:
+        return _print_config(cfg)
+    print(json.dumps({"ok": True, **preflight(cfg)}, indent=2))
     return 0
 
 
 def cmd_tune(a) -> int:
     # lazy: each subcommand imports what it runs: --help starts without Ray or torch
     from services.tune import run_sweep
-    cfg = load_config(a.config, _overrides(a.set))
+    cfg = _config(a)
+    if a.print_config:
+        return _print_config(cfg)
     res = run_sweep(cfg)
     print(json.dumps(res, indent=2, default=str))
     return 0
@@ -95,7 +166,9 @@ def cmd_tune(a) -> int:
 def cmd_compare(a) -> int:
     # lazy: each subcommand imports what it runs: --help starts without Ray or torch
     from services.compare import run_compare
-    cfg = load_config(a.config, _overrides(a.set))
+    cfg = _config(a)
+    if a.print_config:
+        return _print_config(cfg)
     res = run_compare(cfg)
     print(res["table"])
     print(f"table written to {res['table_path']} and {res['html_path']}")
@@ -114,57 +187,16 @@ def cmd_data_subsample(a) -> int:
 
 def cmd_evaluate(a) -> int:
     # lazy: each subcommand imports what it runs: --help starts without Ray or torch
-    from services.evaluate_cli import evaluate_dataset
-    res = evaluate_dataset(a.synthetic, a.real, config=a.config, generator=a.generator,
-                           real_test=a.real_test,
-                           out_dir=a.out, log=lambda s: print(s, file=sys.stderr))
-    print(json.dumps(res, indent=2, default=str))
-    print(f"report written to {res['report']}")
-    return 0 if res.get("audit_ok", 1) else 3
+    from services.evaluate_cli import evaluate_command
+    return evaluate_command(a, _overrides(a.set))
+
+
+HANDLERS = {"run": cmd_run, "validate": cmd_validate, "tune": cmd_tune, "compare": cmd_compare,
+            "data subsample": cmd_data_subsample, "evaluate": cmd_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="privimage", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    for name, fn, hlp in (("run", cmd_run, "run the pipeline (local Ray or the job's cluster)"),
-                          ("validate", cmd_validate, "check config and data, run nothing"),
-                          ("tune", cmd_tune, "Ray Tune sweep over tune.search_space"),
-                          ("compare", cmd_compare, "methods x budgets x seeds: a comparison table")):
-        s = sub.add_parser(name, help=hlp)
-        s.add_argument("--config", default=None, help="YAML/JSON config (default: embedded quickstart)")
-        s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
-        if name == "run":
-            s.add_argument("--resume", default=None, metavar="RUN_DIR", help="resume a run directory")
-        s.set_defaults(fn=fn)
-    d = sub.add_parser("data", help="dataset preparation outside the DP boundary")
-    dsub = d.add_subparsers(dest="data_cmd", required=True)
-    ds = dsub.add_parser("subsample", help="materialise a subsample as the declared sensitive "
-                         "dataset (the guarantee then covers it, not its source)")
-    ds.add_argument("--source", required=True, help="dataset spec, e.g. mnist or folder:/path")
-    ds.add_argument("--n", type=int, required=True, help="number of records to keep")
-    ds.add_argument("--out", required=True, metavar="PATH.parquet")
-    ds.add_argument("--seed", type=int, default=0)
-    ds.add_argument("--split", default="train")
-    ds.add_argument("--class-names", default=None, metavar="A,B,...",
-                    help="the declared class list, for sources that do not carry one")
-    ds.set_defaults(fn=cmd_data_subsample)
-    e = sub.add_parser("evaluate", help="evaluate a synthetic dataset against real data")
-    e.add_argument("--synthetic", required=True,
-                   help="a run's synthetic directory (manifest.json + images.parquet), "
-                        "folder:<ImageFolder>, parquet:<path>, or an .npz (images, labels"
-                        "[, class_names])")
-    e.add_argument("--real", required=True, help="real dataset spec, e.g. mnist or folder:/path")
-    e.add_argument("--real-test", default=None, metavar="SPEC",
-                   help="held-out real data for the test split (required when --real is "
-                        "folder:/parquet:, which have no train/test split of their own)")
-    e.add_argument("--config", default=None, help="the run's config (evaluation settings, "
-                   "generator preset)")
-    e.add_argument("--generator", default=None, metavar="DP_GENERATOR_PT",
-                   help="the DP generator's weights: adds the membership-inference audit")
-    e.add_argument("--out", default=None, metavar="DIR",
-                   help="where to write the report (default: <synthetic>/../evaluation)")
-    e.set_defaults(fn=cmd_evaluate)
-    a = p.parse_args(argv)
+    a = build_parser(HANDLERS).parse_args(argv)
     try:
         return a.fn(a)
     except PrivImageError as err:

@@ -23,23 +23,31 @@ other formats the report says they are unknown.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from privimage_core.config import load_config
+from privimage_core.config import Config, from_dict, load_config
 from privimage_core.data.imageset import ImageSet
 from privimage_core.data.sources import load_source
 from privimage_core.data.specs import is_user_source, parse_spec, same_user_dataset
 from privimage_core.errors import DataError
+from privimage_core.evaluation.canary_audit import CANARY_FILE, CanaryAuditInput, CanarySet
 from privimage_core.evaluation.diffusion_mia import image_digests
 from privimage_core.evaluation.report import render_html
 from privimage_core.evaluation.suite import run_evaluation
-from privimage_core.models.release import load_release
+from privimage_core.models.release import load_release, read_manifest
+from privimage_core.privacy.ledger import PrivacyLedger
 from privimage_core.synthesize import read_dataset
 from services.process_setup import configure_torch
+from services.progress import LineDrawer
+from services.run_store import load_state
+from services.stages.training import PRETRAINED_FILE, RELEASE_FILE
 
+METRICS_FILE = "evaluation_metrics.json"
 
 def _load_generator(path: str, shape, class_names: list[str]):
     """(family, released module) of the release at ``path`` (its weights or
@@ -53,6 +61,32 @@ def _load_generator(path: str, shape, class_names: list[str]):
         raise DataError(f"the release at '{path}' has classes {man.class_names[:5]}... but the "
                         f"synthetic set {class_names[:5]}...; pass the generator that made it")
     return fam, release
+
+
+def _canary_input(canaries: str | None, reference: str | None, generator: str | None,
+                  family, release) -> CanaryAuditInput | None:
+    """The canary audit's input from a run's files: its canaries and bits,
+    its release and (optional) its public pre-trained weights."""
+    if canaries is None:
+        return None
+    if release is None:
+        raise DataError("the canary audit needs the run's generator; pass --generator "
+                        "runs/<run>/dp_generator.pt (or --run runs/<run>)")
+    ref = None
+    if reference is not None:
+        man = read_manifest(generator)
+        model = man.build()
+        model.load_state_dict(torch.load(reference, map_location="cpu", weights_only=True))
+        ref = family.release_module(model).eval()
+    return CanaryAuditInput(CanarySet.load(canaries), family, release, ref)
+
+
+def verdict_words(res) -> dict:
+    """Every verdict of the evaluation, in words."""
+    out = {k: v for k, v in (res.memorisation.get("verdicts") or {}).items()}
+    if res.canary:
+        out["canary_audit"] = res.canary["verdict"]
+    return out
 
 
 def check_real_specs(real: str, real_test: str | None) -> None:
@@ -112,13 +146,18 @@ def _default_out(synthetic: str, syn: ImageSet, cfg) -> Path:
     return src.parent / f"{src.stem}_evaluation"
 
 
-def evaluate_dataset(synthetic: str, real: str, config: str | None = None,
+def evaluate_dataset(synthetic: str, real: str, config: str | Config | None = None,
                      generator: str | None = None, out_dir: str | None = None,
-                     real_test: str | None = None, log=lambda s: None) -> dict:
+                     real_test: str | None = None, log=lambda s: None,
+                     canaries: str | None = None, reference: str | None = None,
+                     audit_epsilon: float | None = None, progress=None) -> dict:
     """Evaluate ``synthetic`` (see the module docstring for the formats)
     against ``real`` (train split) / ``real_test`` (held-out data; required
-    for folder:/parquet: ``real``, else the test split of ``real``)."""
-    cfg = load_config(config)
+    for folder:/parquet: ``real``, else the test split of ``real``).
+    ``config``: a file or a Config. ``canaries`` (a run's audit_canaries.npz,
+    with ``generator``) adds the canary audit, testing ``audit_epsilon``;
+    ``reference`` (the run's public pre-trained weights) calibrates it."""
+    cfg = config if isinstance(config, Config) else load_config(config)
     configure_torch(cfg)  # the threads and denormal flushing the pipeline's actors use
     synthetic, real = str(synthetic).strip(), str(real).strip()
     real_test = str(real_test).strip() if real_test else None
@@ -149,11 +188,14 @@ def evaluate_dataset(synthetic: str, real: str, config: str | None = None,
                             "--real-test")
     family, release = (_load_generator(generator, syn.shape, syn.class_names) if generator
                        else (None, None))
+    canary = _canary_input(canaries, reference, generator, family, release)
     eps = (manifest or {}).get("epsilon")
     delta = (manifest or {}).get("delta")
     res = run_evaluation(ev, syn, test, seed=cfg.run.seed, real_train=train, family=family,
                          release=release, ledger_epsilon=eps, delta=delta,
-                         fid_cache_dir=str(Path(cfg.run.output_dir) / "fid_cache"), log=log)
+                         audit_epsilon=audit_epsilon, canary=canary,
+                         fid_cache_dir=str(Path(cfg.run.output_dir) / "fid_cache"), log=log,
+                         progress=progress)
     del train
     out = Path(out_dir) if out_dir else _default_out(synthetic, syn, cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -172,7 +214,93 @@ def evaluate_dataset(synthetic: str, real: str, config: str | None = None,
               "epsilon": "unknown" if eps is None else eps,
               "delta": "unknown" if delta is None else delta, **res.metrics,
               "audit_message": res.audit_message, "notes": res.notes,
+              "verdicts": verdict_words(res),
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    (out / "evaluation_metrics.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / METRICS_FILE).write_text(json.dumps(result, indent=2, default=str))
     result["report"] = str(report)
     return result
+
+
+def _run_inputs(a, overrides: dict) -> dict:
+    """evaluate_dataset's arguments for ``--run RUN_DIR``: the run's synthetic
+    set, real data, release, canaries (with the public reference weights)
+    and config, each overridden by what the command line gives."""
+    run = Path(a.run).resolve()
+    state = load_state(run)
+    cfg = (load_config(a.config, overrides) if a.config
+           else from_dict(state["config"]).with_overrides(overrides))
+    d = cfg.data
+    generator = a.generator or (str(run / RELEASE_FILE) if (run / RELEASE_FILE).is_file()
+                                else None)
+    canaries = str(run / CANARY_FILE) if generator and (run / CANARY_FILE).is_file() else None
+    ledger = state.get("ledger")
+    return {"synthetic": a.synthetic or str(run / "synthetic"), "real": a.real or d.sensitive,
+            "real_test": a.real_test or (d.sensitive_test if a.real is None else None),
+            "config": cfg, "generator": generator, "out_dir": a.out or str(run / "evaluation"),
+            "canaries": canaries,
+            "reference": str(run / PRETRAINED_FILE) if canaries and
+            (run / PRETRAINED_FILE).is_file() else None,
+            "audit_epsilon": PrivacyLedger.from_state_dict(ledger).epsilon_of("dp_sgd_")
+            if ledger else None}
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def summary_lines(res: dict) -> list[str]:
+    """The evaluation in a few readable lines (every figure is in the JSON)."""
+    kinds = [k for k in ("cnn", "mlp", "lr") if f"accuracy_{k}" in res]
+    out = ["evaluation (non-private: it reads the real test split, and the training data "
+           "for the ceiling and the diagnostics)"]
+    if kinds:
+        ceil = [f"{k.upper()} {_pct(res.get(f'ceiling_accuracy_{k}'))}" for k in kinds
+                if f"ceiling_accuracy_{k}" in res]
+        out.append("  utility      : " + " / ".join(
+            f"{k.upper()} {_pct(res[f'accuracy_{k}'])}" for k in kinds) + " on the real test split"
+            + (f" (train-on-real ceiling: {', '.join(ceil)})" if ceil else ""))
+    if "fid" in res:
+        n = int(res.get("fid_images", 0))
+        out.append(f"  fidelity     : FID {res['fid']:.2f} ({n:,} vs {n:,} images)"
+                   + (f", KID {res['kid']:.4f} ± {res['kid_std']:.4f}" if "kid" in res else "")
+                   + (f", precision {res['precision']:.3f}, recall {res['recall']:.3f}"
+                      if "precision" in res else ""))
+    if "detector_accuracy" in res:
+        out.append(f"  detector     : tells real from synthetic at "
+                   f"{_pct(res['detector_accuracy'])} (50% = indistinguishable)")
+    if res.get("audit_message"):
+        out.append(f"  canary audit : {res['audit_message']}")
+    if "mia_auc" in res:
+        out.append(f"  membership   : diagnostic AUC {res['mia_auc']:.3f} (0.5 = chance)")
+    v = res.get("verdicts") or {}
+    memo = [f"{k.replace('_', ' ')} {w}" for k, w in v.items() if k != "canary_audit"]
+    if memo:
+        out.append("  memorisation : " + ", ".join(memo))
+    return out
+
+
+def evaluate_command(a, overrides: dict) -> int:
+    """``privimage evaluate``: one line of progress on the long passes, then
+    the readable summary (``--json``: every metric) and where the report is.
+    Exit status 3 when the canary audit finds a violation."""
+    if a.run:
+        kw = _run_inputs(a, overrides)
+    else:
+        if not a.synthetic or not a.real:
+            raise DataError("evaluate needs --synthetic SYN and --real SPEC, or --run RUN_DIR; "
+                            "see privimage evaluate --help")
+        kw = {"synthetic": a.synthetic, "real": a.real, "real_test": a.real_test,
+              "config": load_config(a.config, overrides), "generator": a.generator,
+              "out_dir": a.out}
+    drawer = LineDrawer("evaluation: Inception features", lambda s: print(s, file=sys.stderr),
+                        unit="images")
+    try:
+        res = evaluate_dataset(**kw, log=lambda s: print(s, file=sys.stderr), progress=drawer)
+    finally:
+        drawer.close()
+    if a.json:
+        print(json.dumps(res, indent=2, default=str))
+    else:
+        print("\n".join(summary_lines(res)))
+    print(f"report : {res['report']}\nmetrics: {Path(res['report']).parent / METRICS_FILE}")
+    return 3 if res.get("audit_ok") == 0 else 0
