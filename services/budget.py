@@ -43,7 +43,7 @@ def open_lifetime(cfg: Config, delta: float) -> lifetime_ledger.LifetimeLedger:
     store = Path(cfg.run.ledger_store or Path(cfg.run.output_dir) / "lifetime_ledgers").resolve()
     identity = dataset_identity(d.sensitive, "train", cfg.privacy.dataset_id)
     led = lifetime_ledger.open(store, lifetime_ledger.dataset_key(identity),
-                               cfg.privacy.lifetime_epsilon or 1e12, delta, cfg.privacy.accountant)
+                               cfg.privacy.lifetime_epsilon, delta, cfg.privacy.accountant)
     if any(p.stem != led.digest for p in store.glob("*.json")):
         led.absorb(source_digest(d.sensitive, "train", d.class_names))
     return led

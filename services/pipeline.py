@@ -19,7 +19,6 @@ and without re-spending privacy budget: the ledger is part of the saved state.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -32,21 +31,21 @@ from mlflow import set_tag
 from privimage_core.config import Config, from_dict, resolve_delta
 from privimage_core.data.imageset import ImageSet
 from privimage_core.data.sources import check_public_specs, load_source, validate_sensitive
-from privimage_core.data.specs import is_user_source, same_user_dataset
+from privimage_core.data.specs import SPEC_HELP, is_user_source, parse_spec, same_user_dataset
 from privimage_core.errors import ConfigError, DataError, PrivacyBudgetError
 from privimage_core.evaluation.canary_audit import check_canary_source
 from privimage_core.evaluation.semantic_similarity import require_model
 from privimage_core.methods import Method, get_method
 from privimage_core.models import build_model
 from privimage_core.privacy.dataset_size import known_size
-from privimage_core.privacy.ledger import PrivacyLedger
 from privimage_core.privacy.plan import plan_run
 from services import interrupts, ray_runtime
 from services.budget import open_lifetime, prepare_budget
-from services.interrupts import RunInterrupted
 from services.metrics import PipelineMetrics
+from services.run_report import (final_summary, record_error, record_final, record_stop, run_name,
+                                 write_running)
 from services.run_store import (STATE_FILE, load_state, new_run_dir, resume_ledger, save_state,
-                                spent_upper_bound)
+                                write_config)
 from services.stage_engine import RunContext, run_stages
 from services.stages import STAGES
 from services.tracking import Tracker
@@ -67,6 +66,14 @@ def load_inputs(cfg: Config) -> Inputs:
     if cfg.run.data_dir:
         os.environ["PRIVIMAGE_DATA_DIR"] = str(Path(cfg.run.data_dir).resolve())
     d = cfg.data
+    for key in ("sensitive", "sensitive_test"):  # a mistyped path is named first
+        spec = getattr(d, key)
+        parsed = parse_spec(spec) if spec else None
+        if spec and parsed is None:
+            raise ConfigError(f"data.{key}: unknown data source {spec!r}; {SPEC_HELP}")
+        if parsed and parsed[1] is not None and not Path(parsed[1]).exists():
+            raise DataError(f"data.{key}: {parsed[1]} does not exist; fix the path "
+                            f"(data.{key}: {parsed[0]}:<path>)")
     check_public_specs(d.public, d.sensitive)
     # folder:/parquet: data has no split: evaluation and the membership audit
     # need held-out data, never the training images again.
@@ -157,13 +164,15 @@ def run_pipeline(cfg: Config, resume_dir: str | None = None, parent_run_id: str 
         # Every process of the run records through Ray's metrics API; one scrape
         # of the node's metrics export port shows them all (services/metrics.py).
         log(f"[privimage] live metrics (Prometheus): {ray_runtime.metrics_endpoint() or 'unknown'}")
-    with tracker.pipeline_run(cfg.run.name, tags={"run_dir": str(run_dir),
-                                                  "method": method.name}) as run:
+    write_config(run_dir, cfg)
+    with tracker.pipeline_run(run_name(cfg), tags={"run_dir": str(run_dir),
+                                                   "method": method.name}) as run:
         state["mlflow_run_id"] = run.info.run_id
         ctx = RunContext(cfg=cfg, method=method, run_dir=run_dir, state=state, ledger=ledger,
                          plan=plan, inputs=inputs, tracker=tracker, log=log, storage=storage,
                          resume_checkpoints=resume, mlflow_run_id=run.info.run_id,
-                         stage_seconds=dict(state.get("stage_seconds", {})))
+                         stage_seconds=dict(state.get("stage_seconds", {})),
+                         on_stage_done=write_running)
         if cfg.metrics.enabled:
             ctx.pm = PipelineMetrics(run.info.run_id)
             ctx.pm.epsilon(ledger.epsilon(), ledger.target_epsilon)
@@ -180,53 +189,37 @@ def run_pipeline(cfg: Config, resume_dir: str | None = None, parent_run_id: str 
         log(f"[privimage] {method.name}: {method.summary}")
         log(f"[privimage] run dir {run_dir}; MLflow run {run.info.run_id}")
         ctx.sens_ref = ray.put((inputs.sensitive.images, inputs.sensitive.labels))
+        write_running(ctx)
         try:
             run_stages(ctx, STAGES)
         except KeyboardInterrupt as e:
             stop = interrupts.as_interrupted(e)
-            _record_stop(ctx, stop)
+            record_stop(ctx, stop)
             raise stop from None
+        except Exception as e:
+            record_error(ctx, e)
+            raise
         finally:
             ctx.kill_actors()
         lifetime.settle(str(run_dir), ctx.ledger.state_dict())
-        summary = _summary(ctx, time.time() - t_start)
+        summary = final_summary(ctx, time.time() - t_start)
         summary["lifetime_epsilon_composed"] = lifetime.composed_epsilon()
         tracker.metrics({"lifetime_epsilon_composed": summary["lifetime_epsilon_composed"]})
         log(f"[privimage] lifetime ledger of this dataset: epsilon "
             f"{summary['lifetime_epsilon_composed']:.4g} over all its runs"
             + (f" (budget {cfg.privacy.lifetime_epsilon:g})" if cfg.privacy.lifetime_epsilon
                else " (no lifetime budget set: privacy.lifetime_epsilon)"))
-        tracker.metrics({"epsilon": summary["epsilon"], "delta": summary["delta"],
-                         "accuracy": summary["accuracy"], "fid": summary["fid"],
-                         **{f"seconds_{k}": v for k, v in ctx.stage_seconds.items()}})
         # The parent run carries the release's headline artifacts too.
         tracker.file_artifact(run_dir / "ledger.json")
         tracker.file_artifact(run_dir / "samples.png")
         state["stages"]["done"] = True
         ctx.save()
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        record_final(ctx, summary)
         if report_fn:
             report_fn(summary)
         if ctx.pm:  # a job driver exits next: let Ray export the final values first
             ctx.pm.close(linger=ray_info["mode"] in ("job", "address"))
         return summary
-
-
-def _summary(ctx, total_seconds: float) -> dict:
-    ev = ctx.values.get("evaluation", {})
-    led = ctx.ledger
-    return {"method": ctx.method.name, "epsilon": led.epsilon(), "delta": led.target_delta,
-            "fid": ev.get("fid"), "accuracy": ev.get(f"accuracy_{ctx.cfg.evaluation.classifier}"),
-            "synthetic_path": ctx.values["synthetic"]["path"], "run_dir": str(ctx.run_dir),
-            "mlflow_run_id": ctx.mlflow_run_id, "mlflow_uri": ctx.tracker.uri,
-            "stage_seconds": dict(ctx.stage_seconds), "total_seconds": total_seconds,
-            "ledger": led.summary(),
-            "evaluation": {k: v for k, v in ev.items() if isinstance(v, (int, float))},
-            "audit_ok": None if "audit_ok" not in ev else bool(ev["audit_ok"]),
-            "audit_message": ev.get("audit_message"),
-            "evaluation_report": ev.get("report_path"), "sds": ctx.values.get("sds"),
-            "selection_warning": ctx.values.get("selection_note"),
-            "pretrain_data_fallback": ctx.values.get("selection_fallback")}
 
 
 def preflight(cfg: Config) -> dict:
@@ -257,34 +250,3 @@ def preflight(cfg: Config) -> dict:
                                                      "sample_rate": v.sample_rate,
                                                      "steps": v.total_steps}
                           for k, v in plan.stages.items()}}
-
-
-def resume_command(run_dir: Path) -> str:
-    return f"privimage run --resume {run_dir}"
-
-
-def _record_stop(ctx, e: RunInterrupted) -> None:
-    """A run stopped by a signal: its state, the budget it may have spent and
-    the command that finishes it, in the run directory, MLflow and the log."""
-    stage = ctx.current_stage or "between stages"
-    upper = spent_upper_bound(ctx.run_dir)
-    spent = {"confirmed": ctx.ledger.epsilon(),
-             "at_most": PrivacyLedger.from_state_dict(upper).epsilon() if upper else 0.0}
-    ctx.state["stopped"] = {"signal": e.signal_name, "stage": stage,
-                            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                            "epsilon": spent, "resume": resume_command(ctx.run_dir)}
-    ctx.save()
-    (ctx.run_dir / "summary.json").write_text(json.dumps(
-        {"status": "stopped", **ctx.state["stopped"], "method": ctx.method.name,
-         "run_dir": str(ctx.run_dir), "stages_done": sorted(ctx.state["stages"]),
-         "stage_seconds": dict(ctx.stage_seconds), "mlflow_run_id": ctx.mlflow_run_id},
-        indent=2))
-    try:
-        set_tag("stopped", f"{e.signal_name} during {stage}")
-        ctx.tracker.metrics({"epsilon_confirmed": spent["confirmed"],
-                             "epsilon_at_most": spent["at_most"]})
-    except Exception:  # a tracking hiccup must not hide the stop
-        pass
-    ctx.log(f"[privimage] stopped by {e.signal_name} during stage '{stage}'; finished stages "
-            f"are saved in {ctx.run_dir} (epsilon spent: {spent['confirmed']:.4g} confirmed, at "
-            f"most {spent['at_most']:.4g}). Resume with:\n  {resume_command(ctx.run_dir)}")

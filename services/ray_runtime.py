@@ -10,13 +10,14 @@
   Its metrics export port (where services/metrics.py's metrics and Ray's own
   appear) is ``metrics.port`` if set, else a free port Ray picks;
   ``metrics_endpoint()`` says which. While it lives, RAY_ADDRESS names it in
-  this process's environment: Ray Train's placement-group cleaner looks a
-  cluster up through the State API, which finds every Ray on the host and
-  refuses to choose when a second run has started its own; ``shutdown()``
-  stops it and takes the variable back.
+  this process's environment and in its workers' (``name_cluster``): Ray
+  Train's placement-group cleaner looks a cluster up through the State API,
+  which finds every Ray on the host and refuses to choose when a second run
+  has started its own; ``shutdown()`` stops it and takes the variable back.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import ray
@@ -49,6 +50,14 @@ def shutdown() -> None:
     _OWNED["address"] = None
 
 
+def name_cluster() -> None:
+    """Run in every worker and actor process of a local Ray this program
+    started (its job's worker_process_setup_hook): RAY_ADDRESS names the
+    process's own cluster, which the driver's environment cannot pass on
+    (its address is only known once the cluster runs)."""
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
 def ensure_ray(cfg: RayConfig, num_cpus: int | None = None,
                metrics_port: int | None = None) -> dict:
     """Initialise Ray once per process; returns how it was reached.
@@ -68,6 +77,11 @@ def ensure_ray(cfg: RayConfig, num_cpus: int | None = None,
     # Loopback only. The constant is read when ray is imported, so set it for
     # the processes Ray spawns (env) and for this already-imported module.
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    # Token authentication stays on (Ray's default for a local cluster); its
+    # warning that it is the default would open every run's log. (Setting
+    # RAY_AUTH_MODE here is no way out: Ray reads it when it is imported.)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR)
     ray_constants.ENABLE_RAY_CLUSTER = False
     # The dashboard (State API, Jobs) is on: Ray Train's placement-group cleaner
     # polls the State API. It binds to 127.0.0.1 like everything else here.
@@ -76,7 +90,8 @@ def ensure_ray(cfg: RayConfig, num_cpus: int | None = None,
                     dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=True,
                     _metrics_export_port=metrics_port or None,
                     runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
-                        [os.getcwd(), os.environ.get("PYTHONPATH", "")])}})
+                        [os.getcwd(), os.environ.get("PYTHONPATH", "")])},
+                                 "worker_process_setup_hook": f"{__name__}.name_cluster"})
     address = info.address_info["gcs_address"]
     os.environ["RAY_ADDRESS"] = _OWNED["address"] = address
     return {"mode": "local", "address": address}

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import ray.train
+import yaml
 from pyarrow import fs as pafs
 
 from privimage_core.errors import ConfigError, PrivacyBudgetError
@@ -51,6 +52,17 @@ def save_state(run_dir: Path, state: dict) -> None:
     tmp.write_text(json.dumps(state, indent=2, default=lambda o: o.tolist()
                               if isinstance(o, np.ndarray) else str(o)))
     tmp.replace(run_dir / STATE_FILE)
+
+
+CONFIG_FILE = "config.yaml"
+
+
+def write_config(run_dir: Path, cfg) -> None:
+    """The run's resolved config, readable, in its directory from the start
+    (``privimage run --config <run_dir>/config.yaml`` repeats the run)."""
+    (Path(run_dir) / CONFIG_FILE).write_text(
+        "# The resolved config of this run (every key; docs/configuration.md).\n"
+        + yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None))
 
 
 def load_state(run_dir: Path) -> dict:

@@ -49,6 +49,8 @@ class RunContext:
     actors: dict = field(default_factory=dict)
     stage_seconds: dict = field(default_factory=dict)
     current_stage: str | None = None   # the stage under way (for a stop's report)
+    # Called after each finished stage (services/run_report.write_running).
+    on_stage_done: Callable[["RunContext"], None] | None = None
 
     @property
     def class_names(self) -> list[str]:
@@ -110,4 +112,6 @@ def run_stages(ctx: RunContext, impls: dict[str, StageImpl]) -> None:
             if ctx.pm:
                 ctx.pm.stage_done(stage.name, seconds)
             ctx.save()
+        if ctx.on_stage_done is not None:
+            ctx.on_stage_done(ctx)
     ctx.current_stage = None

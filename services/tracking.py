@@ -8,6 +8,7 @@ is marked non-private). Never sensitive images, labels or raw counts.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time as _t
@@ -20,6 +21,50 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from privimage_core.config import Config
+
+
+# MLflow 3 opens an experiment without a kind in its GenAI view (traces,
+# assistant); these tags say it is model training and what its runs are.
+EXPERIMENT_TAGS = {
+    "mlflow.experimentKind": "custom_model_development",
+    "mlflow.note.content": "PrivImage runs: each parent run is one pipeline (its name: method, "
+                           "dataset, epsilon; its metrics: epsilon, accuracy, FID), with one "
+                           "child run per stage. Evaluation on real data is non-private.",
+}
+
+
+# A saved view of the runs table (MLflow's "Views" list; an experiment tag
+# `mlflow.sharedViewState.<id>` holding {name, createdAt, updatedAt, state}):
+# MLflow's own default columns are Source, Models and Dataset, no metric, so
+# without it a user adds columns by hand to compare runs.
+RUNS_VIEW_ID = "privimage-compare"
+RUNS_VIEW_NAME = "PrivImage: method, data, epsilon, accuracy, FID"
+RUNS_VIEW_COLUMNS = ("params.`method`", "params.`data.sensitive`",
+                     "params.`privacy.target_epsilon`", "metrics.`epsilon`",
+                     "metrics.`accuracy`", "metrics.`fid`", "tags.`result`")
+
+
+def runs_view_state() -> str:
+    return json.dumps({"selectedColumns": list(RUNS_VIEW_COLUMNS),
+                       "columnOrder": list(RUNS_VIEW_COLUMNS)})
+
+
+def runs_view_url(base: str, experiment_id: str) -> str:
+    """The MLflow UI address that opens an experiment's runs in that view."""
+    return f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={RUNS_VIEW_ID}"
+
+
+def _set_runs_view(client: MlflowClient, exp) -> None:
+    key = f"mlflow.sharedViewState.{RUNS_VIEW_ID}"
+    try:
+        if json.loads(exp.tags.get(key, "{}")).get("state") == runs_view_state():
+            return
+    except ValueError:
+        pass  # not ours or damaged: written again
+    now = int(_t.time() * 1000)
+    client.set_experiment_tag(exp.experiment_id, key, json.dumps({
+        "name": RUNS_VIEW_NAME, "createdAt": now, "updatedAt": now,
+        "state": runs_view_state()}))
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -51,6 +96,9 @@ class Tracker:
     """Thin wrapper so stages and remote workers log to the right run."""
 
     def __init__(self, cfg: Config, parent_run_id: str | None = None):
+        # a new SQLite store's table creation is not news to the user of a run
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
         self.cfg = cfg
         self.uri = tracking_uri(cfg)
         _set_tracking_uri(self.uri)
@@ -73,6 +121,11 @@ class Tracker:
             except mlflow.exceptions.MlflowException:
                 pass  # created meanwhile by a concurrent trial
             exp = mlflow.get_experiment_by_name(name)
+        client = MlflowClient(self.uri)
+        for key, value in EXPERIMENT_TAGS.items():  # opens in MLflow's model-training view
+            if exp.tags.get(key) is None:
+                client.set_experiment_tag(exp.experiment_id, key, value)
+        _set_runs_view(client, exp)
         mlflow.set_experiment(experiment_id=exp.experiment_id)
         return exp.experiment_id
 

@@ -13,7 +13,8 @@ import pytest
 from privimage_core.config import from_dict
 from privimage_core.data.sources import load_source
 from privimage_core.methods import METHODS
-from privimage_core.selection.distribution import class_histograms
+from services.run_report import run_name
+from services.tracking import RUNS_VIEW_ID
 from tests.helpers import tiny_config
 
 pytestmark = pytest.mark.ray
@@ -138,6 +139,17 @@ def test_mlflow_has_parent_and_stage_runs(finished_run):
     # the run records the public size it used, never the true N
     assert parent.data.params["resolved.dataset_size_source"] == "subsample"
     assert "resolved.n_sensitive" not in parent.data.params
+    # the experiment opens in MLflow's training view, and its saved runs view
+    # shows only what the parent run carries
+    exp = client.get_experiment(parent.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(exp.tags[f"mlflow.sharedViewState.{RUNS_VIEW_ID}"])
+    carried = {"params": parent.data.params, "metrics": parent.data.metrics,
+               "tags": parent.data.tags}
+    for column in json.loads(view["state"])["selectedColumns"]:
+        kind, key = column.split(".", 1)
+        assert key.strip("`") in carried[kind] or (key == "`fid`" and s["fid"] is None), column
+    assert parent.info.run_name == run_name(cfg)
 
 
 def _all_bytes(root: Path):
@@ -326,10 +338,10 @@ def test_progress_line_shows_steps_rate_and_eta(ray_local, monkeypatch):
         step = 0
         while not lines and time.time() < deadline:
             step += 1
-            post(step, 1000)
+            post(step, 40)
             time.sleep(0.3)
     assert lines, "no progress line was drawn in 60 s"
-    assert "pre-training:" in lines[0] and "/1000 steps" in lines[0]
+    assert "pre-training:" in lines[0] and "/40 steps" in lines[0]
     assert "steps/s" in lines[0] and "ETA" in lines[0] and "ETA ?" not in lines[-1]
     assert progress.progress_text("x", 50, 100, 10.0) == \
         "[privimage] x: 50/100 steps (50%), 5.00 steps/s, ETA 0m10s"

@@ -49,18 +49,20 @@ class LifetimeLedger:
     """One dataset's lifetime ledger; every call re-reads the file, so it
     sees the runs other processes reserved meanwhile."""
 
-    def __init__(self, store_dir: str | os.PathLike, digest: str, lifetime_epsilon: float,
+    def __init__(self, store_dir: str | os.PathLike, digest: str, lifetime_epsilon: float | None,
                  delta: float, accountant: str = "rdp"):
         if not _DIGEST.fullmatch(str(digest)):
             raise PrivacyBudgetError(f"lifetime ledger key {digest!r} is not a SHA-256 hex digest; "
                                      "pass dataset_key(dataset_identity(...))")
-        if not (lifetime_epsilon > 0 and math.isfinite(lifetime_epsilon)):
+        if lifetime_epsilon is not None and not (lifetime_epsilon > 0
+                                                 and math.isfinite(lifetime_epsilon)):
             raise PrivacyBudgetError(f"lifetime epsilon must be > 0, got {lifetime_epsilon}; "
                                      "set e.g. 10")
         compose_ledgers([], delta, accountant)  # PrivacyLedger checks delta and accountant
         self.dir = Path(store_dir)
         self.digest = digest
-        self.lifetime_epsilon = float(lifetime_epsilon)
+        # None: no lifetime budget; every run is composed and reported, none refused
+        self.lifetime_epsilon = None if lifetime_epsilon is None else float(lifetime_epsilon)
         self.delta = float(delta)
         self.accountant = accountant
         self.path = self.dir / f"{digest}.json"
@@ -118,7 +120,8 @@ class LifetimeLedger:
         """Whether adding a run with this (planned) ledger would exceed the lifetime budget."""
         _check(ledger_state)
         with self._locked(exclusive=False):
-            return self._epsilon(self._read(), [ledger_state]) > self.lifetime_epsilon
+            return (self.lifetime_epsilon is not None and
+                    self._epsilon(self._read(), [ledger_state]) > self.lifetime_epsilon)
 
     def reserve(self, run_id: str, planned_ledger_state: dict) -> None:
         """Charge a run its plan before it touches the data; refused when the
@@ -141,8 +144,9 @@ class LifetimeLedger:
                                              "entry with another plan; resume it unchanged or "
                                              "use a new run id")
                 state["runs"].pop(run_id)  # grown: checked below as a whole
-            eps = self._epsilon(state, [planned_ledger_state])
-            if eps > self.lifetime_epsilon:
+            eps = (self._epsilon(state, [planned_ledger_state])
+                   if self.lifetime_epsilon is not None else 0.0)
+            if self.lifetime_epsilon is not None and eps > self.lifetime_epsilon:
                 spent = self._epsilon(state)
                 raise PrivacyBudgetError(
                     f"this run would take the dataset's lifetime epsilon to {eps:.4g} > "
@@ -201,7 +205,7 @@ def dataset_key(identity: str) -> str:
     return hashlib.sha256(identity.encode()).hexdigest()
 
 
-def open(store_dir: str | os.PathLike, digest: str, lifetime_epsilon: float, delta: float,
+def open(store_dir: str | os.PathLike, digest: str, lifetime_epsilon: float | None, delta: float,
          accountant: str = "rdp") -> LifetimeLedger:
     """The lifetime ledger stored under this key in ``store_dir`` (created on
     the first reservation)."""
