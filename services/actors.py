@@ -208,6 +208,7 @@ class Evaluator:
                     self.pm.eval_metric(k, out[k])
         out["report_html"] = render_html(res, self.synthetic, self.provenance)
         out["audit_message"] = res.audit_message
+        out["failure"] = res.failure
         out["notes"] = res.notes
         out["log"] = logs
         out["audit_verdict"] = res.canary["verdict"] if res.canary else None

@@ -20,7 +20,6 @@ import torch
 from PIL import Image
 
 from privimage_core.config import EvaluationConfig, from_dict
-from privimage_core.data.imageset import ImageSet
 from privimage_core.models.diffusion.edm import EDMObjective, edm_loss, sample_training_noise
 from privimage_core.errors import ConfigError, DataError
 from privimage_core.evaluation.diffusion_mia import (audit_check, denoising_loss_fn,

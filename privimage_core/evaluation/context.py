@@ -61,6 +61,8 @@ class EvaluationResult:
     config: dict = field(default_factory=dict)
     # memorisation checks: verdict messages, settings, optional pair grid (PNG)
     memorisation: dict = field(default_factory=dict)
+    # Why the release failed, when it did (its headline classifier at chance).
+    failure: str | None = None
 
 
 def split_real_test(n_test: int, n_fid: int, n_detector: int, n_nonmembers: int,
@@ -107,10 +109,10 @@ class EvaluationContext:
 
     @contextmanager
     def timed(self, name: str):
+        """Time a metric into ``<name>_seconds`` (the report's table; not the log)."""
         t0 = time.time()
         yield
         self.m[f"{name}_seconds"] = time.time() - t0
-        self.log(f"[evaluate] {name}: {self.m[f'{name}_seconds']:.1f}s")
 
     def skip(self, what: str, why: str) -> None:
         """A metric that cannot run is skipped with a note, never silently."""

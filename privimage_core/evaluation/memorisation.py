@@ -118,7 +118,8 @@ def nearest(queries, refs, scale: float = 1.0,
     best = torch.full((len(q),), float("inf"))
     idx = torch.zeros(len(q), dtype=torch.long)
     for j in range(0, len(r), cols):
-        rb = torch.as_tensor(r[j:j + cols]).float() * scale
+        # a copy: references may be read-only (Ray's object store), which torch warns about
+        rb = torch.from_numpy(np.array(r[j:j + cols], dtype=np.float32)) * scale
         for i in range(0, len(q), rows):
             v, k = torch.cdist(q[i:i + rows], rb, compute_mode="use_mm_for_euclid_dist").min(dim=1)
             better = v < best[i:i + rows]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from scipy.stats import binom
 
 from privimage_core.data.imageset import ImageSet
 from privimage_core.errors import DataError, MissingWeightsError
@@ -103,6 +104,8 @@ def utility(ctx: EvaluationContext) -> list[str]:
         with ctx.timed(f"accuracy_{kind}"):
             models[f"synthetic/{kind}"] = clf = fit(kind, syn_train)
             m[f"accuracy_{kind}"] = accuracy(clf.predict_images(real_test), real_test.labels)
+    ctx.res.failure = chance_failure(m[f"accuracy_{e.classifier}"], len(real_test),
+                                     real_test.num_classes, e.classifier)
     if e.real_ceiling:
         if real_train is None:
             ctx.skip("train-on-real ceiling", "no real training set given")
@@ -127,6 +130,25 @@ def utility(ctx: EvaluationContext) -> list[str]:
             m.update({f"utility_{key.replace('->', '_to_')}": v for key, v in mat.items()})
             m["utility_holdout"] = len(syn_test)
     return kinds
+
+
+# A release whose headline classifier cannot be told from guessing at this
+# level on the real test split carries no class information: a failed run.
+CHANCE_ALPHA = 1e-3
+
+
+def chance_failure(acc: float, n_test: int, num_classes: int, kind: str) -> str | None:
+    """The failure message when ``acc`` on ``n_test`` images is not above
+    chance (1 / num_classes) at level CHANCE_ALPHA (one-sided binomial test),
+    else None."""
+    chance = 1.0 / num_classes
+    p = float(binom.sf(round(acc * n_test) - 1, n_test, chance))
+    if p <= CHANCE_ALPHA:
+        return None
+    return (f"a {kind.upper()} trained on the synthetic images scores {100 * acc:.1f}% on the "
+            f"real test split, not above chance ({100 * chance:.1f}%, p = {p:.2g}): the release "
+            "carries no class information. Check the selection warning and the samples; more "
+            "DP-SGD steps, epsilon or data, or a public pool closer to the data may help")
 
 
 def detector(ctx: EvaluationContext) -> None:
@@ -185,7 +207,7 @@ def membership(ctx: EvaluationContext) -> None:
         m[f"mia_{key}"] = a[key]
     m["mia_members"], m["mia_nonmembers"] = a["num_members"], a["num_nonmembers"]
     ctx.res.roc = (a["fpr"], a["tpr"])
-    ctx.log("[evaluate] diagnostic (train-vs-test attack, not an audit): " + a["audit_message"])
+    ctx.log("[evaluate] membership (train-vs-test attack) " + a["audit_message"])
     if a["audit_ok"] is False:
         ctx.res.notes.append("diagnostic: " + a["audit_message"])
 

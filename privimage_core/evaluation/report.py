@@ -25,6 +25,7 @@ from PIL import Image
 
 from privimage_core.data.imageset import ImageSet
 from privimage_core.evaluation.context import NON_PRIVATE_NOTE, EvaluationResult
+from privimage_core.evaluation.memorisation import CHECKS
 
 
 def _png(arr: np.ndarray) -> bytes:
@@ -98,6 +99,8 @@ def privacy_utility_png(m: dict) -> bytes | None:
                                            ("diagnostic: max. detectable", "mia_eps_lb_max"))
                 if m.get(key) is not None]
     kinds = [k for k in ("lr", "mlp", "cnn") if f"accuracy_{k}" in m]
+    if len(eps_bars) < 2:  # the ledger alone: nothing to compare it with
+        eps_bars = []
     if not eps_bars and not kinds:
         return None
     plt = _plt()
@@ -139,11 +142,24 @@ def _img(png: bytes, alt: str) -> str:
 def _fmt(v) -> str:
     if v is None:
         return "n/a"
+    if isinstance(v, (int, np.integer)) or (isinstance(v, float) and np.isfinite(v)
+                                             and v.is_integer() and abs(v) >= 1000):
+        return f"{int(v):,}"  # counts: 60,000, not 6e+04
     if isinstance(v, float):
         if not np.isfinite(v):
             return str(v)
         return f"{v:.4g}"
     return html.escape(str(v))
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+# Rows shown as percentages (accuracies), the way README and the log give them.
+_PERCENT_KEYS = {f"{p}accuracy_{k}" for p in ("", "ceiling_") for k in ("lr", "mlp", "cnn")} | {
+    "utility_real_to_real", "utility_synthetic_to_real", "utility_real_to_synthetic",
+    "utility_synthetic_to_synthetic", "utility_accuracy_loss", "detector_accuracy"}
 
 
 _ROWS = {
@@ -153,6 +169,9 @@ _ROWS = {
         ("kid", "KID (unbiased MMD^2, cubic kernel)"), ("kid_std", "KID std over subsets"),
         ("precision", "precision (k-NN manifold, same features)"),
         ("recall", "recall"),
+        ("detector_accuracy", "detector: accuracy telling real from synthetic (50% = "
+                              "indistinguishable)"),
+        ("detector_privacy_loss", "detector advantage (accuracy - 0.5) / 0.5"),
     ],
     "Utility (trained on synthetic, tested on the real test split)": [
         ("accuracy_lr", "logistic regression"), ("accuracy_mlp", "MLP"), ("accuracy_cnn", "CNN"),
@@ -178,8 +197,6 @@ _ROWS = {
         ("mia_tpr_at_1pct_fpr", "TPR at 1% FPR"), ("mia_tpr_at_0_1pct_fpr", "TPR at 0.1% FPR"),
         ("mia_members", "members (sensitive training images)"),
         ("mia_nonmembers", "non-members (held-out real test images)"),
-        ("detector_accuracy", "detector attack: accuracy (real vs synthetic)"),
-        ("detector_privacy_loss", "detector attack: privacy loss (P - 0.5) / 0.5"),
     ],
 }
 
@@ -214,7 +231,8 @@ def _canary_line(m: dict) -> str:
 
 
 def _table(title: str, rows, m: dict) -> str:
-    body = "".join(f"<tr><td>{html.escape(label)}</td><td class=num>{_fmt(m[key])}</td></tr>"
+    body = "".join(f"<tr><td>{html.escape(label)}</td><td class=num>"
+                   f"{_pct(m[key]) if key in _PERCENT_KEYS else _fmt(m[key])}</td></tr>"
                    for key, label in rows if key in m)
     if not body:
         return ""
@@ -254,10 +272,14 @@ def memorisation_section(result: EvaluationResult) -> str:
     out += [f"<li{' class=fail' if 'MEMORISATION' in line else ''}>{html.escape(line)}</li>"
             for line in info.get("messages", [])]
     out.append("</ul>" + _table("Memorisation figures", _MEMO_ROWS, m))
-    out.append("<p>Settings: <code>" + html.escape(str(info.get("config", {}))) + "</code>. "
-               "Verdict 'memorisation' = significant and share / AUC >= 0.5 + effect; "
-               "'inconclusive' = too few images for 80% power against that effect. Each check "
-               "is tested at alpha on its own (no correction across checks).</p>")
+    alpha = (info.get("config") or {}).get("memorisation_alpha")
+    out.append(_settings_table("Settings", info.get("config") or {}))
+    out.append("<p>Verdict 'memorisation' = significant and share / AUC >= 0.5 + effect; "
+               "'inconclusive' = too few images for 80% power against that effect. "
+               + (f"The {CHECKS} checks share a family-wise level alpha = {_fmt(alpha)}: each is "
+                  f"tested at alpha / {CHECKS} = {_fmt(alpha / CHECKS)} (Bonferroni), so a run "
+                  "without memorisation raises no alarm with probability at least "
+                  f"{_pct(1 - alpha)}." if alpha is not None else "") + "</p>")
     if info.get("grid_png"):
         out.append("<div class=fail>THE GRID BELOW SHOWS SENSITIVE TRAINING IMAGES "
                    "(evaluation.memorisation_show_pairs): operator only, do not share this "
@@ -269,6 +291,19 @@ def memorisation_section(result: EvaluationResult) -> str:
                    "(set evaluation.memorisation_show_pairs: true for an operator-only report)."
                    "</p>")
     return "".join(out)
+
+
+def _settings_table(title: str, settings: dict) -> str:
+    body = "".join(f"<tr><td>{html.escape(str(k))}</td><td class=num>"
+                   f"{html.escape(', '.join(map(_fmt, v)) if isinstance(v, (list, tuple)) else _fmt(v))}"
+                   "</td></tr>" for k, v in settings.items())
+    return f"<h3>{html.escape(title)}</h3><table>{body}</table>" if body else ""
+
+
+def _failure_banner(result: EvaluationResult) -> str:
+    if not result.failure:
+        return ""
+    return f"<div class=fail id=failure>RUN FAILED: {html.escape(result.failure)}</div>"
 
 
 def render_html(result: EvaluationResult, synthetic: ImageSet, provenance: dict | None = None,
@@ -290,6 +325,7 @@ def render_html(result: EvaluationResult, synthetic: ImageSet, provenance: dict 
     if result.memorisation.get("grid_png"):
         parts.append("<div class=fail id=shows_training>EXCEPT: this report shows sensitive "
                      "training images (memorisation pair grid); operator only.</div>")
+    parts.append(_failure_banner(result))
     parts.append(_audit_banner(result))
     if prov.get("selection_warning"):  # the query's answer could not be told from noise
         parts.append(f"<div class=banner id=selection>{html.escape(prov['selection_warning'])}</div>")
@@ -335,7 +371,8 @@ def render_html(result: EvaluationResult, synthetic: ImageSet, provenance: dict 
     if secs:
         parts.append("<h2>Wall time per metric (seconds)</h2><table>" + "".join(
             f"<tr><td>{html.escape(k)}</td><td class=num>{v:.1f}</td></tr>" for k, v in secs.items())
-            + "</table><p>FID includes the Inception feature pass that precision/recall reuses.</p>")
-    parts.append("<h2>Settings</h2><p><code>" + html.escape(str(result.config)) + "</code></p>")
+            + "</table>" + ("<p>FID includes the Inception feature pass that precision/recall "
+                            "reuses.</p>" if "fid" in secs else ""))
+    parts.append("<h2>Settings</h2>" + _settings_table("What each metric read", result.config))
     parts.append("</body></html>")
     return "\n".join(p for p in parts if p)

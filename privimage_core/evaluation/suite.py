@@ -77,6 +77,8 @@ def run_evaluation(ecfg: EvaluationConfig, synthetic: ImageSet, real_test: Image
     if ecfg.fid:
         metric_groups.fidelity(ctx)
     kinds = metric_groups.utility(ctx)
+    if ctx.res.failure:
+        log("[evaluate] !!! RUN FAILED: " + ctx.res.failure)
     if ecfg.detector:
         metric_groups.detector(ctx)
     if ecfg.mia:
