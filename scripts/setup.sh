@@ -40,7 +40,12 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   pip_ install -q --upgrade pip
   pip_ install -q -r requirements.txt
-  pip_ install -q --no-deps -e .
+  # The editable install's build backend warns, in ten lines, that folders
+  # named like the package could shadow it: true of every editable install and
+  # nothing to act on here. Its output is shown only if the install fails.
+  log="$(mktemp)"
+  if ! pip_ install -q --no-deps -e . >"$log" 2>&1; then cat "$log" >&2; rm -f "$log"; exit 1; fi
+  rm -f "$log"
   echo "$want" > "$stamp"
 fi
 

@@ -5,7 +5,7 @@ prefixed log lines that cannot update in place. Rank 0 instead posts
 (step, total) to a tiny per-run actor at most every ``POST_SECONDS``; a thread
 on the driver reads it and draws one line: steps, steps/s, ETA. On a terminal
 the line updates in place (``\\r``); in a Ray job's log (not a terminal) it is
-a plain line every ``LOG_SECONDS``.
+a plain line at each quarter of the stage (or every ``LOG_SECONDS``).
 
 Console only: nothing here goes to MLflow or Prometheus. For a DP stage the
 rate shown is the average over the stage so far, observed on the driver at a
@@ -25,7 +25,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 POST_SECONDS = 2.0
 POLL_SECONDS = 1.0
-LOG_SECONDS = 30.0
+LOG_SECONDS = 300.0
 
 
 def board_name(run_id: str, stage: str) -> str:
@@ -81,19 +81,55 @@ def progress_text(label: str, step: int, total: int, elapsed: float, start_step:
             f"{rate:.2f} {unit}/s, ETA {eta}")
 
 
+class LineDrawer:
+    """Draws one progress line: in place on a terminal; in a log (not a
+    terminal) a plain line when the count passes a quarter of the total or
+    ``LOG_SECONDS`` after the last one, never before a rate is known."""
+
+    def __init__(self, label: str, log: Callable[[str], None], stream=None,
+                 tty: bool | None = None, unit: str = "steps"):
+        self.label, self.log, self.unit = label, log, unit
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.first: tuple[float, int] | None = None
+        self.last_log, self.last_quarter, self.drawn = 0.0, 0, False
+
+    def __call__(self, step: int, total: int) -> None:
+        now = time.time()
+        if self.first is None:
+            self.first = (now, step)
+            return
+        t0, s0 = self.first
+        if step <= s0:
+            return  # no rate yet
+        text = progress_text(self.label, step, total, now - t0, s0, self.unit)
+        if self.tty:
+            self.stream.write("\r" + text.ljust(100)[:120])
+            self.stream.flush()
+            self.drawn = True
+            return
+        quarter = 4 * step // total if total else 0
+        if quarter > self.last_quarter or now - self.last_log >= LOG_SECONDS:
+            self.last_quarter, self.last_log = quarter, now
+            self.log(text)
+
+    def close(self) -> None:
+        if self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.drawn = False
+
+
 @contextmanager
 def progress_line(run_id: str, stage: str, label: str, log: Callable[[str], None],
                   stream=None, tty: bool | None = None, unit: str = "steps"):
     """Yield the board's name (for the TrainJob) and draw its line until the block ends."""
-    stream = stream or sys.stderr
-    tty = stream.isatty() if tty is None else tty
     name = board_name(run_id, stage)
-
     # outside any Tune trial's placement group (as services/actors.outside_trial)
     board = _board_cls().options(name=name, scheduling_strategy=PlacementGroupSchedulingStrategy(
         placement_group=None)).remote()
+    drawer = LineDrawer(label, log, stream, tty, unit)
     stop = threading.Event()
-    state = {"first": None, "last_log": 0.0, "drawn": False}
 
     def draw():
         while not stop.wait(POLL_SECONDS):
@@ -101,23 +137,8 @@ def progress_line(run_id: str, stage: str, label: str, log: Callable[[str], None
                 v = ray.get(board.read.remote(), timeout=5)
             except Exception:
                 continue
-            if v is None:
-                continue
-            step, total = v
-            now = time.time()
-            if state["first"] is None:
-                state["first"] = (now, step)
-                continue
-            t0, s0 = state["first"]
-            text = progress_text(label, step, total, now - t0, s0, unit)
-            if tty:
-                stream.write("\r" + text.ljust(100)[:120])
-                stream.flush()
-                state["drawn"] = True
-            elif (not state["last_log"] or now - state["last_log"] >= LOG_SECONDS) \
-                    and step != state.get("last_step"):  # no repeats of a finished count
-                state["last_log"], state["last_step"] = now, step
-                log(text)
+            if v is not None:
+                drawer(*v)
 
     thread = threading.Thread(target=draw, daemon=True, name=f"progress-{stage}")
     thread.start()
@@ -126,9 +147,7 @@ def progress_line(run_id: str, stage: str, label: str, log: Callable[[str], None
     finally:
         stop.set()
         thread.join(timeout=5)
-        if state["drawn"]:
-            stream.write("\n")
-            stream.flush()
+        drawer.close()
         try:
             ray.kill(board)
         except Exception:

@@ -64,6 +64,9 @@ def _load(package: str = MODEL_PACKAGE):
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         # lazy: sentence-transformers pulls transformers (seconds); only SDS needs it
         from sentence_transformers import SentenceTransformer
+        # lazy: transformers comes with sentence-transformers, imported just above
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()  # a 'Loading weights' bar per process in the log
         pkg = importlib.import_module(package)
         model_dir = Path(pkg.__file__).resolve().parent / "model"
         _MODELS[package] = SentenceTransformer(str(model_dir), device="cpu")
