@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -67,8 +66,9 @@ def test_wrong_shape_and_mode(tmp_path):
         load_inputs(_cfg(tmp_path, f"folder:{root}"))
     assert "40" in _one_line(e) and "resize" in str(e.value)  # problem and fix
     root = _folder(tmp_path / "m", {"a": 2, "b": 2}, mode="RGB")
+    test = _folder(tmp_path / "m_test", {"a": 1, "b": 1}, mode="RGB")
     with pytest.raises(DataError) as e:
-        load_inputs(_cfg(tmp_path, f"folder:{root}", test=f"folder:{root}_test"))
+        load_inputs(_cfg(tmp_path, f"folder:{root}", test=f"folder:{test}"))
     assert "channels" in _one_line(e)
 
 
@@ -182,3 +182,17 @@ def test_generator_typo_and_missing_resume_fail_before_any_budget(tmp_path):
     _one_line(e)
     assert not ray.is_initialized()
     assert not list((tmp_path / "runs").glob("*/pipeline_state.json"))
+
+
+def test_a_mistyped_folder_is_named_before_the_missing_test_split(tmp_path):
+    """The first error of a mistyped path is that it does not exist, with its
+    dotted key, not that the dataset has no test split."""
+    cfg = from_dict({"data": {"sensitive": f"folder:{tmp_path / 'no-such-folder'}"}})
+    with pytest.raises(DataError) as e:
+        load_inputs(cfg)
+    msg = _one_line(e)
+    assert msg.startswith("data.sensitive:") and "does not exist" in msg
+    # control: an existing folder without a test split gets the test-split line
+    root = _folder(tmp_path / "d", {"a": 2, "b": 2})
+    with pytest.raises(ConfigError, match="data.sensitive_test"):
+        load_inputs(from_dict({"data": {"sensitive": f"folder:{root}"}}))

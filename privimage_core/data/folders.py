@@ -44,7 +44,8 @@ def _size(image_size) -> tuple[int, int]:
 
 def _mode(channels: int, name: str) -> str:
     if channels not in _MODES:
-        raise DataError(f"{name}: channels={channels}; set channels to 1 (grayscale) or 3 (RGB)")
+        raise DataError(f"{name}: channels={channels}; set data.channels to 1 (grayscale) or 3 "
+                        "(RGB)")
     return _MODES[channels]
 
 
@@ -70,9 +71,16 @@ def _to_array(img: Image.Image, where: str, dataset: str, hw: tuple[int, int], c
         img = _fit(img, hw, mode)
     elif img.mode != mode or img.size != (hw[1], hw[0]):
         found = f"{img.size[1]}x{img.size[0]} mode {img.mode}"
-        fix = ("set `resize: true` to convert and resize on load" if img.mode == mode else
-               f"set `channels` to match the data, or `resize: true` to convert to {mode}")
-        raise DataError(f"{dataset}: image {where} is {found}, expected {hw[0]}x{hw[1]} mode {mode}; {fix}")
+        fixes = []
+        if img.mode != mode:
+            fixes.append(f"data.channels: {3 if img.mode in ('RGB', 'RGBA', 'P') else 1} to "
+                         "match the data")
+        if img.size != (hw[1], hw[0]) and img.size[0] == img.size[1]:
+            fixes.append(f"data.image_size: {img.size[0]} to keep its size")
+        fix = "set " + ", or ".join(fixes + [f"data.resize: true to convert to {hw[0]}x{hw[1]} "
+                                             f"mode {mode} on load"])
+        raise DataError(f"{dataset}: image {where} is {found}, expected {hw[0]}x{hw[1]} mode "
+                        f"{mode}; {fix} (docs/data.md)")
     arr = np.asarray(img, dtype=np.uint8)
     return arr[..., None] if arr.ndim == 2 else arr
 
