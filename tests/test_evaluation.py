@@ -7,7 +7,6 @@ forwards in total (about 2.6 images/s there), tiny classifier tasks.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 
 import numpy as np
@@ -432,3 +431,18 @@ def test_kid_is_unbiased_near_zero_for_one_distribution_and_grows_with_a_shift()
     small, small_sd = kernel_inception_distance(a[:50], b[:50], subsets=20, subset_size=50)
     assert abs(small) < 0.05 * shifted
     assert small_sd > 1e-6  # fewer images than 2 x subset_size: subsets differ, the std is real
+
+
+def test_kid_term_is_binkowskis_unbiased_mmd_with_the_cubic_kernel():
+    """torchmetrics computes the term; this pins its arguments to the
+    definition k(x, y) = (x.y / d + 1)^3, diagonals left out."""
+    from privimage_core.evaluation.kid import _mmd2_unbiased
+
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(40, 16)), rng.normal(0.3, 1.0, size=(40, 16))
+    k = lambda a, b: (a @ b.T / 16 + 1.0) ** 3  # noqa: E731
+    m = len(x)
+    want = ((k(x, x).sum() - np.trace(k(x, x))) / (m * (m - 1))
+            + (k(y, y).sum() - np.trace(k(y, y))) / (m * (m - 1)) - 2 * k(x, y).mean())
+    assert _mmd2_unbiased(x, y) == pytest.approx(want, rel=1e-12)
+    assert _mmd2_unbiased(x, y) != pytest.approx(_mmd2_unbiased(x, x + 0.1), rel=1e-3)
