@@ -58,6 +58,18 @@ def name_cluster() -> None:
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
+# Ray Train's preemption watcher follows the draining of cloud nodes (spot
+# instances); the one node of a local Ray is never drained, and creating the
+# watcher makes Ray's core worker log an error-level line about its restart.
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
+def _local_env() -> dict[str, str]:
+    """Environment of the worker processes of a local Ray this program starts."""
+    return {"PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]),
+            PREEMPTION_WATCHER_ENV: os.environ.get(PREEMPTION_WATCHER_ENV, "0")}
+
+
 def ensure_ray(cfg: RayConfig, num_cpus: int | None = None,
                metrics_port: int | None = None) -> dict:
     """Initialise Ray once per process; returns how it was reached.
@@ -89,8 +101,7 @@ def ensure_ray(cfg: RayConfig, num_cpus: int | None = None,
     info = ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True,
                     dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=True,
                     _metrics_export_port=metrics_port or None,
-                    runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
-                        [os.getcwd(), os.environ.get("PYTHONPATH", "")])},
+                    runtime_env={"env_vars": _local_env(),
                                  "worker_process_setup_hook": f"{__name__}.name_cluster"})
     address = info.address_info["gcs_address"]
     os.environ["RAY_ADDRESS"] = _OWNED["address"] = address
