@@ -36,7 +36,7 @@ examples:
                 --set data.channels=3 --set data.image_size=32
   privimage run --print-config --set method=dp_ldm   # the resolved config, as YAML
   privimage run --dry-run                        # every check and the privacy plan, nothing run
-  privimage run --resume runs/privimage-20261207-101500
+  privimage run --resume runs/privimage-mnist-eps10-20261207-101500
 Ctrl-C (or ray job stop) stops a run cleanly and prints the --resume command."""),
     "validate": ("check the config, the data, the generator and the privacy plan; run nothing",
                  """\

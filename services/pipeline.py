@@ -138,7 +138,7 @@ def run_pipeline(cfg: Config, resume_dir: str | None = None, parent_run_id: str 
         fixed_dir.mkdir(parents=True, exist_ok=True)
         run_dir = fixed_dir
     elif fresh:  # only now: bad input leaves no directory behind
-        run_dir = new_run_dir(Path(cfg.run.output_dir), cfg.run.name)
+        run_dir = new_run_dir(Path(cfg.run.output_dir), run_name(cfg))
     # The public size, delta and privacy plan, once, charged to the lifetime
     # ledger before any mechanism reads the data (a resumed run keeps its own).
     try:
