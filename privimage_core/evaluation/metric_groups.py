@@ -73,6 +73,8 @@ def utility(ctx: EvaluationContext) -> list[str]:
     e, m, seed = ctx.ecfg, ctx.m, ctx.seed
     synthetic, real_test, real_train = ctx.synthetic, ctx.real_test, ctx.real_train
     kinds = list(dict.fromkeys(list(e.classifiers) + [e.classifier]))
+    ctx.log(f"[evaluate] utility: {', '.join(kinds)} trained on {len(synthetic):,} synthetic "
+            "images")
     matrix_on = e.utility_matrix and e.real_ceiling and real_train is not None
     syn_train, syn_test = synthetic, None
     if matrix_on:

@@ -74,19 +74,23 @@ def run_evaluation(ecfg: EvaluationConfig, synthetic: ImageSet, real_test: Image
                             audit_epsilon=ledger_epsilon if audit_epsilon is None
                             else audit_epsilon,
                             delta=delta, fid_cache_dir=fid_cache_dir, log=log, progress=progress)
+    # One line as each group starts: the long ones run for minutes on a CPU
+    # (the Inception pass draws its own progress line).
     if ecfg.fid:
         metric_groups.fidelity(ctx)
     kinds = metric_groups.utility(ctx)
     if ctx.res.failure:
         log("[evaluate] !!! RUN FAILED: " + ctx.res.failure)
-    if ecfg.detector:
-        metric_groups.detector(ctx)
-    if ecfg.mia:
-        metric_groups.membership(ctx)
-    if ecfg.canary_audit:
-        metric_groups.canary_audit(ctx, canary)
-    if ecfg.memorisation:
-        metric_groups.memorisation(ctx)
+    groups = ((ecfg.detector, "detector: real vs synthetic",
+               lambda: metric_groups.detector(ctx)),
+              (ecfg.mia, "membership attack on the DP generator (diagnostic)",
+               lambda: metric_groups.membership(ctx)),
+              (ecfg.canary_audit, "canary audit", lambda: metric_groups.canary_audit(ctx, canary)),
+              (ecfg.memorisation, "memorisation checks", lambda: metric_groups.memorisation(ctx)))
+    for on, what, run in groups:
+        if on:
+            log(f"[evaluate] {what}")
+            run()
     m, res = ctx.m, ctx.res
     if ledger_epsilon is not None:
         m["ledger_epsilon"] = float(ledger_epsilon)
