@@ -20,6 +20,9 @@ from services.run_store import STATE_FILE, resume_ledger
 from tests.helpers import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
+# Lines of the tools underneath that a run keeps out of its log (docs/log.md).
+QUIETED = ("PreemptionWatcher", "Secure RNG", "Token authentication", "mlflow.store.db",
+           "Loading weights", "Traceback")
 
 
 @pytest.fixture
@@ -153,6 +156,8 @@ def test_sigterm_during_dp_sgd_and_sigint_during_evaluation_stop_and_resume(tmp_
     # 3. resumed again: it finishes, the DP stage not taken twice
     rc, out, _, _ = _stop_when(_start(["--resume", str(run_dir)], env), "", signal.SIGINT, 0)
     assert rc in (0, 4), out[-3000:]  # 4: finished, but the tiny model is at chance
+    # the log carries none of the lines docs/log.md says a run turns down
+    assert [n for n in QUIETED if n in out] == [], out[-3000:]
     state = json.loads((run_dir / STATE_FILE).read_text())
     assert state["stages"].get("done") and "stopped" not in state
     assert "stage 5/7: finetune" not in out  # restored, not run again
