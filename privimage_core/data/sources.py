@@ -169,8 +169,6 @@ def check_public_specs(specs: Sequence[str], sensitive: str) -> None:
         if arg is not None and not Path(arg).exists():
             raise DataError(f"data.public: {spec!r} does not exist; fix the path or remove it "
                             "from data.public")
-        if is_streamed(spec):
-            open_streamed(spec)  # the shard layout, from names and schemas only
         if same_dataset(spec, sensitive):
             raise DataError(f"data.public lists {spec!r}, the sensitive dataset itself; public "
                             "pre-training data must not contain the sensitive data: remove it")
@@ -178,6 +176,8 @@ def check_public_specs(specs: Sequence[str], sensitive: str) -> None:
             raise DataError(f"data.public lists {spec!r}, which the sensitive dataset was drawn "
                             "from (see its provenance); public pre-training data must not "
                             "contain the sensitive data: remove it")
+        if is_streamed(spec):
+            open_streamed(spec)  # the shard layout, from names and schemas only
     _distinct_prefixes(specs)
 
 
