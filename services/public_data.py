@@ -21,6 +21,8 @@ from privimage_core.selection.public_index import PublicIndex, ShardReader
 # Rows per read: small enough that a read of one class folder does not
 # fill the shuffle buffer, large enough to amortise opening a shard.
 CHUNK_ROWS = 256
+# Reads per Ray Data task: enough that the per-task cost is small against decoding.
+READS_PER_TASK = 4
 # Images held by the local shuffle buffer of a training stream.
 SHUFFLE_BUFFER = 8192
 
@@ -93,7 +95,8 @@ def iter_images(index: PublicIndex, table: pa.Table, workers: int, batch_size: i
     _data_context()
     items = [{"source": c["source"], "shard": c["shard"], "rows": c["rows"].tolist(),
               "labels": c["labels"].tolist(), "pos": c["pos"].tolist()} for c in chunks]
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+    blocks = -(-len(items) // READS_PER_TASK)
+    ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
         _read_batch, batch_size=1, batch_format="numpy",
         compute=ray.data.TaskPoolStrategy(size=workers),
         fn_kwargs={"index_dir": str(index.directory), "manifest": index.manifest})

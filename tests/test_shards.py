@@ -237,3 +237,35 @@ def test_ensure_part_writes_whole_parts_only(pool, tmp_path):
     info = ensure_part(src, src.shards[0], tmp_path)
     assert not info["reused"] and ensure_part(src, src.shards[0], tmp_path)["reused"]
     assert [p.name for p in tmp_path.iterdir()] == [f"part-{info['digest']}.parquet"]
+
+
+# ------------------------------------------------------------------ a public ImageFolder
+
+def test_a_public_folder_is_indexed_from_its_listing_one_shard_per_class(tmp_path, monkeypatch):
+    root = tmp_path / "pics"
+    for c, n in (("cat", 3), ("dog", 2), ("owl", 4)):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.full((28, 28), 10 * i + len(c), np.uint8)).save(root / c / f"{i}.png")
+    opened = []
+    real_open = shards_mod._open
+    monkeypatch.setattr(shards_mod, "_open", lambda *a: opened.append(1) or real_open(*a))
+    src = open_streamed(f"folder:{root}")
+    parts, stats = index_parts([src], str(tmp_path / "cache"), 0)
+    idx = PublicIndex.build_sources(None, parts, tmp_path / "idx", tmp_path / "cache", (28, 28, 1))
+    assert not opened  # indexing decoded no image
+    assert idx.label_names == ["pics/cat", "pics/dog", "pics/owl"] and stats["shards"] == 3
+    assert idx.counts_per_label().tolist() == [3, 2, 4]
+    # the same images as the in-memory folder: path reads
+    mem = build_public_pool([f"folder:{root}"], 28, 1)
+    assert np.array_equal(idx.load().images, mem.images)
+    # a new image rebuilds its class's part only
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(root / "dog" / "9.png")
+    assert index_parts([open_streamed(f"folder:{root}")], str(tmp_path / "cache"), 0)[1][
+        "reused"] == 2
+    # a public folder's images must have the run's size, as they always had to
+    Image.fromarray(np.zeros((30, 30), np.uint8)).save(root / "owl" / "big.png")
+    src = open_streamed(f"folder:{root}")
+    with pytest.raises(DataError, match=r"owl/big.png is 30x30 mode L, expected 28x28 mode L; "
+                                        "set `resize: true`"):
+        src.read_rows("owl", np.arange(5), 28, 1)
