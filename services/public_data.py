@@ -55,7 +55,9 @@ def index_parts(sources: list[StreamedSource], cache_dir: str,
         results = [_index_one(it, dicts, cache_dir) for it in items]
     else:
         _data_context()
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        # indexing a shard reads one column: a few tasks of many shards each
+        blocks = min(len(items), 4 * workers)
+        ds = ray.data.from_items(items, override_num_blocks=blocks)
         results = ds.map(_index_one, fn_kwargs={"sources": dicts, "cache_dir": cache_dir},
                          compute=ray.data.TaskPoolStrategy(size=workers)).take_all()
     digest = {(r["source"], r["shard"]): r["digest"] for r in results}
