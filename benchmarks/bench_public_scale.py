@@ -202,7 +202,8 @@ def main(argv=None) -> int:
         shutdown()
         shutil.rmtree(work, ignore_errors=True)
     driver = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
-    log(f"peak RSS, driver (getrusage): {driver:.2f} GB")
+    log(f"peak RSS, driver (getrusage): {driver:.2f} GB ({'under' if driver < 2 else 'OVER'} "
+        "the 2 GB the driver must stay under)")
     log("peak RSS of every process (sampled every 0.2 s), GB:")
     for title, pid, gb in rss.table():
         log(f"  {gb:6.2f}  pid {pid:<7} {title}", rss_now=False)

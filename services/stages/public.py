@@ -35,8 +35,10 @@ def query_function(ctx: RunContext, stage: Stage) -> dict:
         return {}  # the selection it served is saved: no need to train it again
     qm = ray.get(_selector(ctx).train_query_function.remote())
     acc = qm.get("public_val_accuracy", float("nan"))
-    ctx.log(f"[privimage] semantic query function: public val accuracy {acc:.3f}")
-    return {"public_val_accuracy": acc}
+    rate = qm.get("train_images_per_second")
+    ctx.log(f"[privimage] semantic query function: public val accuracy {acc:.3f}" +
+            (f" (trained from the stream at {rate:.0f} images/s)" if rate else ""))
+    return {"public_val_accuracy": acc, **({"train_images_per_second": rate} if rate else {})}
 
 
 def semantic_query(ctx: RunContext, stage: Stage) -> dict:
