@@ -27,6 +27,15 @@ READS_PER_TASK = 4
 SHUFFLE_BUFFER = 8192
 
 
+def _ray_data_workers(workers: int) -> int:
+    """``workers``, or 0 (read in this process) when no CPU is free for a Ray
+    Data task: the selector actor holds its own, and on a one-CPU node the
+    stream would wait for ever."""
+    if workers and ray.is_initialized() and ray.available_resources().get("CPU", 0) < 1:
+        return 0
+    return workers
+
+
 def _data_context() -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -51,6 +60,7 @@ def index_parts(sources: list[StreamedSource], cache_dir: str,
     if not items:
         return [], {"shards": 0, "reused": 0, "rows": 0}
     dicts = [s.to_dict() for s in sources]
+    workers = _ray_data_workers(workers)
     if workers == 0:
         results = [_index_one(it, dicts, cache_dir) for it in items]
     else:
@@ -91,6 +101,7 @@ def iter_images(index: PublicIndex, table: pa.Table, workers: int, batch_size: i
     chunks = _chunks(index, table, shuffle_seed)
     if not chunks:
         return
+    workers = _ray_data_workers(workers)
     if workers == 0:
         yield from _iter_local(index, chunks, batch_size, shuffle_seed, drop_last)
         return

@@ -131,3 +131,15 @@ def test_an_imagenet_classifier_needs_no_download():
     net = PretrainedQuery(build_network("mobilenet_v3_small", 1000), "mobilenet_v3_small", 32,
                           [0, 1], [1, 0], 2).eval()
     assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 2)
+
+
+def test_without_a_free_cpu_the_stream_reads_in_process(index, monkeypatch):
+    """A one-CPU node whose CPU the selector holds: Ray Data would wait for ever."""
+    import ray
+
+    from services import public_data
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 0.0})
+    assert public_data._ray_data_workers(2) == 0
+    monkeypatch.setattr(public_data.ray.data, "from_items", None)  # fails if Ray Data is used
+    sel = index.select([3]).sort_by("id")
+    assert np.array_equal(public_data.read_images(index, sel, 2), index.load(sel).images)
