@@ -23,6 +23,7 @@ from privimage_core.data.imageset import ImageSet
 from privimage_core.data.shards import open_streamed
 from privimage_core.data.sources import build_public_pool, check_prefixes
 from privimage_core.data.specs import is_streamed
+from privimage_core.errors import ConfigError
 from privimage_core.evaluation.canary_audit import CanaryAuditInput, CanarySet
 from privimage_core.evaluation.report import render_html
 from privimage_core.evaluation.semantic_similarity import selection_sds
@@ -111,6 +112,11 @@ class PublicSelector:
         images, labels = sensitive
         ledger = PrivacyLedger.from_state_dict(ledger_state)
         k1, k2 = resolve_k(self.cfg, len(self.index.label_names), num_classes)
+        known = getattr(self.model, "num_known_labels", k1)
+        if k1 > known:
+            raise ConfigError(f"selection.k1={k1} exceeds the {known} public labels the "
+                              "pre-trained classifier knows (semantic_query.pretrained_classes); "
+                              "lower selection.k1 or selection.selection_ratio")
         x = ImageSet(images, labels, [str(i) for i in range(num_classes)]).to_tensor()
         topk = predict_topk(self.model, x, k=k1)
         dist = query_semantic_distribution(topk, labels, len(self.index.label_names), num_classes,

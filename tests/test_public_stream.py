@@ -10,7 +10,7 @@ import torch
 
 from privimage_core.config import SemanticQueryConfig, from_dict
 from privimage_core.data.shards import open_streamed
-from privimage_core.errors import DataError
+from privimage_core.errors import ConfigError, DataError
 from privimage_core.selection.pretrained import PretrainedQuery, build_network, match_classes
 from privimage_core.selection.public_index import PublicIndex
 from privimage_core.selection.semantic_query import predict_topk
@@ -115,6 +115,18 @@ def test_a_pretrained_classifier_is_matched_to_the_public_labels_by_name(index, 
     assert torch.allclose(out[:, ring], torch.maximum(raw[:, 0], raw[:, 3]), atol=1e-5)
     assert torch.isinf(out[:, [i for i in range(10) if i not in (ring, disc)]]).all()
     assert set(predict_topk(model, x, 1)[:, 0].tolist()) <= {ring, disc}
+    # a top-k beyond the labels it knows would vote for labels it cannot see: refused
+    from privimage_core.privacy.ledger import PrivacyLedger
+    cfg = from_dict({"run": {"output_dir": str(tmp_path)}, "selection": {"k1": 3, "k2": 1},
+                     "data": {"public": [f"shards:{tmp_path}"], "image_size": 32, "channels": 3}})
+    sel = PublicSelector(cfg.to_dict(), str(tmp_path / "run"))
+    sel.index, sel.model = index, model
+    sensitive = (index.load(index.table.slice(0, 4)).images, np.array([0, 1, 0, 1]))
+    ledger = PrivacyLedger(10.0, 1e-5).state_dict()
+    with pytest.raises(ConfigError, match="k1=3 exceeds the 2 public labels the pre-trained"):
+        sel.query(ledger, sensitive, 2, 1.0)
+    sel.cfg.selection.k1 = 2  # control: within them it runs
+    assert sel.query(ledger, sensitive, 2, 1.0)["k1"] == 2
     with pytest.raises(DataError, match="none of the classifier's classes names a public label"):
         match_classes(["zebra"], index.label_names)
     with pytest.raises(DataError, match="semantic_query.pretrained: .* does not hold resnet18"):

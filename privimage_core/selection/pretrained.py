@@ -109,6 +109,9 @@ class PretrainedQuery(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
         self.register_buffer("clf_ids", torch.tensor(classifier_ids, dtype=torch.long))
         self.register_buffer("pool_ids", torch.tensor(pool_ids, dtype=torch.long))
+        # the pool labels it can predict: a top-k beyond them would draw
+        # among labels of logit -inf, which it does not know
+        self.num_known_labels = len(set(pool_ids))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x + 1) / 2
