@@ -84,7 +84,7 @@ def test_a_generated_pool_opens_with_its_declared_classes(pool, tmp_path):
 @pytest.mark.parametrize("case, problem, fix", [
     ("nodir", "is not a directory", "point it at a directory"),
     ("empty", "no *.parquet shards", "write shards with columns image and label"),
-    ("nolabel", "has no column(s) ['label']", "write image (encoded bytes) and label"),
+    ("nolabel", "has no column(s) ['label']", "scripts/label_public_shards.py"),
     ("strlabel", "label column has type string", "store integer class indices"),
     ("noclasses", "no class list", "write classes.txt beside the shards"),
     ("differ", "differs from classes.txt's", "make them equal or remove one"),
@@ -269,3 +269,76 @@ def test_a_public_folder_is_indexed_from_its_listing_one_shard_per_class(tmp_pat
     with pytest.raises(DataError, match=r"owl/big.png is 30x30 mode L, expected 28x28 mode L; "
                                         "set `resize: true`"):
         src.read_rows("owl", np.arange(5), 28, 1)
+
+
+# ------------------------------------------------------------------ public data without labels
+
+def _unlabelled(pool, d):
+    """The pool's shards without their label column (and without classes.txt)."""
+    d.mkdir()
+    for p in sorted(pool.glob("*.parquet")):
+        pq.write_table(pq.read_table(p, columns=["image"]), d / p.name, row_group_size=100)
+    return d
+
+
+def test_unlabelled_shards_are_labelled_by_the_classifier_and_then_indexed(pool, tmp_path):
+    from privimage_core.data.label_shards import LABELS_KEY, label_shards
+    src = _unlabelled(pool, tmp_path / "raw")
+    names = ["dark", "unused", "bright"]
+    calls = []
+
+    def predict(x):  # a stand-in classifier: bright or dark images
+        calls.append(len(x))
+        return np.where(x.reshape(len(x), -1).mean(1) > 128, 2, 0)
+
+    info = label_shards(src, tmp_path / "out", predict, names, "stand-in", 32, 3, batch=64)
+    assert info["images"] == 600 and info["shards"] == 3 and sum(calls) == 600
+    out = open_streamed(f"shards:{tmp_path / 'out'}")
+    tables = {s: pq.read_table(tmp_path / "out" / s) for s in out.shards}
+    preds = {s: predict(out.read_rows(s, np.arange(t.num_rows), 32, 3)) for s, t in tables.items()}
+    used = sorted(set(np.concatenate(list(preds.values())).tolist()))
+    assert list(out.class_names) == [names[i] for i in used]  # never-predicted classes dropped
+    assert pq.read_schema(tmp_path / "out" / out.shards[0]).metadata[LABELS_KEY] == b"stand-in"
+    # labels are the images' predictions, the bytes unchanged, in the input's order
+    for s, t in tables.items():
+        assert t.column("image").to_pylist() == pq.read_table(src / s).column("image").to_pylist()
+        assert t.column("label").to_numpy().tolist() == [used.index(v) for v in preds[s]]
+    idx, _ = _build(tmp_path / "out", tmp_path)
+    assert idx.num_rows == 600
+    # a second run resumes from the cached predictions: no image is classified again
+    calls.clear()
+    label_shards(src, tmp_path / "out", predict, names, "stand-in", 32, 3)
+    assert not calls
+    # refused: labelled input, and writing over the input
+    with pytest.raises(DataError, match="already has a 'label' column"):
+        label_shards(pool, tmp_path / "o2", predict, names, "x")
+    with pytest.raises(DataError, match="is the input directory"):
+        label_shards(src, src, predict, names, "x")
+
+
+def test_a_tree_of_image_files_is_labelled_by_a_torchvision_classifier(tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+
+    from privimage_core.selection.pretrained import build_network
+    from tests.pool_helpers import ROOT
+    raw = tmp_path / "raw" / "nested"
+    raw.mkdir(parents=True)
+    for i in range(12):
+        Image.open(io.BytesIO(_png(i, size=40))).save(raw / f"{i:02d}.png")
+    torch.manual_seed(0)
+    torch.save(build_network("resnet18", 4).state_dict(), tmp_path / "w.pt")
+    (tmp_path / "names.txt").write_text("w\nx\ny\nz\n")
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "label_public_shards.py"), "--src",
+         str(tmp_path / "raw"), "--out", str(tmp_path / "out"), "--weights", str(tmp_path / "w.pt"),
+         "--architecture", "resnet18", "--classes", str(tmp_path / "names.txt"),
+         "--input-size", "32"], capture_output=True, text=True, check=True).stdout
+    info = json.loads(out.strip().splitlines()[-1])
+    assert info["images"] == 12 and info["shards"] == 1 and "predicted by resnet18 w.pt" in \
+        info["labels"]
+    src = open_streamed(f"shards:{tmp_path / 'out'}")
+    assert set(src.class_names) <= {"w", "x", "y", "z"} and len(src.class_names) == info["classes"]
+    assert src.read_rows(src.shards[0], np.arange(12), 32, 3).shape == (12, 32, 32, 3)

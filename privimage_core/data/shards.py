@@ -215,8 +215,11 @@ def _declared_classes(spec: str, root: Path, shards: list[str]) -> list[str]:
 def _check_columns(spec: str, name: str, schema: pa.Schema) -> None:
     missing = [c for c in (IMAGE_COLUMN, LABEL_COLUMN) if c not in schema.names]
     if missing:
+        unlabelled = (", or label the images by a pre-trained classifier's predictions with "
+                      "scripts/label_public_shards.py") if missing == [LABEL_COLUMN] else ""
         raise DataError(f"data.public {spec!r}: shard {name} has no column(s) {missing} (has "
-                        f"{schema.names}); write image (encoded bytes) and label (class index)")
+                        f"{schema.names}); write image (encoded bytes) and label (class "
+                        f"index){unlabelled}")
     lt = schema.field(LABEL_COLUMN).type
     if not pat.is_integer(lt):
         raise DataError(f"data.public {spec!r}: shard {name}'s label column has type {lt}; store "

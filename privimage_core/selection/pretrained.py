@@ -12,12 +12,17 @@ trained: RGB at ``input_size``, normalised as its architecture expects.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from privimage_core.errors import DataError
+from privimage_core.selection.semantic_query import predict_topk
+from privimage_core.selection.stream_query import to_model_input
 
 # architecture -> (mean, std) of its input normalisation. EfficientNet-Lite
 # was trained on inputs scaled to about [-1, 1]; torchvision's on ImageNet
@@ -124,3 +129,20 @@ class PretrainedQuery(nn.Module):
                          device=logits.device)
         # a pool label named by several classifier classes takes their best logit
         return out.scatter_reduce(1, self.pool_ids.expand(len(x), -1), logits, reduce="amax")
+
+
+def classifier_predictor(weights: str, architecture: str, classes: str, input_size: int,
+                         batch_size: int = 256) -> tuple[Callable[[np.ndarray], np.ndarray],
+                                                         list[str]]:
+    """(predict, class names) of a pre-trained classifier: ``predict`` maps
+    uint8 [N, H, W, C] images to the index of its top class; what labels
+    public data that has none (data/label_shards.py)."""
+    names = classifier_class_names(classes)
+    every = list(range(len(names)))
+    model = PretrainedQuery(load_classifier(weights, architecture, len(names)), architecture,
+                            input_size, every, every, len(names)).eval()
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        return predict_topk(model, to_model_input(images), k=1, batch_size=batch_size)[:, 0]
+
+    return predict, names
