@@ -21,7 +21,9 @@ KEYS = ("dp_step_ratio_tiny", "dp_step_ratio_small",
         "public_scale_images", "public_scale_load_average", "public_index_seconds", "public_index_images_per_second",
         "public_index_peak_rss_gb", "public_max_process_peak_rss_gb", "public_selection_seconds",
         "public_selected_read_seconds", "public_stream_images_per_second_1_worker",
-        "public_stream_images_per_second_2_workers", "public_query_train_images_per_second")
+        "public_stream_images_per_second_2_workers",
+        "public_query_train_images_per_second_1_worker",
+        "public_query_train_images_per_second_2_workers")
 
 
 def update(values: dict, append: tuple[str, ...] = (), new_series: bool = False) -> dict:

@@ -96,7 +96,9 @@ class PublicSelector:
         if q.pretrained is not None:
             self.model, metrics = pretrained_query(self.index, q, self.cfg.run.seed, workers)
         elif self.index.streamed:
-            self.model, metrics = train_query_stream(self.index, q, self.cfg.run.seed, workers)
+            self.model, metrics = train_query_stream(
+                self.index, q, self.cfg.run.seed, workers, self.workdir / "query_function_train",
+                log_level=self.cfg.ray.train_log_level)
         else:
             pool = self.index.load()
             self.model, metrics = train_semantic_query(

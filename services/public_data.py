@@ -27,7 +27,7 @@ READS_PER_TASK = 4
 SHUFFLE_BUFFER = 8192
 
 
-def _ray_data_workers(workers: int) -> int:
+def ray_data_workers(workers: int) -> int:
     """``workers``, or 0 (read in this process) when no CPU is free for a Ray
     Data task: the selector actor holds its own, and on a one-CPU node the
     stream would wait for ever."""
@@ -60,7 +60,7 @@ def index_parts(sources: list[StreamedSource], cache_dir: str,
     if not items:
         return [], {"shards": 0, "reused": 0, "rows": 0}
     dicts = [s.to_dict() for s in sources]
-    workers = _ray_data_workers(workers)
+    workers = ray_data_workers(workers)
     if workers == 0:
         results = [_index_one(it, dicts, cache_dir) for it in items]
     else:
@@ -101,23 +101,39 @@ def iter_images(index: PublicIndex, table: pa.Table, workers: int, batch_size: i
     chunks = _chunks(index, table, shuffle_seed)
     if not chunks:
         return
-    workers = _ray_data_workers(workers)
+    workers = ray_data_workers(workers)
     if workers == 0:
         yield from _iter_local(index, chunks, batch_size, shuffle_seed, drop_last)
         return
+    ds = _dataset(index, chunks, workers)
+    for b in ds.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last,
+                             **shuffle_options(shuffle_seed)):
+        yield b["image"], b["label"], b["pos"]
+
+
+def shuffle_options(seed: int | None) -> dict:
+    """``iter_batches`` arguments of a stream shuffled by ``seed`` (none for None)."""
+    return {} if seed is None else {"local_shuffle_buffer_size": SHUFFLE_BUFFER,
+                                    "local_shuffle_seed": seed}
+
+
+def _dataset(index: PublicIndex, chunks: list[dict], workers: int) -> "ray.data.Dataset":
     _data_context()
     items = [{"source": c["source"], "shard": c["shard"], "rows": c["rows"].tolist(),
               "labels": c["labels"].tolist(), "pos": c["pos"].tolist()} for c in chunks]
     blocks = -(-len(items) // READS_PER_TASK)
-    ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+    return ray.data.from_items(items, override_num_blocks=blocks).map_batches(
         _read_batch, batch_size=1, batch_format="numpy",
         compute=ray.data.TaskPoolStrategy(size=workers),
         fn_kwargs={"index_dir": str(index.directory), "manifest": index.manifest})
-    shuffle = {} if shuffle_seed is None else {"local_shuffle_buffer_size": SHUFFLE_BUFFER,
-                                               "local_shuffle_seed": shuffle_seed}
-    for b in ds.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last,
-                             **shuffle):
-        yield b["image"], b["label"], b["pos"]
+
+
+def stream_dataset(index: PublicIndex, table: pa.Table, workers: int,
+                   shuffle_seed: int | None = None) -> "ray.data.Dataset":
+    """The Ray Data dataset of ``table``'s rows (columns image, label, pos)
+    read by ``workers`` tasks, its reads in the order ``shuffle_seed`` draws:
+    what Ray Train's workers stream (services/public_query.py)."""
+    return _dataset(index, _chunks(index, table, shuffle_seed), workers)
 
 
 def _iter_local(index: PublicIndex, chunks: list[dict], batch_size: int,

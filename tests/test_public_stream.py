@@ -58,11 +58,13 @@ def test_the_stream_reads_each_row_once_and_a_seed_fixes_its_order(index):
     assert seen[5][0] != seen[6][0] and seen[5][0] != seen[None][0]  # control
 
 
-def test_query_function_from_the_stream_beats_chance(index):
+def test_query_function_from_the_stream_beats_chance(index, tmp_path):
     torch.set_num_threads(1)
     q = SemanticQueryConfig(width=8, epochs=2, batch_size=64, lr=3e-3, val_fraction=0.1)
-    model, metrics = train_query_stream(index, q, seed=0, workers=1)
+    model, metrics = train_query_stream(index, q, seed=0, workers=1, storage=tmp_path)
+    assert metrics["train_workers"] == 0  # Ray Train's local mode, fed by Ray Data
     assert metrics["train_steps"] == 2 * (2700 // 64) and metrics["train_images_per_second"] > 0
+    assert not any(tmp_path.iterdir())  # Ray Train's run is removed once the model is back
     assert metrics["public_val_accuracy"] > 0.25, metrics  # chance: 0.1
     # control: the same network untrained scores about chance on the same rows
     val = index.load(index.table.take(np.arange(0, 3000, 10)))
@@ -70,6 +72,22 @@ def test_query_function_from_the_stream_beats_chance(index):
     acc0 = (predict_topk(untrained, to_model_input(val.images), 1)[:, 0] == val.labels).mean()
     acc1 = (predict_topk(model, to_model_input(val.images), 1)[:, 0] == val.labels).mean()
     assert acc0 < 0.25 < acc1
+
+
+def test_two_ray_train_workers_share_the_stream_data_parallel(index, tmp_path, monkeypatch):
+    q = SemanticQueryConfig(width=8, epochs=2, batch_size=64, lr=3e-3, val_fraction=0.1,
+                            train_workers=2)
+    model, metrics = train_query_stream(index, q, seed=0, workers=1, storage=tmp_path)
+    # each worker a batch of 32 from its half: the same global batch and steps
+    assert metrics["train_workers"] == 2 and metrics["train_steps"] == 2 * (2700 // 64)
+    assert metrics["train_images"] == 2 * 2 * (2700 // 64) * 32
+    assert metrics["public_val_accuracy"] > 0.25, metrics  # chance: 0.1
+    # control: without a CPU for the workers and a read task, local mode
+    import ray
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 1.5})
+    q.max_images_per_epoch, q.epochs = 256, 1
+    assert train_query_stream(index, q, seed=0, workers=1, storage=tmp_path,
+                              log=lambda s: None)[1]["train_workers"] == 0
 
 
 def test_pdp_whole_pool_pretraining_reads_a_seeded_subsample(pool, tmp_path):
@@ -151,7 +169,7 @@ def test_without_a_free_cpu_the_stream_reads_in_process(index, monkeypatch):
 
     from services import public_data
     monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 0.0})
-    assert public_data._ray_data_workers(2) == 0
+    assert public_data.ray_data_workers(2) == 0
     monkeypatch.setattr(public_data.ray.data, "from_items", None)  # fails if Ray Data is used
     sel = index.select([3]).sort_by("id")
     assert np.array_equal(public_data.read_images(index, sel, 2), index.load(sel).images)

@@ -120,6 +120,14 @@ class SemanticQueryConfig:
     # (it has a shards: or folder: source), a fresh seeded draw each epoch;
     # null: every image.
     max_images_per_epoch: int | None = None
+    # Ray Train workers that train small_resnet from the stream of a
+    # shards: or folder: pool (Ray Data into Ray Train; data-parallel from
+    # 2 on, each streaming its share); 0: Ray Train's local mode, in the
+    # selector's own process.
+    train_workers: int = 0
+    # CPUs each of those workers reserves; the stream's read tasks need one
+    # more free CPU, else training falls back to local mode.
+    cpus_per_train_worker: float = 0.5
     # One of QUERY_ARCHITECTURES.
     architecture: str = "small_resnet"
     # A local weights file (state dict) of a pre-trained `architecture`,
@@ -142,6 +150,12 @@ class SemanticQueryConfig:
         _require(self.max_images_per_epoch is None or self.max_images_per_epoch >= 1,
                  "semantic_query.max_images_per_epoch must be >= 1 or null, got "
                  f"{self.max_images_per_epoch}")
+        _require(self.train_workers >= 0,
+                 f"semantic_query.train_workers must be >= 0 (0 = local mode), got "
+                 f"{self.train_workers}")
+        _require(self.cpus_per_train_worker > 0,
+                 "semantic_query.cpus_per_train_worker must be > 0 (Ray rejects 0 CPUs), got "
+                 f"{self.cpus_per_train_worker}")
         _require(self.architecture in QUERY_ARCHITECTURES,
                  f"semantic_query.architecture must be one of {', '.join(QUERY_ARCHITECTURES)}, "
                  f"got '{self.architecture}'")

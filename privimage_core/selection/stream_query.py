@@ -11,6 +11,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from privimage_core.data.imageset import writable_tensor
 from privimage_core.selection.semantic_query import SmallResNet, _augment, predict_topk
@@ -26,14 +27,18 @@ def train_semantic_query_stream(
         steps_per_epoch: int, num_classes: int, channels: int,
         val: tuple[np.ndarray, np.ndarray] | None = None, width: int = 32, epochs: int = 2,
         lr: float = 2e-3, seed: int = 0, device: str = "cpu",
-        log=None) -> tuple[SmallResNet, dict]:
+        log=None, wrap: Callable[[nn.Module], nn.Module] | None = None
+        ) -> tuple[SmallResNet, dict]:
     """Train on ``epoch_batches(epoch)`` (uint8 NHWC images, int labels),
     at most ``steps_per_epoch`` batches an epoch; returns the model and
     public-only metrics (accuracy on the held-out public ``val`` rows, which
-    the stream must not contain, and the training throughput)."""
+    the stream must not contain, and the training throughput). ``wrap``
+    makes the network data-parallel (each worker then streams its own
+    share); the model returned is the network itself."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = SmallResNet(num_classes, channels, width).to(device)
+    net = SmallResNet(num_classes, channels, width).to(device)
+    model = wrap(net) if wrap else net
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps_per_epoch = max(1, steps_per_epoch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
@@ -57,13 +62,18 @@ def train_semantic_query_stream(
         steps += done
         if log and done:
             log(f"semantic query: epoch {ep + 1}/{epochs} loss {loss.item():.3f}")
-    model.eval()
+    net.eval()
     seconds = time.time() - t0
     metrics = {"train_seconds": seconds, "train_images": seen, "train_steps": steps,
                "train_images_per_second": seen / seconds if seconds > 0 else 0.0}
     if val is not None and len(val[1]):
-        # small batches: the held-out images' activations stay small at any pool size
-        pred = predict_topk(model, to_model_input(val[0]), k=1, batch_size=128,
-                            device=device)[:, 0]
-        metrics["public_val_accuracy"] = float((pred == np.asarray(val[1])).mean())
-    return model, metrics
+        metrics["public_val_accuracy"] = val_accuracy(net, val, device)
+    return net, metrics
+
+
+def val_accuracy(model: nn.Module, val: tuple[np.ndarray, np.ndarray],
+                 device: str = "cpu") -> float:
+    """Top-1 accuracy on held-out public (uint8 NHWC images, labels)."""
+    # small batches: the held-out images' activations stay small at any pool size
+    pred = predict_topk(model, to_model_input(val[0]), k=1, batch_size=128, device=device)[:, 0]
+    return float((pred == np.asarray(val[1])).mean())
