@@ -20,7 +20,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from privimage_core.config import from_dict, resolve_k
 from privimage_core.data.imageset import ImageSet
-from privimage_core.data.sources import build_public_pool
+from privimage_core.data.shards import open_streamed
+from privimage_core.data.sources import build_public_pool, check_prefixes
+from privimage_core.data.specs import is_streamed
+from privimage_core.errors import ConfigError
 from privimage_core.evaluation.canary_audit import CanaryAuditInput, CanarySet
 from privimage_core.evaluation.report import render_html
 from privimage_core.evaluation.semantic_similarity import selection_sds
@@ -36,6 +39,8 @@ from privimage_core.synthesize import generate, write_dataset
 from services.metrics import PipelineMetrics
 from services.process_setup import configure_torch
 from services.progress import ProgressPoster
+from services.public_data import index_parts, read_images
+from services.public_query import pretrained_query, train_query_stream
 
 
 class PublicSelector:
@@ -51,27 +56,54 @@ class PublicSelector:
         self.pm = PipelineMetrics(metrics_run_id) if metrics_run_id else None
 
     def build_index(self) -> dict:
+        """Index the public pool: sources small enough are loaded in memory
+        (build_public_pool); shards:/folder: sources are indexed shard by
+        shard from their labels (services/public_data.py), never read whole."""
         c = self.cfg.data
         t0 = time.time()
+        check_prefixes(c.public)
+        memory = [s for s in c.public if not is_streamed(s)]
         glyph_opts = {"max_fonts": c.glyph_max_fonts, "per_font": c.glyph_copies_per_font}
-        pool = build_public_pool(c.public, image_size=c.image_size, channels=c.channels,
+        pool = build_public_pool(memory, image_size=c.image_size, channels=c.channels,
                                  max_per_class=c.public_max_per_class, seed=self.cfg.run.seed,
-                                 glyph_opts=glyph_opts)
-        self.index = PublicIndex.build(pool, self.workdir / "public_index")
+                                 glyph_opts=glyph_opts) if memory else None
+        streamed, parts = [open_streamed(s) for s in c.public if is_streamed(s)], {}
+        if streamed:
+            streamed, parts = index_parts(streamed, str(self._parts_dir()), c.public_read_workers)
+        self.index = PublicIndex.build_sources(
+            pool, streamed, self.workdir / "public_index", self._parts_dir(),
+            (c.image_size, c.image_size, c.channels), c.public_max_per_class, self.cfg.run.seed)
+        del pool
         counts = self.index.counts_per_label()
         if self.pm:
             self.pm.public_images(self.index.num_rows)
         return {"num_public_images": int(self.index.num_rows),
                 "num_public_labels": len(self.index.label_names),
                 "label_names": list(self.index.label_names),
-                "public_counts": counts.tolist(), "seconds": time.time() - t0}
+                "public_counts": counts.tolist(), "seconds": time.time() - t0,
+                "index_shards": parts.get("shards", 0), "index_shards_reused": parts.get("reused", 0)}
+
+    def _parts_dir(self) -> Path:
+        """Cached per-shard index parts: shared by the runs of an output
+        directory (public, budget-free) unless run.cache_public is off."""
+        if self.cfg.run.cache_public:
+            return Path(self.cfg.run.output_dir).resolve() / "cache" / "public-index-parts"
+        return self.workdir / "public_index_parts"
 
     def train_query_function(self) -> dict:
         q = self.cfg.semantic_query
-        pool = self.index.load()
-        self.model, metrics = train_semantic_query(
-            pool, width=q.width, epochs=q.epochs, batch_size=q.batch_size, lr=q.lr,
-            val_fraction=q.val_fraction, seed=self.cfg.run.seed)
+        workers = self.cfg.data.public_read_workers
+        if q.pretrained is not None:
+            self.model, metrics = pretrained_query(self.index, q, self.cfg.run.seed, workers)
+        elif self.index.streamed:
+            self.model, metrics = train_query_stream(
+                self.index, q, self.cfg.run.seed, workers, self.workdir / "query_function_train",
+                log_level=self.cfg.ray.train_log_level)
+        else:
+            pool = self.index.load()
+            self.model, metrics = train_semantic_query(
+                pool, width=q.width, epochs=q.epochs, batch_size=q.batch_size, lr=q.lr,
+                val_fraction=q.val_fraction, seed=self.cfg.run.seed)
         torch.save(self.model.state_dict(), self.workdir / "semantic_query.pt")
         return metrics
 
@@ -82,6 +114,11 @@ class PublicSelector:
         images, labels = sensitive
         ledger = PrivacyLedger.from_state_dict(ledger_state)
         k1, k2 = resolve_k(self.cfg, len(self.index.label_names), num_classes)
+        known = getattr(self.model, "num_known_labels", k1)
+        if k1 > known:
+            raise ConfigError(f"selection.k1={k1} exceeds the {known} public labels the "
+                              "pre-trained classifier knows (semantic_query.pretrained_classes); "
+                              "lower selection.k1 or selection.selection_ratio")
         x = ImageSet(images, labels, [str(i) for i in range(num_classes)]).to_tensor()
         topk = predict_topk(self.model, x, k=k1)
         dist = query_semantic_distribution(topk, labels, len(self.index.label_names), num_classes,
@@ -100,23 +137,41 @@ class PublicSelector:
         out["sds_seconds"] = time.time() - t0
         return out
 
+    def _images(self, table) -> tuple[np.ndarray, np.ndarray]:
+        """(images, public labels) of an index table's rows, in id order: read
+        from the shards of a streamed pool, from memory otherwise."""
+        table = table.sort_by("id")
+        if not self.index.streamed:
+            ds = self.index.load(table)
+            return ds.images, ds.labels
+        images = read_images(self.index, table, self.cfg.data.public_read_workers)
+        return images, table.column("label").to_numpy().astype(np.int64)
+
     def pool_images(self, num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """Every public image, with a sensitive class id drawn uniformly from
-        ``seed`` (public): PDP-Diffusion's pre-training on the whole pool."""
-        pool = self.index.load()
-        labels = np.random.default_rng(seed).integers(0, num_classes, len(pool.labels))
+        """The public pool, with a sensitive class id drawn uniformly from
+        ``seed`` (public) per image: PDP-Diffusion's pre-training on the
+        whole pool; beyond data.public_pool_pretrain_max images, a uniform
+        subsample of that size drawn from the same public seed."""
+        table = self.index.table
+        cap = self.cfg.data.public_pool_pretrain_max
+        if cap is not None and table.num_rows > cap:
+            rows = np.random.default_rng([seed, 0x9D]).choice(table.num_rows, cap, replace=False)
+            table = table.take(np.sort(rows))
+        images, _ = self._images(table)
+        labels = np.random.default_rng(seed).integers(0, num_classes, len(images))
         if self.pm:  # the images pre-training uses: here the whole pool
             self.pm.selected(len(labels))
-        return pool.images, labels.astype(np.int64)
+        return images, labels.astype(np.int64)
 
     def selected_images(self, selection: dict[int, list[int]]) -> tuple[np.ndarray, np.ndarray]:
-        """Public images whose labels were selected, relabelled to the sensitive class."""
+        """Public images whose labels were selected, relabelled to the sensitive
+        class: a filter over the index, then only those rows are read."""
         ids = sorted(p for ps in selection.values() for p in ps)
-        pool = self.index.load(self.index.select(ids))
-        idx, new_labels = relabel_selection(pool.labels, selection)
+        images, public_labels = self._images(self.index.select(ids))
+        idx, new_labels = relabel_selection(public_labels, selection)
         if self.pm:
             self.pm.selected(len(new_labels))
-        return pool.images[idx], new_labels
+        return images[idx], new_labels
 
 
 @ray.remote(num_cpus=1)

@@ -69,6 +69,15 @@ class DataConfig:
     sensitive_max: int | None = None
     glyph_max_fonts: int | None = None
     glyph_copies_per_font: int = 2
+    # Ray Data read tasks that stream a shards: or folder: public source
+    # (indexing, the query function's training, reading pre-training
+    # images); 0: read in the selector's own process, without Ray Data.
+    public_read_workers: int = 1
+    # PDP-Diffusion's whole-pool pre-training (and the fallback to it) draws
+    # at most this many public images, uniformly and seeded by run.seed (a
+    # public seed), as pre-training sees pretrain.steps x batch_size images
+    # anyway; null: every image of the pool, held in memory.
+    public_pool_pretrain_max: int | None = 100000
 
     def validate(self) -> None:
         _require(self.channels in IMAGE_CHANNELS,
@@ -78,10 +87,25 @@ class DataConfig:
         _require(len(self.public) > 0,
                  "data.public must name at least one public source, e.g. [glyphs]")
         _require(self.sensitive_max is None, SENSITIVE_MAX_REFUSED)
+        _require(self.public_read_workers >= 0,
+                 f"data.public_read_workers must be >= 0 (0 = no Ray Data), got "
+                 f"{self.public_read_workers}")
+        _require(self.public_pool_pretrain_max is None or self.public_pool_pretrain_max >= 1,
+                 f"data.public_pool_pretrain_max must be >= 1 or null, got "
+                 f"{self.public_pool_pretrain_max}")
         if self.class_names is not None:
             _require(len(self.class_names) > 0 and all(n.strip() for n in self.class_names)
                      and len(set(self.class_names)) == len(self.class_names),
                      "data.class_names must list distinct, non-empty class names, or be null")
+
+
+# The query function's network: small_resnet is trained on the public pool
+# (selection/semantic_query.py); the others are classifiers pre-trained
+# elsewhere on public data, loaded from semantic_query.pretrained
+# (selection/pretrained.py; efficientnet_lite0 needs the package
+# efficientnet-lite-pytorch, the others torchvision).
+QUERY_ARCHITECTURES = ("small_resnet", "efficientnet_lite0", "resnet18", "resnet50",
+                       "mobilenet_v3_small", "efficientnet_b0")
 
 
 @dataclass
@@ -92,6 +116,30 @@ class SemanticQueryConfig:
     batch_size: int = 128
     lr: float = 3e-3
     val_fraction: float = 0.1
+    # At most this many public images an epoch when the pool is streamed
+    # (it has a shards: or folder: source), a fresh seeded draw each epoch;
+    # null: every image.
+    max_images_per_epoch: int | None = None
+    # Ray Train workers that train small_resnet from the stream of a
+    # shards: or folder: pool (Ray Data into Ray Train; data-parallel from
+    # 2 on, each streaming its share); 0: Ray Train's local mode, in the
+    # selector's own process.
+    train_workers: int = 0
+    # CPUs each of those workers reserves; the stream's read tasks need one
+    # more free CPU, else training falls back to local mode.
+    cpus_per_train_worker: float = 0.5
+    # One of QUERY_ARCHITECTURES.
+    architecture: str = "small_resnet"
+    # A local weights file (state dict) of a pre-trained `architecture`,
+    # used instead of training one; null: train small_resnet. Never
+    # downloaded.
+    pretrained: str | None = None
+    # The pre-trained classifier's class names: imagenet (the 1,000
+    # ImageNet-1k names torchvision ships) or a text file, line i naming
+    # output i. A public label <source>/<name> is its class <name>.
+    pretrained_classes: str | None = None
+    # The pre-trained classifier sees images resized to this size, in RGB.
+    pretrained_input_size: int = 224
 
     def validate(self) -> None:
         _require(self.width >= 1 and self.epochs >= 1 and self.batch_size >= 1,
@@ -99,6 +147,29 @@ class SemanticQueryConfig:
         _require(self.lr > 0, f"semantic_query.lr must be > 0, got {self.lr}")
         _require(0 <= self.val_fraction < 1,
                  f"semantic_query.val_fraction must be in [0, 1), got {self.val_fraction}")
+        _require(self.max_images_per_epoch is None or self.max_images_per_epoch >= 1,
+                 "semantic_query.max_images_per_epoch must be >= 1 or null, got "
+                 f"{self.max_images_per_epoch}")
+        _require(self.train_workers >= 0,
+                 f"semantic_query.train_workers must be >= 0 (0 = local mode), got "
+                 f"{self.train_workers}")
+        _require(self.cpus_per_train_worker > 0,
+                 "semantic_query.cpus_per_train_worker must be > 0 (Ray rejects 0 CPUs), got "
+                 f"{self.cpus_per_train_worker}")
+        _require(self.architecture in QUERY_ARCHITECTURES,
+                 f"semantic_query.architecture must be one of {', '.join(QUERY_ARCHITECTURES)}, "
+                 f"got '{self.architecture}'")
+        pre = self.architecture != "small_resnet"
+        _require(pre == (self.pretrained is not None),
+                 "semantic_query.pretrained (a local weights file) goes with a pre-trained "
+                 "semantic_query.architecture, and small_resnet with pretrained: null; set both "
+                 "or neither")
+        _require(not pre or self.pretrained_classes is not None,
+                 "semantic_query.pretrained_classes must name the classifier's classes "
+                 "(imagenet or a file, one name per line) when semantic_query.pretrained is set")
+        _require(16 <= self.pretrained_input_size <= 1024,
+                 f"semantic_query.pretrained_input_size must be in [16, 1024], got "
+                 f"{self.pretrained_input_size}")
 
 
 # What to pre-train on when some classes' selections cannot be told from

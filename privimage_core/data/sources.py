@@ -1,7 +1,9 @@
 """Named data sources and the concatenated public pool.
 
 A source spec is a string from the config: "mnist", "fashion_mnist",
-"glyphs", "folder:<path>" or "parquet:<path>".
+"glyphs", "folder:<path>" or "parquet:<path>"; the public pool also takes
+"shards:<dir>", which data/shards.py reads shard by shard (as it does a
+public folder:), never through this module.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from privimage_core.data.glyphs import render_glyphs
 from privimage_core.data.idx import load_fashion_mnist, load_mnist
 from privimage_core.data.imageset import ImageSet
 from privimage_core.data.provenance import lineage
-from privimage_core.data.specs import parse_or_raise, same_dataset, source_prefix
+from privimage_core.data.shards import open_streamed
+from privimage_core.data.specs import is_streamed, parse_or_raise, same_dataset, source_prefix
 from privimage_core.errors import DataError
 
 _GLYPH_OPTS = {"chars", "max_fonts", "per_font", "augment", "cache_dir", "fonts", "font_dirs"}
@@ -84,6 +87,10 @@ def load_source(spec: str, split: str = "train", image_size: int = 28, channels:
     built-in sources have fixed ones, which it may only repeat.
     """
     kind, arg = parse_or_raise(spec)
+    if kind == "shards":
+        raise DataError(f"{spec}: shards:<dir> is a data.public source, read shard by shard "
+                        "(data/shards.py); list it in data.public, or use parquet:<dir> to load "
+                        "a directory of Parquet files whole")
     if channels not in (1, 3):
         raise DataError(f"{spec}: channels={channels}; set channels to 1 (grayscale) or 3 (RGB)")
     if kind == "glyphs":
@@ -132,6 +139,11 @@ def build_public_pool(specs: Sequence[str], image_size: int, channels: int,
                     {"source": np.concatenate(sources), "sources": prefixes})
 
 
+def check_prefixes(specs: Sequence[str]) -> list[str]:
+    """Each public source's class namespace; refused when two share one."""
+    return _distinct_prefixes(specs)
+
+
 def _distinct_prefixes(specs: Sequence[str]) -> list[str]:
     """Each source's class namespace; refused when two sources share one."""
     prefixes = [source_prefix(s) for s in specs]
@@ -164,6 +176,8 @@ def check_public_specs(specs: Sequence[str], sensitive: str) -> None:
             raise DataError(f"data.public lists {spec!r}, which the sensitive dataset was drawn "
                             "from (see its provenance); public pre-training data must not "
                             "contain the sensitive data: remove it")
+        if is_streamed(spec):
+            open_streamed(spec)  # the shard layout, from names and schemas only
     _distinct_prefixes(specs)
 
 

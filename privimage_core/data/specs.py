@@ -1,6 +1,6 @@
 """Source specs: the strings that name a dataset in the config ("mnist",
-"fashion_mnist", "glyphs", "folder:<path>", "parquet:<path>"), parsed and
-compared without reading any data."""
+"fashion_mnist", "glyphs", "folder:<path>", "parquet:<path>", and for the
+public pool "shards:<dir>"), parsed and compared without reading any data."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +8,11 @@ from pathlib import Path
 from privimage_core.errors import DataError
 
 BUILTIN_PREFIX = {"glyphs": "glyph", "fashion_mnist": "fmnist", "mnist": "mnist"}
-SPEC_HELP = "use mnist, fashion_mnist, glyphs, folder:<path> or parquet:<path>"
+SPEC_HELP = ("use mnist, fashion_mnist, glyphs, folder:<path>, parquet:<path> or (public "
+             "data only) shards:<dir>")
+# Kinds of the public pool read shard by shard, never whole (data/shards.py):
+# a directory of Parquet shards, and an ImageFolder (one shard per class).
+STREAMED_KINDS = ("shards", "folder")
 
 
 def parse_spec(spec: str) -> tuple[str, str | None] | None:
@@ -17,7 +21,7 @@ def parse_spec(spec: str) -> tuple[str, str | None] | None:
     kind, _, arg = spec.strip().partition(":")
     if kind in BUILTIN_PREFIX and not arg:
         return kind, None
-    if kind in ("folder", "parquet") and arg:
+    if kind in ("folder", "parquet", "shards") and arg:
         return kind, arg
     return None
 
@@ -60,3 +64,8 @@ def same_dataset(a: str, b: str) -> bool:
 def same_user_dataset(a: str, b: str) -> bool:
     """True when two split-less specs (see is_user_source) share files."""
     return is_user_source(a) and is_user_source(b) and same_dataset(a, b)
+
+
+def is_streamed(spec: str) -> bool:
+    """A public source indexed and read shard by shard (STREAMED_KINDS)."""
+    return parse_or_raise(spec)[0] in STREAMED_KINDS

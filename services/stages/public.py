@@ -20,8 +20,13 @@ def _selector(ctx: RunContext):
 def public_index(ctx: RunContext, stage: Stage) -> dict:
     info = ray.get(_selector(ctx).build_index.remote())
     ctx.values["public_names"] = info["label_names"]
+    if info["index_shards"]:
+        ctx.log(f"[privimage] public index: {info['num_public_images']} images; "
+                f"{info['index_shards']} shards indexed, {info['index_shards_reused']} of them "
+                "reused from the cache")
     return {"num_public_images": info["num_public_images"],
-            "num_public_labels": info["num_public_labels"]}
+            "num_public_labels": info["num_public_labels"],
+            "index_shards_reused": info["index_shards_reused"]}
 
 
 def query_function(ctx: RunContext, stage: Stage) -> dict:
@@ -30,8 +35,10 @@ def query_function(ctx: RunContext, stage: Stage) -> dict:
         return {}  # the selection it served is saved: no need to train it again
     qm = ray.get(_selector(ctx).train_query_function.remote())
     acc = qm.get("public_val_accuracy", float("nan"))
-    ctx.log(f"[privimage] semantic query function: public val accuracy {acc:.3f}")
-    return {"public_val_accuracy": acc}
+    rate = qm.get("train_images_per_second")
+    ctx.log(f"[privimage] semantic query function: public val accuracy {acc:.3f}" +
+            (f" (trained from the stream at {rate:.0f} images/s)" if rate else ""))
+    return {"public_val_accuracy": acc, **({"train_images_per_second": rate} if rate else {})}
 
 
 def semantic_query(ctx: RunContext, stage: Stage) -> dict:
@@ -149,7 +156,10 @@ def pretrain_images(ctx: RunContext, stage: Stage) -> tuple[np.ndarray, np.ndarr
     sensitive class ids: the selection relabelled (PrivImage), or the whole
     pool (PDP-Diffusion) with class ids drawn uniformly from a public seed,
     so the class embedding carries no public semantics and DP fine-tuning
-    teaches it the sensitive classes."""
+    teaches it the sensitive classes. Only those images are read: the
+    selection's rows from their shards, and of a pool larger than
+    data.public_pool_pretrain_max a uniform subsample from the public seed
+    (services/actors.py PublicSelector.pool_images)."""
     sel = _selector(ctx)
     if pretrain_data(ctx, stage) == "selection":
         images, labels = ray.get(sel.selected_images.remote(ctx.values["selection"]))
