@@ -34,6 +34,8 @@ def test_defaults_validate_and_flatten():
     ({"ray": {"use_gpu": True, "num_workers": 2, "gpus_per_worker": 0.5}},
      "NCCL refuses two ranks on one GPU; set ray.gpus_per_worker: 1"),
     ({"ray": {"sampling_workers": 0}}, "ray.sampling_workers must be >= 1"),
+    ({"ray": {"use_gpu": True}, "evaluation": {"inception_backend": "openvino"}},
+     "evaluation.inception_backend is openvino .CPU only. but ray.use_gpu"),
     ({"ray": {"train_log_level": "LOUD"}}, "ray.train_log_level must be one of DEBUG, INFO"),
     ({"evaluation": {"inception_backend": "tensorrt"}},
      "evaluation.inception_backend must be one of auto, torch, openvino"),
