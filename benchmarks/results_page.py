@@ -72,6 +72,9 @@ ROWS = (
     (("dp_step_ratio_tiny_k4", "dp_step_ratio_small_k4"),
      "The same with noise multiplicity K = 4, against a non-private step on the same rows "
      "(`tiny` / `small`)", _ratio),
+    (("gpu_dp_step_ratio",),
+     "Cost of a DP-SGD step (ghost clipping, `tiny` preset) against a non-private step on one "
+     "GPU (`benchmarks/bench_gpu.py`)", _ratio),
 )
 
 
