@@ -147,12 +147,20 @@ class Evaluator:
         configure_torch(self.cfg)
         self.workdir = Path(workdir)
         self.pm = PipelineMetrics(metrics_run_id) if metrics_run_id else None
-        # chosen once: the one-line error comes before any work when
-        # ray.use_gpu is set and this actor sees no GPU
-        self.device = resolve_device(self.cfg.ray.use_gpu)
+        self._device = None
         self.synthetic: ImageSet | None = None
         self.family = self.release = self.manifest = None
         self.provenance: dict = {}
+
+    @property
+    def device(self):
+        """Chosen once, on the first call (before any work): the one-line error
+        when ray.use_gpu is set and this actor sees no GPU is then a method's
+        error, which reaches the driver as such (an actor's constructor error
+        arrives as a dead actor)."""
+        if self._device is None:
+            self._device = resolve_device(self.cfg.ray.use_gpu)
+        return self._device
 
     def synthesize(self, state: bytes, manifest: dict, provenance: dict,
                    progress_board: str | None = None, shards: list | None = None) -> dict:
@@ -163,7 +171,9 @@ class Evaluator:
         order, joined instead of sampling here."""
         c = self.cfg
         t0 = time.time()
-        fam, man, release = load_release_module(state, manifest, self.device)
+        # with shards the release only serves the audits, on the CPU
+        fam, man, release = load_release_module(
+            state, manifest, self.device if shards is None else torch.device("cpu"))
         if shards is None:
             ds = generate(fam, release, c.sampling.num_images, man.class_names,
                           c.sampling.num_steps, c.sampling.solver, seed=c.run.seed,

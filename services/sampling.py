@@ -49,9 +49,9 @@ def sample_range(cfg: Config, state: bytes, manifest: dict, start: int, stop: in
                     progress=progress, start=start, stop=stop).images
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, num_returns=2)
 def _sample_task(cfg_dict: dict, state: bytes, manifest: dict, start: int, stop: int,
-                 progress_board: str | None) -> np.ndarray:
+                 progress_board: str | None) -> tuple[int, np.ndarray]:
     cfg = from_dict(cfg_dict)
     configure_torch(cfg)
     post = ProgressPoster(progress_board)
@@ -60,19 +60,28 @@ def _sample_task(cfg_dict: dict, state: bytes, manifest: dict, start: int, stop:
     # shards differ by at most one image), drawn on the driver's one line.
     tick = None if progress_board is None else (
         lambda done, total: post(done * n // max(1, total), n))
-    return sample_range(cfg, state, manifest, start, stop, tick)
+    images = sample_range(cfg, state, manifest, start, stop, tick)
+    return len(images), images
 
 
 def sample_sharded(cfg: Config, state_ref, manifest: dict,
                    progress_board: str | None = None) -> list:
-    """One ObjectRef per shard (uint8 images, in image order) for the run's
-    ``ray.sampling_workers`` tasks; ``state_ref``: ray.put(state_bytes(...)).
-    Scheduled outside any Tune trial's placement group (actors.outside_trial)."""
+    """Run the ``ray.sampling_workers`` tasks to the end and return one
+    ObjectRef per shard (uint8 images, in image order), left in the object
+    store for the evaluator; ``state_ref``: ray.put(state_bytes(...)). A
+    failed shard raises its error here, on the caller, like any other
+    stage's. Scheduled outside any Tune trial's placement group
+    (actors.outside_trial)."""
     r = cfg.ray
     task = _sample_task.options(
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
         **r.gpu_options())
     d = cfg.to_dict()
-    return [task.remote(d, state_ref, manifest, a, b, progress_board if k == 0 else None)
-            for k, (a, b) in enumerate(shard_ranges(cfg.sampling.num_images,
-                                                    r.sampling_workers))]
+    ranges = shard_ranges(cfg.sampling.num_images, r.sampling_workers)
+    counts, shards = zip(*(task.remote(d, state_ref, manifest, a, b,
+                                       progress_board if k == 0 else None)
+                           for k, (a, b) in enumerate(ranges))) if ranges else ((), ())
+    got = ray.get(list(counts))  # the image counts only: the images stay in the store
+    if got != [b - a for a, b in ranges]:
+        raise RuntimeError(f"sampling shards returned {got} images for the ranges {ranges}")
+    return list(shards)

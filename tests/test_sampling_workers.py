@@ -50,7 +50,7 @@ def test_two_sampling_workers_give_the_images_of_one(tmp_path, ray_local):
     one = Evaluator(d, str(tmp_path / "one"))
     one.synthesize(state, man, {})
     d2, _, _ = _release(tmp_path, workers=2)
-    refs = sample_sharded(from_dict(d2), ray_local.put(state), man)
+    refs = sample_sharded(from_dict(d2), ray_local.put(state), man)  # all finished
     assert len(refs) == 2
     two = Evaluator(d2, str(tmp_path / "two"))
     two.synthesize(state, man, {}, shards=refs)
@@ -60,6 +60,13 @@ def test_two_sampling_workers_give_the_images_of_one(tmp_path, ray_local):
     swapped = Evaluator(d2, str(tmp_path / "swapped"))
     swapped.synthesize(state, man, {}, shards=refs[::-1])
     assert not np.array_equal(swapped.synthetic.images, one.synthetic.images)
+
+
+@pytest.mark.ray
+def test_a_failed_shard_raises_on_the_caller(tmp_path, ray_local):
+    d, state, man = _release(tmp_path, workers=2)
+    with pytest.raises(KeyError, match="unknown model family 'nope'"):
+        sample_sharded(from_dict(d), ray_local.put(state), {**man, "family": "nope"})
 
 
 def test_the_gpu_share_reaches_train_workers_and_every_gpu_actor():
@@ -74,9 +81,9 @@ def test_the_gpu_share_reaches_train_workers_and_every_gpu_actor():
 
 def test_evaluator_without_a_visible_gpu_stops_at_once(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    d, _, _ = _release(tmp_path, use_gpu=True)
+    d, state, man = _release(tmp_path, use_gpu=True)
     with pytest.raises(ConfigError, match="ray.use_gpu is true but this worker sees no CUDA"):
-        Evaluator(d, str(tmp_path))
+        Evaluator(d, str(tmp_path)).synthesize(state, man, {})
     assert Evaluator(_release(tmp_path)[0], str(tmp_path)).device == torch.device("cpu")
 
 

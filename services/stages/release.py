@@ -37,9 +37,7 @@ def _sample_shards(ctx: RunContext, state: bytes, manifest: dict, board: str) ->
     if ctx.cfg.ray.sampling_workers < 2:
         return None
     ctx.kill_actors("evaluator")  # holds no state before synthesis
-    shards = sample_sharded(ctx.cfg, ray.put(state), manifest, board)
-    ray.wait(shards, num_returns=len(shards), fetch_local=False)  # the evaluator fetches them
-    return shards
+    return sample_sharded(ctx.cfg, ray.put(state), manifest, board)
 
 
 def synthesize(ctx: RunContext, stage: Stage) -> dict:
