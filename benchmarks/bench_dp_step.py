@@ -32,12 +32,16 @@ from machine import cpu_name, git_commit
 from summary_json import update
 
 
-def time_steps(step, repeats: int) -> float:
+def time_steps(step, repeats: int, device: str = "cpu") -> float:
+    # CUDA kernels run asynchronously: wait for them before reading the clock
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     step()  # warm-up
+    sync()
     ts = []
     for _ in range(repeats):
         t = time.perf_counter()
         step()
+        sync()
         ts.append(time.perf_counter() - t)
     return statistics.median(ts)
 
@@ -48,8 +52,8 @@ def chunks(x, y, physical: int):
 
 def bench_plain(preset: str, x, y, physical: int, repeats: int, k: int = 1) -> float:
     """Non-private step; ``k`` noise draws per image (B * k rows, the same
-    rows a DP step with noise multiplicity k computes)."""
-    model = EDMPrecond(build_unet(preset, 28, 1, 10))
+    rows a DP step with noise multiplicity k computes), on x's device."""
+    model = EDMPrecond(build_unet(preset, 28, 1, 10)).to(x.device)
     opt = torch.optim.Adam(model.parameters(), 1e-3)
     obj = EDMObjective()
 
@@ -59,11 +63,11 @@ def bench_plain(preset: str, x, y, physical: int, repeats: int, k: int = 1) -> f
             (obj.loss(model, xb, yb, obj.draw(xb, k)).sum() / len(x)).backward()
         opt.step()
 
-    return time_steps(step, repeats)
+    return time_steps(step, repeats, str(x.device))
 
 
 def bench_private(preset: str, x, y, physical: int, repeats: int, mode: str, k: int) -> float:
-    model = EDMPrecond(build_unet(preset, 28, 1, 10))
+    model = EDMPrecond(build_unet(preset, 28, 1, 10)).to(x.device)
     dp = make_private(model, torch.optim.Adam(model.parameters(), 1e-3), x, y,
                       batch_size=len(x), noise_multiplier=1.0, max_grad_norm=1.0,
                       ledger=PrivacyLedger(1e9, 1e-5), grad_sample_mode=mode)
@@ -77,7 +81,7 @@ def bench_private(preset: str, x, y, physical: int, repeats: int, mode: str, k: 
             dp.optimizer.step()
             dp.optimizer.zero_grad(set_to_none=True)
 
-    return time_steps(step, repeats)
+    return time_steps(step, repeats, str(x.device))
 
 
 def main() -> None:

@@ -80,6 +80,9 @@ ROWS = (
     (("public_scale_load_average",),
      "The same benchmark: 1-minute load average at its start / end (above 2: other jobs "
      "shared the 2 cores, and every timing of it includes them)", _num),
+    (("gpu_dp_step_ratio",),
+     "Cost of a DP-SGD step (ghost clipping, `tiny` preset) against a non-private step on one "
+     "GPU (`benchmarks/bench_gpu.py`)", _ratio),
 )
 
 

@@ -18,12 +18,15 @@ KEYS = ("dp_step_ratio_tiny", "dp_step_ratio_small",
         "folder400_relative_accuracy", "quality_cpu_cnn_accuracy", "quality_cpu_driver_seconds",
         # bench_public_scale.py: the public side on the full 1,281,167 x 1,000 pool,
         # and the 1-minute load average at its start and end
-        "public_scale_images", "public_scale_load_average", "public_index_seconds", "public_index_images_per_second",
+        "public_scale_images", "public_scale_load_average", "public_index_seconds",
+        "public_index_images_per_second",
         "public_index_peak_rss_gb", "public_max_process_peak_rss_gb", "public_selection_seconds",
         "public_selected_read_seconds", "public_stream_images_per_second_1_worker",
         "public_stream_images_per_second_2_workers",
         "public_query_train_images_per_second_1_worker",
-        "public_query_train_images_per_second_2_workers")
+        "public_query_train_images_per_second_2_workers",
+        # benchmarks/bench_gpu.py on CUDA: the default preset's DP step (ghost) / non-private
+        "gpu_dp_step_ratio")
 
 
 def update(values: dict, append: tuple[str, ...] = (), new_series: bool = False) -> dict:

@@ -30,16 +30,35 @@ def balanced_labels(num_images: int, num_classes: int) -> np.ndarray:
     return np.arange(num_images, dtype=np.int64) % num_classes
 
 
+def shard_ranges(num_images: int, shards: int) -> list[tuple[int, int]]:
+    """Contiguous ``[start, stop)`` image ranges covering ``num_images`` for
+    ``shards`` sampling workers, their sizes differing by at most one (as
+    NVlabs/edm's generate.py splits its seeds over ranks); empty ranges are
+    left out."""
+    if shards < 1:
+        raise ValueError(f"shards must be >= 1, got {shards}")
+    cuts = [num_images * k // shards for k in range(shards + 1)]
+    return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+
+
 def generate(family, release: torch.nn.Module, num_images: int, class_names: list[str],
              num_steps: int, solver: str = "euler", seed: int = 0,
              batch_size: int = 500, guidance: float = 0.0,
-             progress: Callable[[int, int], None] | None = None) -> ImageSet:
+             progress: Callable[[int, int], None] | None = None,
+             start: int = 0, stop: int | None = None) -> ImageSet:
     """``num_images`` class-balanced samples of a model family's released
-    module; ``progress(done, total)`` hears each finished batch."""
-    labels = balanced_labels(num_images, len(class_names))
-    tick = None if progress is None else (lambda done: progress(done, num_images))
+    module, on the device its weights are on; ``progress(done, total)`` hears
+    each finished batch. ``start``/``stop``: only images ``[start, stop)`` of
+    that set (one shard, ``shard_ranges``): the shards of any split,
+    concatenated in order, are the images of one call over all of them."""
+    stop = num_images if stop is None else stop
+    if not 0 <= start <= stop <= num_images:
+        raise ValueError(f"image range [{start}, {stop}) is outside [0, {num_images})")
+    labels = balanced_labels(num_images, len(class_names))[start:stop]
+    tick = None if progress is None else (lambda done: progress(done, len(labels)))
     images = family.sample(release, labels, num_steps=num_steps, solver=solver, seed=seed,
-                           batch_size=batch_size, guidance=guidance, progress=tick)
+                           batch_size=batch_size, guidance=guidance, progress=tick,
+                           start_index=start)
     return ImageSet(images, labels, list(class_names), name="synthetic")
 
 

@@ -5,8 +5,12 @@ selection; it is the only actor that reads sensitive data outside the DP
 trainer, and only to run the DP histogram query, whose cost it charges to the
 ledger it is handed before releasing anything. It returns DP outputs only.
 
-The evaluator samples the synthetic dataset from the DP generator and scores
-it against the real TEST split (non-private evaluation, labelled as such).
+The evaluator samples the synthetic dataset from the DP generator (or joins
+the shards the sampling workers drew, services/sampling.py) and scores it
+against the real TEST split (non-private evaluation, labelled as such). With
+``ray.use_gpu`` it samples, runs the Inception passes and trains the CNN
+classifiers on its GPU (``RayConfig.gpu_options``; ``EvaluatorActor`` gets
+them through ``.options``).
 """
 from __future__ import annotations
 
@@ -28,19 +32,19 @@ from privimage_core.evaluation.canary_audit import CanaryAuditInput, CanarySet
 from privimage_core.evaluation.report import render_html
 from privimage_core.evaluation.semantic_similarity import selection_sds
 from privimage_core.evaluation.suite import run_evaluation
-from privimage_core.models import get_family
-from privimage_core.models.release import ReleaseManifest
+from privimage_core.device import resolve_device
 from privimage_core.models.state import state_from_bytes
 from privimage_core.privacy.ledger import PrivacyLedger
 from privimage_core.selection.distribution import query_semantic_distribution, relabel_selection
 from privimage_core.selection.public_index import PublicIndex
 from privimage_core.selection.semantic_query import predict_topk, train_semantic_query
-from privimage_core.synthesize import generate, write_dataset
+from privimage_core.synthesize import balanced_labels, generate, write_dataset
 from services.metrics import PipelineMetrics
 from services.process_setup import configure_torch
 from services.progress import ProgressPoster
 from services.public_data import index_parts, read_images
 from services.public_query import pretrained_query, train_query_stream
+from services.sampling import load_release_module
 
 
 class PublicSelector:
@@ -198,25 +202,45 @@ class Evaluator:
         configure_torch(self.cfg)
         self.workdir = Path(workdir)
         self.pm = PipelineMetrics(metrics_run_id) if metrics_run_id else None
+        self._device = None
         self.synthetic: ImageSet | None = None
         self.family = self.release = self.manifest = None
         self.provenance: dict = {}
 
+    @property
+    def device(self):
+        """Chosen once, on the first call (before any work): the one-line error
+        when ray.use_gpu is set and this actor sees no GPU is then a method's
+        error, which reaches the driver as such (an actor's constructor error
+        arrives as a dead actor)."""
+        if self._device is None:
+            self._device = resolve_device(self.cfg.ray.use_gpu)
+        return self._device
+
     def synthesize(self, state: bytes, manifest: dict, provenance: dict,
-                   progress_board: str | None = None) -> dict:
+                   progress_board: str | None = None, shards: list | None = None) -> dict:
         """Sample the synthetic dataset from the release: its weights
         (``state_bytes``) and its manifest (models/release.py), which says
-        which family and network to rebuild."""
+        which family and network to rebuild. ``shards``: ObjectRefs of the
+        images the sampling workers drew (services/sampling.py), in image
+        order, joined instead of sampling here."""
         c = self.cfg
         t0 = time.time()
-        man = ReleaseManifest.from_dict(manifest)
-        fam = get_family(man.family)
-        model = man.build()
-        model.load_state_dict(state_from_bytes(state))
-        release = fam.release_module(model).eval()
-        ds = generate(fam, release, c.sampling.num_images, man.class_names, c.sampling.num_steps,
-                      c.sampling.solver, seed=c.run.seed, batch_size=c.sampling.batch_size,
-                      guidance=c.sampling.guidance, progress=ProgressPoster(progress_board))
+        # with shards the release only serves the audits, on the CPU
+        fam, man, release = load_release_module(
+            state, manifest, self.device if shards is None else torch.device("cpu"))
+        if shards is None:
+            ds = generate(fam, release, c.sampling.num_images, man.class_names,
+                          c.sampling.num_steps, c.sampling.solver, seed=c.run.seed,
+                          batch_size=c.sampling.batch_size, guidance=c.sampling.guidance,
+                          progress=ProgressPoster(progress_board))
+        else:
+            ds = ImageSet(np.concatenate(ray.get(list(shards))),
+                          balanced_labels(c.sampling.num_images, len(man.class_names)),
+                          list(man.class_names), name="synthetic")
+        # The membership diagnostic and the canary audit run the release on
+        # the CPU, where their seeded draws and the reference model live.
+        release = release.cpu()
         out = write_dataset(ds, self.workdir / "synthetic", provenance)
         self.family, self.release, self.manifest = fam, release, man
         self.synthetic, self.provenance = ds, dict(provenance)
@@ -254,7 +278,8 @@ class Evaluator:
                              delta=self.provenance.get("delta"),
                              fid_cache_dir=str(self.workdir.parent / "fid_cache"),
                              log=logs.append, canary=canary, family=self.family,
-                             release=self.release, progress=ProgressPoster(progress_board))
+                             release=self.release, progress=ProgressPoster(progress_board),
+                             device=str(self.device))
         del train, sensitive
         out: dict = dict(res.metrics)
         if self.pm:
@@ -286,10 +311,11 @@ class EvaluatorActor(Evaluator):
     pass
 
 
-def outside_trial(actor_cls):
+def outside_trial(actor_cls, **options):
     """Schedule an actor on the cluster's free resources, not in the caller's
     placement group: a Tune trial's group holds only the trial function's
     own (fractional) CPU, and Ray would otherwise capture child actors into it
-    and refuse them. Outside Tune this changes nothing."""
+    and refuse them. Outside Tune this changes nothing. ``options``: further
+    Ray options (``RayConfig.gpu_options()``)."""
     return actor_cls.options(
-        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None), **options)

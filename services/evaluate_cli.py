@@ -34,6 +34,7 @@ from privimage_core.config import Config, from_dict, load_config
 from privimage_core.data.imageset import ImageSet
 from privimage_core.data.sources import load_source
 from privimage_core.data.specs import is_user_source, parse_spec, same_user_dataset
+from privimage_core.device import resolve_device
 from privimage_core.errors import DataError
 from privimage_core.evaluation.canary_audit import CANARY_FILE, CanaryAuditInput, CanarySet
 from privimage_core.evaluation.diffusion_mia import image_digests
@@ -159,6 +160,7 @@ def evaluate_dataset(synthetic: str, real: str, config: str | Config | None = No
     ``reference`` (the run's public pre-trained weights) calibrates it."""
     cfg = config if isinstance(config, Config) else load_config(config)
     configure_torch(cfg)  # the threads and denormal flushing the pipeline's actors use
+    device = resolve_device(cfg.ray.use_gpu)  # Inception and CNNs: before any data is read
     synthetic, real = str(synthetic).strip(), str(real).strip()
     real_test = str(real_test).strip() if real_test else None
     check_real_specs(real, real_test)  # before reading anything
@@ -195,7 +197,7 @@ def evaluate_dataset(synthetic: str, real: str, config: str | Config | None = No
                          release=release, ledger_epsilon=eps, delta=delta,
                          audit_epsilon=audit_epsilon, canary=canary,
                          fid_cache_dir=str(Path(cfg.run.output_dir) / "fid_cache"), log=log,
-                         progress=progress)
+                         progress=progress, device=str(device))
     del train
     out = Path(out_dir) if out_dir else _default_out(synthetic, syn, cfg)
     out.mkdir(parents=True, exist_ok=True)

@@ -68,11 +68,12 @@ class RunContext:
         self.state["stages"][stage.name] = saved
         self.save()
 
-    def actor(self, name: str, actor_cls):
+    def actor(self, name: str, actor_cls, **options):
         """The run's actor ``name`` (created on first use, outside any Tune
-        trial's placement group), given the run's config and directory."""
+        trial's placement group, with Ray ``options`` such as num_gpus),
+        given the run's config and directory."""
         if name not in self.actors:
-            self.actors[name] = outside_trial(actor_cls).remote(
+            self.actors[name] = outside_trial(actor_cls, **options).remote(
                 self.cfg.to_dict(), str(self.run_dir),
                 metrics_run_id=self.mlflow_run_id if self.pm else None)
         return self.actors[name]

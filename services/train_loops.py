@@ -21,6 +21,7 @@ from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as D
 
 from privimage_core.config import from_dict
 from privimage_core.data.imageset import writable_tensor
+from privimage_core.device import resolve_device
 from privimage_core.dp_sgd.finetune import dp_finetune, make_private
 from privimage_core.errors import PrivacyBudgetError
 from privimage_core.models import build_model, get_family
@@ -42,7 +43,14 @@ def _ctx():
 
 
 def _device(cfg) -> torch.device:
-    return torch.device("cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu")
+    """CPU, or this worker's own GPU: with several workers on one node each
+    sees the node's GPUs, and Ray Train's get_device picks the one Ray gave
+    this rank (plain "cuda" would put every rank on GPU 0, which NCCL refuses)."""
+    dev = resolve_device(cfg.ray.use_gpu)  # the one-line error when no GPU is visible
+    if dev.type == "cuda":
+        dev = ray.train.torch.get_device()
+        torch.cuda.set_device(dev)
+    return dev
 
 
 def _save(d: Path, model, ema: EMA, opt_state: dict, state: dict,

@@ -1,7 +1,9 @@
 """Bad configuration gets a one-line error naming the problem and the fix."""
 import pytest
+import torch
 
 from privimage_core.config import Config, from_dict, load_config, resolve_delta, resolve_k
+from privimage_core.device import resolve_device
 from privimage_core.errors import ConfigError
 
 
@@ -27,6 +29,13 @@ def test_defaults_validate_and_flatten():
         ({"method": "pdp_diffusion", "pretrain": {"steps": 0}}, "use method dpdm"),
     ({"ray": {"cpus_per_worker": 0}}, "Ray rejects 0 CPUs"),
     ({"ray": {"checkpoints_per_stage": 0}}, "ray.checkpoints_per_stage must be >= 1"),
+    ({"ray": {"gpus_per_worker": 0}}, r"ray.gpus_per_worker must be a fraction in \(0, 1\]"),
+    ({"ray": {"gpus_per_worker": 1.5}}, "ray.gpus_per_worker must be a fraction"),
+    ({"ray": {"use_gpu": True, "num_workers": 2, "gpus_per_worker": 0.5}},
+     "NCCL refuses two ranks on one GPU; set ray.gpus_per_worker: 1"),
+    ({"ray": {"sampling_workers": 0}}, "ray.sampling_workers must be >= 1"),
+    ({"ray": {"use_gpu": True}, "evaluation": {"inception_backend": "openvino"}},
+     "evaluation.inception_backend is openvino .CPU only. but ray.use_gpu"),
     ({"ray": {"train_log_level": "LOUD"}}, "ray.train_log_level must be one of DEBUG, INFO"),
     ({"evaluation": {"inception_backend": "tensorrt"}},
      "evaluation.inception_backend must be one of auto, torch, openvino"),
@@ -74,3 +83,19 @@ def test_shipped_configs_parse_and_quickstart_is_the_default():
     assert load_config(root / "quickstart.yaml") == from_dict({})
     for p in root.glob("*.yaml"):
         load_config(p)  # every shipped config validates
+
+
+def test_gpu_options_follow_the_one_switch():
+    assert from_dict({"ray": {"gpus_per_worker": 0.5}}).ray.gpu_options() == {"num_gpus": 0}
+    on = from_dict({"ray": {"use_gpu": True, "gpus_per_worker": 0.5}}).ray
+    assert on.gpu_options() == {"num_gpus": 0.5}
+    assert from_dict({"ray": {"use_gpu": True, "num_workers": 2, "gpus_per_worker": 2}})
+
+
+def test_use_gpu_without_a_visible_gpu_is_one_line(monkeypatch):
+    assert resolve_device(False) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="ray.use_gpu is true but this worker sees no CUDA GPU"
+                       ".*set ray.use_gpu: false") as e:
+        resolve_device(True)
+    assert "\n" not in str(e.value)

@@ -17,6 +17,9 @@ For each family and image shape:
   model's differ, so the outputs do see the weights);
 - ``sample`` gives uint8 [N, H, W, C] images for the labels, the same for
   the same seed; ``audit_loss`` a finite [B], the same for the same seed;
+- sampling split into contiguous shards (``start_index``; several sampling
+  workers) gives the images of one call, with 1, 2 or 3 shards (control:
+  shards that all start at image 0, reusing the seeds, differ);
 - a release written with its manifest (``ReleaseManifest.for_run`` ->
   ``write_release`` -> ``load_release``) rebuilds the same network (control:
   a manifest describing another network is refused).
@@ -39,6 +42,7 @@ from privimage_core.models import FAMILY_NAMES, build_model, get_family
 from privimage_core.models.base import DPStagePlan, ModelFamily
 from privimage_core.models.release import (MANIFEST_FILE, ReleaseManifest, load_release,
                                            write_release)
+from privimage_core.synthesize import generate, shard_ranges
 
 torch.set_num_threads(1)
 
@@ -292,6 +296,29 @@ def test_sample_gives_uint8_images_for_the_labels(case):
     assert np.array_equal(img, again)
     other = case.fam.sample(rel, labels, num_steps=2, solver="heun", seed=6, batch_size=2)
     assert not np.array_equal(img, other)
+
+
+def test_sharded_sampling_gives_the_images_of_one_call(case):
+    rel = case.fam.release_module(case.model)
+    n = 7
+    whole = generate(case.fam, rel, n, CLASS_NAMES, num_steps=2, solver="euler", seed=5,
+                     batch_size=3)
+
+    def sharded(shards: int, reuse_seeds: bool = False) -> np.ndarray:
+        parts = []
+        for a, b in shard_ranges(n, shards):
+            part = generate(case.fam, rel, n, CLASS_NAMES, num_steps=2, solver="euler", seed=5,
+                            batch_size=3, start=a, stop=b)
+            if reuse_seeds:  # control: every shard draws images 0.. of the seed again
+                part = case.fam.sample(rel, part.labels, num_steps=2, solver="euler", seed=5,
+                                       batch_size=3)
+                part = SimpleNamespace(images=part)
+            parts.append(part.images)
+        return np.concatenate(parts)
+
+    for shards in (1, 2, 3):
+        assert np.array_equal(sharded(shards), whole.images), shards
+    assert not np.array_equal(sharded(2, reuse_seeds=True), whole.images)
 
 
 def test_audit_loss_is_a_finite_score_per_example(case):

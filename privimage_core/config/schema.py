@@ -171,6 +171,9 @@ def validate(cfg: Config) -> None:
     require(cfg.sampling.guidance == 0 or cfg.generator.label_dropout > 0,
             "sampling.guidance > 0 needs a model trained with generator.label_dropout > 0 "
             "(e.g. 0.1); set one or sampling.guidance: 0")
+    require(not (cfg.ray.use_gpu and cfg.evaluation.inception_backend == "openvino"),
+            "evaluation.inception_backend is openvino (CPU only) but ray.use_gpu puts the "
+            "evaluation on a GPU; set evaluation.inception_backend: auto or torch")
     known = set(cfg.flat())
     for k in cfg.tune.search_space:
         require(k in known, f"tune.search_space key '{k}' is not a config key"

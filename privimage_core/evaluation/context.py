@@ -101,6 +101,8 @@ class EvaluationContext:
     fid_cache_dir: str | None = None
     log: Callable[[str], None] = lambda s: None
     progress: Callable[[int, int], None] | None = None
+    # Where the Inception passes and the CNNs run ("cpu" or a CUDA device).
+    device: str = "cpu"
     res: EvaluationResult = field(default_factory=EvaluationResult)
 
     @property

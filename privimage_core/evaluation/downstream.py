@@ -71,13 +71,19 @@ def accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
 
 
 def _train_cnn(train: ImageSet, seed: int, epochs: int, batch_size: int, lr: float,
-               augment: bool, num_classes: int, min_steps: int = 200) -> SmallCNN:
-    # fork_rng: seed the init and shuffles without changing the caller's global RNG
-    with torch.random.fork_rng(devices=[]):
+               augment: bool, num_classes: int, min_steps: int = 200,
+               device: str | torch.device = "cpu") -> SmallCNN:
+    device = torch.device(device)
+    # fork_rng: seed the init and shuffles without changing the caller's global
+    # RNG (on a GPU also its CUDA RNG, which dropout draws from there)
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
         g = torch.Generator().manual_seed(seed)
-        x, y = train.to_tensor(), writable_tensor(train.labels)
-        model = SmallCNN(train.shape[2], num_classes)
+        # the init and the shuffles stay CPU draws, so a GPU trains from the
+        # same start on the same batches
+        x, y = train.to_tensor().to(device), writable_tensor(train.labels).to(device)
+        model = SmallCNN(train.shape[2], num_classes).to(device)
         opt = torch.optim.Adam(model.parameters(), lr=lr)
         per_epoch = (len(x) + batch_size - 1) // batch_size
         # small sets (a few hundred images, e.g. the detector's) get more
@@ -90,7 +96,7 @@ def _train_cnn(train: ImageSet, seed: int, epochs: int, batch_size: int, lr: flo
         for _ in range(epochs):
             perm = torch.randperm(len(x), generator=g)
             for i in range(0, len(x), batch_size):
-                b = perm[i:i + batch_size]
+                b = perm[i:i + batch_size].to(device)
                 if len(b) < 2:  # BatchNorm cannot normalise a single row in training mode
                     continue
                 xb = x[b]
@@ -110,7 +116,9 @@ def _train_cnn(train: ImageSet, seed: int, epochs: int, batch_size: int, lr: flo
 @torch.inference_mode()
 def _predict_cnn(model: nn.Module, ds: ImageSet, batch_size: int = 1000) -> np.ndarray:
     x = ds.to_tensor()
-    return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]).numpy()
+    dev = next(model.parameters()).device
+    return torch.cat([model(x[i:i + batch_size].to(dev)).argmax(1).cpu()
+                      for i in range(0, len(x), batch_size)]).numpy()
 
 
 def _sklearn_model(kind: str, seed: int, epochs: int, max_iter: int | None):
@@ -125,14 +133,18 @@ def _sklearn_model(kind: str, seed: int, epochs: int, max_iter: int | None):
 
 def train_classifier(kind: str, train: ImageSet, seed: int = 0, epochs: int = 3,
                      batch_size: int = 128, lr: float = 1e-2, augment: bool = True,
-                     max_iter: int | None = None, min_steps: int = 200):
-    """A fitted classifier with ``.predict_images(ImageSet) -> labels``."""
+                     max_iter: int | None = None, min_steps: int = 200,
+                     device: str | torch.device = "cpu"):
+    """A fitted classifier with ``.predict_images(ImageSet) -> labels``.
+    ``device``: where the CNN trains and predicts (scikit-learn's LR and MLP
+    run on the CPU whatever it says)."""
     if kind not in KINDS:
         raise ValueError(f"unknown classifier '{kind}'; use one of {KINDS}")
     if len(train) == 0:
         raise DataError("cannot train a classifier on an empty dataset; pass training images")
     if kind == "cnn":
-        model = _train_cnn(train, seed, epochs, batch_size, lr, augment, train.num_classes, min_steps)
+        model = _train_cnn(train, seed, epochs, batch_size, lr, augment, train.num_classes,
+                           min_steps, device)
         model.predict_images = lambda ds: _predict_cnn(model, ds)  # type: ignore[attr-defined]
         return model
     clf = _sklearn_model(kind, seed, epochs, max_iter)

@@ -47,9 +47,9 @@ def fidelity(ctx: EvaluationContext) -> None:
         return None if ctx.progress is None else (lambda done: ctx.progress(offset + done, todo))
 
     f_real, _, _ = cache.features(real_imgs, model, backend=e.inception_backend,
-                                  progress=ticker(0))
+                                  progress=ticker(0), device=ctx.device)
     f_syn = fidlib.extract_features(syn.images[syn_idx], model, backend=e.inception_backend,
-                                    progress=ticker(todo - n))
+                                    progress=ticker(todo - n), device=ctx.device)
     feat_s = time.time() - t0
     m["inception_features_seconds"] = feat_s
     m["fid_images"] = n
@@ -93,7 +93,8 @@ def utility(ctx: EvaluationContext) -> list[str]:
 
     def fit(kind: str, train: ImageSet):
         if kind == "cnn":
-            return train_classifier("cnn", train, seed=seed, epochs=e.classifier_epochs)
+            return train_classifier("cnn", train, seed=seed, epochs=e.classifier_epochs,
+                                    device=ctx.device)
         if len(train) > e.sklearn_max_images:
             idx = np.random.default_rng([seed, 17]).choice(len(train), e.sklearn_max_images,
                                                            replace=False)
@@ -165,7 +166,8 @@ def detector(ctx: EvaluationContext) -> None:
         max_iter = (e.lr_max_iter if e.detector_kind == "lr"
                     else e.mlp_max_iter if e.detector_kind == "mlp" else None)
         d = detector_attack(real_d, ctx.synthetic, seed=ctx.seed, kind=e.detector_kind,
-                            epochs=1, min_steps=e.detector_min_steps, max_iter=max_iter)
+                            epochs=1, min_steps=e.detector_min_steps, max_iter=max_iter,
+                            device=ctx.device)
         ctx.m["detector_accuracy"] = d["accuracy"]
         ctx.m["detector_privacy_loss"] = d["privacy_loss"]
         ctx.m["detector_test_images"] = d["n_test"]
@@ -255,7 +257,7 @@ def memorisation(ctx: EvaluationContext) -> None:
         try:
             inc = fidlib.load_fid_inception(e.fid_weights)
             feat = lambda x: fidlib.extract_features(  # noqa: E731
-                x, inc, backend=e.inception_backend).astype(np.float32)
+                x, inc, backend=e.inception_backend, device=ctx.device).astype(np.float32)
         except MissingWeightsError as err:  # pixel space only, and said so
             ctx.res.notes.append(f"memorisation DCR in Inception space skipped: {err}")
     try:

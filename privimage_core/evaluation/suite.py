@@ -36,7 +36,8 @@ def run_evaluation(ecfg: EvaluationConfig, synthetic: ImageSet, real_test: Image
                    fid_cache_dir: str | None = None,
                    log: Callable[[str], None] = lambda s: None,
                    canary=None, family=None, release=None,
-                   progress: Callable[[int, int], None] | None = None) -> EvaluationResult:
+                   progress: Callable[[int, int], None] | None = None,
+                   device: str = "cpu") -> EvaluationResult:
     """Every enabled metric of ``ecfg`` on ``synthetic`` against ``real_test``.
 
     ``real_train`` (sensitive; optional): the ceiling classifiers, the
@@ -53,7 +54,9 @@ def run_evaluation(ecfg: EvaluationConfig, synthetic: ImageSet, real_test: Image
     cached). ``canary`` (a canary_audit.CanaryAuditInput; optional): the
     one-run canary audit, the privacy check that can fail; it sets
     ``audit_ok`` / ``audit_message``. Metrics that cannot run (no generator,
-    too few images) are skipped with a note, never silently.
+    too few images) are skipped with a note, never silently. ``device``: where
+    the Inception passes and the CNN classifiers run ("cpu", "cuda"); the
+    scikit-learn classifiers and the audits of ``release`` run where they are.
     """
     if synthetic.shape != real_test.shape:
         raise DataError(f"synthetic images are {synthetic.shape} but the real test images are "
@@ -73,7 +76,8 @@ def run_evaluation(ecfg: EvaluationConfig, synthetic: ImageSet, real_test: Image
                             family=family, release=release, ledger_epsilon=ledger_epsilon,
                             audit_epsilon=ledger_epsilon if audit_epsilon is None
                             else audit_epsilon,
-                            delta=delta, fid_cache_dir=fid_cache_dir, log=log, progress=progress)
+                            delta=delta, fid_cache_dir=fid_cache_dir, log=log, progress=progress,
+                            device=str(device))
     # One line as each group starts: the long ones run for minutes on a CPU
     # (the Inception pass draws its own progress line).
     if ecfg.fid:

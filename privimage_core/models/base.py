@@ -77,6 +77,12 @@ class PublicTrainer(ABC):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """The device of a module's weights (CPU for one without any)."""
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 class ModelFamily(ABC):
     name: ClassVar[str]
     # Config keys of `generator.preset` this family understands.
@@ -139,9 +145,14 @@ class ModelFamily(ABC):
     @abstractmethod
     def sample(self, release: nn.Module, labels: np.ndarray, num_steps: int, solver: str,
                seed: int, batch_size: int, guidance: float = 0.0,
-               progress: Callable[[int], None] | None = None) -> np.ndarray:
-        """uint8 [N, H, W, C] images for ``labels`` from the released module;
-        ``progress(done)`` (optional) hears the images finished so far."""
+               progress: Callable[[int], None] | None = None,
+               start_index: int = 0) -> np.ndarray:
+        """uint8 [N, H, W, C] images for ``labels`` from the released module,
+        on the device its weights are on; ``progress(done)`` (optional) hears
+        the images finished so far. ``labels[k]`` is image ``start_index + k``
+        of ``seed``'s set: each image's randomness depends on the seed and its
+        index only, so shards that split the indices (several sampling
+        workers) give the images one call over all of them gives."""
 
     @abstractmethod
     def audit_loss(self, release: nn.Module, x: torch.Tensor, y: torch.Tensor,

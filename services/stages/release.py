@@ -20,12 +20,24 @@ from privimage_core.models.state import state_bytes
 from privimage_core.synthesize import read_dataset
 from services.actors import Evaluator, EvaluatorActor
 from services.progress import progress_line
+from services.sampling import sample_sharded
 from services.stage_engine import RunContext
 from services.stages.training import RELEASE_FILE
 
 
 def _evaluator(ctx: RunContext):
-    return ctx.actor("evaluator", EvaluatorActor)
+    return ctx.actor("evaluator", EvaluatorActor, **ctx.cfg.ray.gpu_options())
+
+
+def _sample_shards(ctx: RunContext, state: bytes, manifest: dict, board: str) -> list | None:
+    """The sampling workers' shards (ObjectRefs), all finished, or None when
+    the evaluator samples alone (ray.sampling_workers: 1). They run before the
+    evaluator exists: an evaluator holding a GPU would leave queued shards
+    waiting for it forever on a node with fewer GPUs than workers + 1."""
+    if ctx.cfg.ray.sampling_workers < 2:
+        return None
+    ctx.kill_actors("evaluator")  # holds no state before synthesis
+    return sample_sharded(ctx.cfg, ray.put(state), manifest, board)
 
 
 def synthesize(ctx: RunContext, stage: Stage) -> dict:
@@ -40,8 +52,10 @@ def synthesize(ctx: RunContext, stage: Stage) -> dict:
                           pretrain_data_fallback=ctx.values.get("selection_fallback"))
     with progress_line(ctx.mlflow_run_id or "run", stage.name, "sampling", ctx.log,
                        unit="images") as board:
-        syn = ray.get(_evaluator(ctx).synthesize.remote(
-            state_bytes(ctx.values["release_state"]), _manifest(ctx), provenance, board))
+        state, manifest = state_bytes(ctx.values["release_state"]), _manifest(ctx)
+        shards = _sample_shards(ctx, state, manifest, board)
+        syn = ray.get(_evaluator(ctx).synthesize.remote(state, manifest, provenance, board,
+                                                        shards))
     ctx.values["synthetic"] = syn
     sample_grid_png(read_dataset(syn["path"]), ctx.run_dir / "samples.png")
     ctx.tracker.file_artifact(ctx.run_dir / "samples.png")

@@ -58,10 +58,18 @@ def _trainer(ctx: RunContext, stage: Stage, loop, job: TrainJob, r):
     return TorchTrainer(
         loop, train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
-                                     resources_per_worker={"CPU": r.cpus_per_worker}),
+                                     resources_per_worker=_worker_resources(r)),
         run_config=RunConfig(name=trainer_name(ctx.run_dir, stage.name), storage_path=ctx.storage,
                              failure_config=FailureConfig(max_failures=r.max_failures),
                              logging_config=LoggingConfig(log_level=r.train_log_level)))
+
+
+def _worker_resources(r) -> dict:
+    """Each Ray Train worker's resources: ray.cpus_per_worker CPUs and, with
+    ray.use_gpu, ray.gpus_per_worker GPUs (the same GPU share as the sampling
+    workers and the evaluator; RayConfig.gpu_options)."""
+    gpus = r.gpu_options()["num_gpus"]
+    return {"CPU": r.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
 
 
 def _job(ctx: RunContext, stage: Stage, data_ref, mlflow_run_id, **kw) -> TrainJob:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from privimage_core.models.base import ModelFamily, PublicTrainer, no_part
+from privimage_core.models.base import ModelFamily, PublicTrainer, module_device, no_part
 from privimage_core.models.diffusion.edm import (EDMObjective, EDMPrecond, denoising_loss_fn,
                                                  edm_loss, sample, sample_training_noise)
 from privimage_core.models.diffusion.unet import PRESETS, build_unet
@@ -100,10 +100,11 @@ class DiffusionFamily(ModelFamily):
         return _EDMTrainer(model, lr, getattr(_precond(model), "label_dropout", 0.0), precision)
 
     def sample(self, release, labels, num_steps, solver, seed, batch_size, guidance=0.0,
-               progress=None):
+               progress=None, start_index=0):
         net = GuidedDenoiser(release, guidance) if guidance else release
         return sample(net, torch.as_tensor(labels), num_steps=num_steps, seed=seed,
-                      batch_size=batch_size, solver=solver, progress=progress)
+                      batch_size=batch_size, solver=solver, device=module_device(release),
+                      start_index=start_index, progress=progress)
 
     def audit_loss(self, release, x, y, seed=0):
         # Fixed public noise (seeded): the same draws for members and non-members.

@@ -186,16 +186,17 @@ def _find_generator(release: nn.Module) -> Generator:
 
 
 def generate(release: nn.Module, labels, seed: int, batch_size: int,
-             progress=None) -> torch.Tensor:
+             progress=None, start_index: int = 0) -> torch.Tensor:
     """Float images in [-1, 1], [N, C, H, W] on the generator's device.
     Image i's latent is the i-th draw of ``LatentStream(seed)``, so the images
-    do not depend on the batch size (GroupNorm is per image)."""
+    do not depend on the batch size (GroupNorm is per image); ``labels[k]``
+    is image ``start_index + k`` (a shard of a larger set)."""
     g = _find_generator(release)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1)
     dev = next(g.parameters()).device
-    latents = LatentStream(seed, (g.z_dim,))
+    latents = LatentStream(seed, (g.z_dim,), start_index)
     outs = [torch.zeros(0, g.channels, g.image_size, g.image_size, device=dev)]
     with torch.inference_mode():
         for i in range(0, len(labels), batch_size):
@@ -239,7 +240,7 @@ class GANFamily(ModelFamily):
         return _GANTrainer(model, lr)
 
     def sample(self, release, labels, num_steps, solver, seed, batch_size, guidance=0.0,
-               progress=None):
+               progress=None, start_index=0):
         """One generator pass per image: ``num_steps`` and ``solver`` (the
         diffusion sampler's settings) are ignored."""
         if guidance:
@@ -248,7 +249,7 @@ class GANFamily(ModelFamily):
         was_training = release.training
         release.eval()
         try:
-            x = generate(release, labels, seed, batch_size, progress)
+            x = generate(release, labels, seed, batch_size, progress, start_index)
         finally:
             release.train(was_training)
         img = ((x + 1) * 127.5).round().to(torch.uint8)

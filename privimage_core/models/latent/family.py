@@ -25,7 +25,7 @@ from privimage_core.models.diffusion.edm import EDMObjective, EDMPrecond, edm_lo
 from privimage_core.models.ema import unwrap
 from privimage_core.models.diffusion.unet import PRESETS as PIXEL_PRESETS, UNet
 from privimage_core.errors import ConfigError
-from privimage_core.models.base import DPStagePlan, ModelFamily, PublicTrainer
+from privimage_core.models.base import DPStagePlan, ModelFamily, PublicTrainer, module_device
 from privimage_core.models.diffusion.family import GuidedDenoiser
 from privimage_core.models.latent.autoencoder import (Autoencoder, LatentDiffusion,
                                                       latent_unet_kwargs)
@@ -170,11 +170,12 @@ class LatentDiffusionFamily(ModelFamily):
         return _LatentTrainer(model, lr)
 
     def sample(self, release, labels, num_steps, solver, seed, batch_size, guidance=0.0,
-               progress=None):
+               progress=None, start_index=0):
         m = _inner(release)
         net = GuidedDenoiser(m.diffusion, guidance) if guidance else m.diffusion
         return sample(net, torch.as_tensor(labels), num_steps=num_steps, seed=seed,
                       batch_size=batch_size, solver=solver, image_shape=m.latent_shape,
+                      device=module_device(m.diffusion), start_index=start_index,
                       decode=m.autoencoder.decode, progress=progress)
 
     def audit_loss(self, release, x, y, seed=0):
