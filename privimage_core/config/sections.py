@@ -84,6 +84,19 @@ class DataConfig:
                      "data.class_names must list distinct, non-empty class names, or be null")
 
 
+# How the semantic query function bridges the colour gap between the public
+# pool and the sensitive images (selection/semantic_query.py):
+#   luminance  train and predict on each image's luminance, negated when its
+#              border is brighter than its mean, stretched to the full range:
+#              a digit reads the same in any stroke and background colours;
+#   augment    train on public images recoloured at random (black and white
+#              mapped to two contrasting colours: colour jitter and inversion),
+#              some then grayscaled; predict on the images as they are (keeps
+#              colour; learns the public labels worse at the default epochs);
+#   none       the images as they are (blind to digits in other colours).
+COLOUR_MODES = ("luminance", "augment", "none")
+
+
 @dataclass
 class SemanticQueryConfig:
     """The semantic query function of Sec. 3.2 (a classifier on public labels)."""
@@ -92,6 +105,11 @@ class SemanticQueryConfig:
     batch_size: int = 128
     lr: float = 3e-3
     val_fraction: float = 0.1
+    # How the function sees sensitive images of any stroke and background
+    # colour against a grayscale public pool: one of COLOUR_MODES. Either way
+    # it is trained on public data and the run's seed only. The default was
+    # chosen by benchmarks/query_colour.py (results/query-colour-*).
+    colour: str = "luminance"
 
     def validate(self) -> None:
         _require(self.width >= 1 and self.epochs >= 1 and self.batch_size >= 1,
@@ -99,6 +117,9 @@ class SemanticQueryConfig:
         _require(self.lr > 0, f"semantic_query.lr must be > 0, got {self.lr}")
         _require(0 <= self.val_fraction < 1,
                  f"semantic_query.val_fraction must be in [0, 1), got {self.val_fraction}")
+        _require(self.colour in COLOUR_MODES,
+                 f"semantic_query.colour must be one of {', '.join(COLOUR_MODES)}, "
+                 f"got '{self.colour}'")
 
 
 # What to pre-train on when some classes' selections cannot be told from
