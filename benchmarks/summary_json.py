@@ -15,7 +15,9 @@ KEYS = ("dp_step_ratio_tiny", "dp_step_ratio_small",
         # the K = 4 noise-multiplicity step against a non-private step on the same rows
         "dp_step_ratio_tiny_k4", "dp_step_ratio_small_k4", "quickstart_driver_seconds",
         "quickstart_cnn_accuracy", "quickstart_fid_5k", "fmnist_cnn_accuracy",
-        "folder400_relative_accuracy", "quality_cpu_cnn_accuracy", "quality_cpu_driver_seconds")
+        "folder400_relative_accuracy", "quality_cpu_cnn_accuracy", "quality_cpu_driver_seconds",
+        # coloured digits against the grayscale public pool (benchmarks/rgb_folder.py)
+        "rgb_folder_relative_accuracy", "rgb_folder_significant_classes")
 
 
 def update(values: dict, append: tuple[str, ...] = (), new_series: bool = False) -> dict:
