@@ -41,9 +41,9 @@ def test_method_runs_end_to_end_on_rgb_folder(tmp_path, ray_local, method):
     """Exactly the method's stages ran, its ledger is the plan's under the
     target, the release is a 32x32x3 model of the method's family that
     rebuilds from its manifest and the synthetic set is 32x32 RGB; with a
-    semantic query, the query function was trained at 32x32x3 with the
-    colour augmentation (the default) and its DP histogram is 10 classes by
-    the pool's labels."""
+    semantic query, the query function was trained at 32x32x3 in the
+    luminance view (the default) and its DP histogram is 10 classes by the
+    pool's labels."""
     import json
     from pathlib import Path
 
