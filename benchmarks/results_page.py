@@ -1,6 +1,7 @@
 """The headline results table of README.md and docs/results.md, generated
 from benchmarks/results/summary.json (the keys the benchmark scripts write:
-bench_dp_step.py, quickstart_stages.py, data_runs.py, bench_public_scale.py).
+bench_dp_step.py, quickstart_stages.py, data_runs.py, bench_public_scale.py,
+rgb_folder.py).
 
     python benchmarks/results_page.py           # rewrite the table in both files
     python benchmarks/results_page.py --check   # exit 1 if either is stale
@@ -66,6 +67,10 @@ ROWS = (
     (("folder400_relative_accuracy",),
      "An ImageFolder of 400 digits per class (epsilon 10): CNN accuracy over the same "
      "report's train-on-real ceiling", _num),
+    (("rgb_folder_significant_classes", "rgb_folder_relative_accuracy"),
+     "Coloured digits in an ImageFolder (32x32 RGB, 400 per class, epsilon 10) against the "
+     "grayscale public pool: classes (of 10) whose DP selection is significant / CNN accuracy "
+     "over the same report's train-on-real ceiling", _num),
     (("dp_step_ratio_tiny", "dp_step_ratio_small"),
      "Cost of a DP-SGD step (default clipping: ghost) against a non-private step, "
      "`tiny` / `small` preset", _ratio),

@@ -26,7 +26,9 @@ KEYS = ("dp_step_ratio_tiny", "dp_step_ratio_small",
         "public_query_train_images_per_second_1_worker",
         "public_query_train_images_per_second_2_workers",
         # benchmarks/bench_gpu.py on CUDA: the default preset's DP step (ghost) / non-private
-        "gpu_dp_step_ratio")
+        "gpu_dp_step_ratio",
+        # coloured digits against the grayscale public pool (benchmarks/rgb_folder.py)
+        "rgb_folder_relative_accuracy", "rgb_folder_significant_classes")
 
 
 def update(values: dict, append: tuple[str, ...] = (), new_series: bool = False) -> dict:

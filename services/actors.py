@@ -107,7 +107,7 @@ class PublicSelector:
             pool = self.index.load()
             self.model, metrics = train_semantic_query(
                 pool, width=q.width, epochs=q.epochs, batch_size=q.batch_size, lr=q.lr,
-                val_fraction=q.val_fraction, seed=self.cfg.run.seed)
+                val_fraction=q.val_fraction, seed=self.cfg.run.seed, colour=q.colour)
         torch.save(self.model.state_dict(), self.workdir / "semantic_query.pt")
         return metrics
 

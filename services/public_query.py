@@ -67,7 +67,7 @@ def train_query_stream(index: PublicIndex, q: SemanticQueryConfig, seed: int, wo
 
         return train_semantic_query_stream(
             epoch_batches, per_epoch // q.batch_size, *shape, val, q.width, q.epochs, q.lr, seed,
-            log=log)
+            q.colour, log=log)
     n_workers = q.train_workers
     if n_workers and not _cpus_free(n_workers * q.cpus_per_train_worker + 1):
         if log:
@@ -79,6 +79,7 @@ def train_query_stream(index: PublicIndex, q: SemanticQueryConfig, seed: int, wo
     storage, name = Path(storage).resolve(), f"query-function-{uuid.uuid4().hex[:8]}"
     config = {"seed": seed, "batch": batch, "steps": per_epoch // (batch * world),
               "shape": shape, "width": q.width, "epochs": q.epochs, "lr": q.lr,
+              "colour": q.colour,
               "threads": max(1, round(q.cpus_per_train_worker)) if n_workers else None,
               "upload": str(storage / name / "model")}
     datasets = {f"epoch{ep}": stream_dataset(index, epoch_table(ep), workers,
@@ -96,7 +97,7 @@ def train_query_stream(index: PublicIndex, q: SemanticQueryConfig, seed: int, wo
             state = torch.load(Path(d) / "model.pt", map_location="cpu")
     finally:
         shutil.rmtree(storage / name, ignore_errors=True)
-    model = SmallResNet(shape[0], shape[1], q.width)
+    model = SmallResNet(shape[0], shape[1], q.width, q.colour)
     model.load_state_dict(state)
     metrics = dict(result.metrics, train_workers=n_workers)
     if val is not None and len(val[1]):
@@ -132,7 +133,7 @@ def _query_loop(config: dict) -> None:
 
     model, metrics = train_semantic_query_stream(
         epoch_batches, config["steps"], *config["shape"], None, config["width"],
-        config["epochs"], config["lr"], config["seed"],
+        config["epochs"], config["lr"], config["seed"], config["colour"],
         wrap=ray.train.torch.prepare_model if world > 1 else None)
     # every worker saw as many images (equal shares): the whole group's throughput
     metrics = {**metrics, "train_images": metrics["train_images"] * world,

@@ -43,6 +43,31 @@ def small_mnist(tmp_path: Path, n: int = 1000, seed: int = 0) -> Path:
     return out
 
 
+def repo_script(rel: str):
+    """A script of the repository (scripts/ and benchmarks/ are not
+    packages), imported as a module by its path relative to the root."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / rel
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def coloured_digits(root: Path, per_class: int, test_per_class: int, seed: int = 0) -> Path:
+    """``root``/train and ``root``/test: ImageFolders of coloured MNIST digits
+    at 32x32 RGB, written by scripts/make_coloured_digits.py (once)."""
+    root = Path(root)
+    if not (root / "train").is_dir():
+        gen = repo_script("scripts/make_coloured_digits.py")
+        assert gen.main([str(root), "--per-class", str(per_class),
+                         "--test-per-class", str(test_per_class), "--seed", str(seed)]) == 0
+    return root
+
+
 def tiny_config(tmp_path: Path, sensitive_n: int = 1000, **over) -> dict:
     """The tiny end-to-end pipeline's config (a dict for ``config.from_dict``);
     ``over`` sets ``"section.key"`` values."""

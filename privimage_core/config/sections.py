@@ -106,6 +106,17 @@ class DataConfig:
 # efficientnet-lite-pytorch, the others torchvision).
 QUERY_ARCHITECTURES = ("small_resnet", "efficientnet_lite0", "resnet18", "resnet50",
                        "mobilenet_v3_small", "efficientnet_b0")
+# How the semantic query function bridges the colour gap between the public
+# pool and the sensitive images (selection/semantic_query.py):
+#   luminance  train and predict on each image's luminance, negated when its
+#              border is brighter than its mean, stretched to the full range:
+#              a digit reads the same in any stroke and background colours;
+#   augment    train on public images recoloured at random (black and white
+#              mapped to two contrasting colours: colour jitter and inversion),
+#              some then grayscaled; predict on the images as they are (keeps
+#              colour; learns the public labels worse at the default epochs);
+#   none       the images as they are (blind to digits in other colours).
+COLOUR_MODES = ("luminance", "augment", "none")
 
 
 @dataclass
@@ -140,6 +151,11 @@ class SemanticQueryConfig:
     pretrained_classes: str | None = None
     # The pre-trained classifier sees images resized to this size, in RGB.
     pretrained_input_size: int = 224
+    # How the function sees sensitive images of any stroke and background
+    # colour against a grayscale public pool: one of COLOUR_MODES. Either way
+    # it is trained on public data and the run's seed only. The default was
+    # chosen by benchmarks/query_colour.py (results/query-colour-*).
+    colour: str = "luminance"
 
     def validate(self) -> None:
         _require(self.width >= 1 and self.epochs >= 1 and self.batch_size >= 1,
@@ -170,6 +186,9 @@ class SemanticQueryConfig:
         _require(16 <= self.pretrained_input_size <= 1024,
                  f"semantic_query.pretrained_input_size must be in [16, 1024], got "
                  f"{self.pretrained_input_size}")
+        _require(self.colour in COLOUR_MODES,
+                 f"semantic_query.colour must be one of {', '.join(COLOUR_MODES)}, "
+                 f"got '{self.colour}'")
 
 
 # What to pre-train on when some classes' selections cannot be told from

@@ -4,6 +4,23 @@ A classifier trained with cross-entropy on the labelled PUBLIC pool only; it
 maps an image to probabilities over the public semantics. The paper uses a
 ResNet50 on ImageNet at 32x32; here a small ResNet sized for 28-32 px images.
 It never sees sensitive data during training.
+
+Colour (``semantic_query.colour``): the public pool is mostly grayscale
+(glyphs, Fashion-MNIST: bright strokes on black), while sensitive images may
+come in any stroke and background colour, which a function trained on the
+pool as it is cannot read (coloured digits all look like a shirt or a bag to
+it). ``luminance``, the default, feeds the network a fixed view of each
+image, in training and in prediction alike: its luminance, negated when the
+image's border (its background) is brighter than its mean, and stretched to
+the full range; a coloured digit then looks like an MNIST digit. ``augment``
+instead trains on public images recoloured at random (each image's black and
+white mapped to two contrasting colours, so a channel's gain may be
+negative: colour jitter and inversion in one; some then grayscaled) and
+predicts on the images as they are: it keeps colour, but at the default
+epochs it learns the public labels far worse. benchmarks/query_colour.py
+measures the three modes. Either way the function is trained on public data
+and the seed only, and the view is a function of each image alone, so the
+DP query's sensitivity argument is unchanged.
 """
 from __future__ import annotations
 
@@ -14,8 +31,59 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from privimage_core.config.sections import COLOUR_MODES
 from privimage_core.data.imageset import ImageSet
 from privimage_core.data.imageset import writable_tensor
+
+
+# augment: the share of each batch recoloured, the least difference of the
+# two colours in some channel (on [0, 1]), and the share then grayscaled.
+RECOLOUR_P, RECOLOUR_MIN_CONTRAST, GRAYSCALE_P = 0.75, 0.35, 0.1
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def _luma(x: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] -> [N, 1, H, W]: Rec. 601 luminance of RGB, or the one channel."""
+    return (x * x.new_tensor(_LUMA)[None, :, None, None]).sum(1, keepdim=True) \
+        if x.shape[1] == 3 else x[:, :1]
+
+
+def luminance_view(x: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] in [-1, 1] -> the same shape: each image's luminance
+    (C = 3: Rec. 601 weights), negated when its one-pixel border is brighter
+    than its mean (a bright background: make it dark, as in the public pool),
+    min-max stretched to [-1, 1] and repeated over the C channels."""
+    lum = _luma(x)
+    border = torch.cat([lum[:, :, 0], lum[:, :, -1], lum[:, :, :, 0], lum[:, :, :, -1]], dim=2)
+    flip = border.mean(dim=(1, 2)) > lum.mean(dim=(1, 2, 3))
+    lum = torch.where(flip[:, None, None, None], -lum, lum)
+    lo = lum.amin(dim=(1, 2, 3), keepdim=True)
+    span = (lum.amax(dim=(1, 2, 3), keepdim=True) - lo).clamp_min(1e-3)
+    return ((lum - lo) / span * 2 - 1).expand(-1, x.shape[1], -1, -1)
+
+
+def recolour(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """The ``augment`` mode's colour augmentation of a batch in [-1, 1]: a
+    RECOLOUR_P share of the images has each channel's black and white mapped
+    to a random background and stroke colour (per-channel gains of either
+    sign: colour jitter and inversion), contrasting by at least
+    RECOLOUR_MIN_CONTRAST in some channel; for RGB a GRAYSCALE_P share is
+    then reduced to its luminance. Public randomness only (``gen``)."""
+    n, c = x.shape[:2]
+    bg, fg = torch.rand(n, c, generator=gen), torch.rand(n, c, generator=gen)
+    for _ in range(100):  # redraw the pairs without contrast
+        weak = (fg - bg).abs().amax(dim=1) < RECOLOUR_MIN_CONTRAST
+        if not weak.any():
+            break
+        bg[weak] = torch.rand(int(weak.sum()), c, generator=gen)
+        fg[weak] = torch.rand(int(weak.sum()), c, generator=gen)
+    mapped = bg[:, :, None, None] + (fg - bg)[:, :, None, None] * (x + 1) / 2
+    pick = torch.rand(n, generator=gen) < RECOLOUR_P
+    out = torch.where(pick[:, None, None, None], mapped * 2 - 1, x)
+    if c == 3:
+        gray = torch.rand(n, generator=gen) < GRAYSCALE_P
+        out = torch.where(gray[:, None, None, None], _luma(out).expand_as(out), out)
+    return out
 
 
 class _Block(nn.Module):
@@ -35,10 +103,13 @@ class _Block(nn.Module):
 
 class SmallResNet(nn.Module):
     """ResNet with three stages (w, 2w, 4w); BatchNorm is fine here because the
-    query function trains on public data only, never under DP-SGD."""
+    query function trains on public data only, never under DP-SGD. With
+    ``colour="luminance"`` every input goes through :func:`luminance_view`."""
 
-    def __init__(self, num_classes: int, channels: int = 1, width: int = 32):
+    def __init__(self, num_classes: int, channels: int = 1, width: int = 32,
+                 colour: str = "none"):
         super().__init__()
+        self.luminance = colour == "luminance"
         self.stem = nn.Sequential(nn.Conv2d(channels, width, 3, 1, 1, bias=False),
                                   nn.BatchNorm2d(width), nn.ReLU())
         self.layers = nn.Sequential(_Block(width, width, 1), _Block(width, 2 * width, 2),
@@ -46,24 +117,30 @@ class SmallResNet(nn.Module):
         self.head = nn.Linear(4 * width, num_classes)
 
     def forward(self, x):
-        h = self.layers(self.stem(x))
+        h = self.layers(self.stem(luminance_view(x) if self.luminance else x))
         return self.head(h.mean(dim=(2, 3)))
 
 
-def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def _augment(x: torch.Tensor, gen: torch.Generator, colour: str) -> torch.Tensor:
     # Small random translations make the query robust to framing differences
-    # between public and sensitive images (e.g. glyphs vs handwriting).
+    # between public and sensitive images (e.g. glyphs vs handwriting). The
+    # recolouring comes after, so the black padding takes the background colour.
     pad = 2
     xp = F.pad(x, (pad, pad, pad, pad), value=-1.0)
     i, j = torch.randint(0, 2 * pad + 1, (2,), generator=gen).tolist()
-    return xp[:, :, i:i + x.shape[2], j:j + x.shape[3]]
+    x = xp[:, :, i:i + x.shape[2], j:j + x.shape[3]]
+    return recolour(x, gen) if colour == "augment" else x
 
 
 def train_semantic_query(pool: ImageSet, width: int = 32, epochs: int = 2, batch_size: int = 128,
                          lr: float = 2e-3, val_fraction: float = 0.1, seed: int = 0,
-                         device: str = "cpu", log=None) -> tuple[SmallResNet, dict]:
+                         colour: str = "luminance", device: str = "cpu",
+                         log=None) -> tuple[SmallResNet, dict]:
     """Train on the public pool; returns the model and public-only metrics
-    (validation accuracy on a held-out public split)."""
+    (validation accuracy on a held-out public split, as the images are).
+    ``colour`` is one of COLOUR_MODES."""
+    if colour not in COLOUR_MODES:
+        raise ValueError(f"colour={colour!r}; use one of {', '.join(COLOUR_MODES)}")
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     n = len(pool)
@@ -72,7 +149,7 @@ def train_semantic_query(pool: ImageSet, width: int = 32, epochs: int = 2, batch
     val_idx, tr_idx = perm[:n_val], perm[n_val:]
     x_all = pool.to_tensor()
     y_all = writable_tensor(pool.labels)
-    model = SmallResNet(pool.num_classes, pool.shape[2], width).to(device)
+    model = SmallResNet(pool.num_classes, pool.shape[2], width, colour).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps_per_epoch = max(1, len(tr_idx) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
@@ -82,7 +159,7 @@ def train_semantic_query(pool: ImageSet, width: int = 32, epochs: int = 2, batch
         order = torch.from_numpy(tr_idx)[torch.randperm(len(tr_idx), generator=g)]
         for s in range(steps_per_epoch):
             b = order[s * batch_size:(s + 1) * batch_size]
-            xb = _augment(x_all[b], g).to(device)
+            xb = _augment(x_all[b], g, colour).to(device)
             loss = F.cross_entropy(model(xb), y_all[b].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -26,7 +26,7 @@ def train_semantic_query_stream(
         epoch_batches: Callable[[int], Iterable[tuple[np.ndarray, np.ndarray]]],
         steps_per_epoch: int, num_classes: int, channels: int,
         val: tuple[np.ndarray, np.ndarray] | None = None, width: int = 32, epochs: int = 2,
-        lr: float = 2e-3, seed: int = 0, device: str = "cpu",
+        lr: float = 2e-3, seed: int = 0, colour: str = "luminance", device: str = "cpu",
         log=None, wrap: Callable[[nn.Module], nn.Module] | None = None
         ) -> tuple[SmallResNet, dict]:
     """Train on ``epoch_batches(epoch)`` (uint8 NHWC images, int labels),
@@ -37,7 +37,7 @@ def train_semantic_query_stream(
     share); the model returned is the network itself."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    net = SmallResNet(num_classes, channels, width).to(device)
+    net = SmallResNet(num_classes, channels, width, colour).to(device)
     model = wrap(net) if wrap else net
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps_per_epoch = max(1, steps_per_epoch)
@@ -50,7 +50,7 @@ def train_semantic_query_stream(
         for images, labels in epoch_batches(ep):
             if done == steps_per_epoch:
                 break
-            xb = _augment(to_model_input(images), g).to(device)
+            xb = _augment(to_model_input(images), g, colour).to(device)
             yb = torch.from_numpy(np.array(labels, dtype=np.int64)).to(device)
             loss = F.cross_entropy(model(xb), yb)
             opt.zero_grad(set_to_none=True)
