@@ -23,7 +23,7 @@ from privimage_core.config.sections import SemanticQueryConfig
 from privimage_core.selection.pretrained import (
     PretrainedQuery, classifier_class_names, load_classifier, match_classes)
 from privimage_core.selection.public_index import PublicIndex
-from privimage_core.selection.semantic_query import SmallResNet, predict_topk
+from privimage_core.selection.semantic_query import SmallResNet, predict_topk, resolve_colour
 from privimage_core.selection.stream_query import (
     to_model_input, train_semantic_query_stream, val_accuracy)
 from services.public_data import (
@@ -52,6 +52,9 @@ def train_query_stream(index: PublicIndex, q: SemanticQueryConfig, seed: int, wo
         vt = index.table.take(val_pos)
         val = read_images(index, vt, workers), vt.column("label").to_numpy()
     per_epoch = min(len(train_pos), q.max_images_per_epoch or len(train_pos))
+    # auto: judged on public rows (the held-out ones, or the first few)
+    colour = resolve_colour(q.colour, val[0] if val is not None else
+                            read_images(index, index.table.slice(0, 256), workers))
 
     def epoch_table(ep: int) -> pa.Table:
         pos = train_pos if per_epoch == len(train_pos) else np.sort(
@@ -65,9 +68,10 @@ def train_query_stream(index: PublicIndex, q: SemanticQueryConfig, seed: int, wo
                                        shuffle_seed=seed * 1000 + ep, drop_last=True):
                 yield x, y
 
-        return train_semantic_query_stream(
+        model, metrics = train_semantic_query_stream(
             epoch_batches, per_epoch // q.batch_size, *shape, val, q.width, q.epochs, q.lr, seed,
-            q.colour, log=log)
+            colour, log=log)
+        return model, {**metrics, "colour": colour}
     n_workers = q.train_workers
     if n_workers and not _cpus_free(n_workers * q.cpus_per_train_worker + 1):
         if log:
@@ -79,7 +83,7 @@ def train_query_stream(index: PublicIndex, q: SemanticQueryConfig, seed: int, wo
     storage, name = Path(storage).resolve(), f"query-function-{uuid.uuid4().hex[:8]}"
     config = {"seed": seed, "batch": batch, "steps": per_epoch // (batch * world),
               "shape": shape, "width": q.width, "epochs": q.epochs, "lr": q.lr,
-              "colour": q.colour,
+              "colour": colour,
               "threads": max(1, round(q.cpus_per_train_worker)) if n_workers else None,
               "upload": str(storage / name / "model")}
     datasets = {f"epoch{ep}": stream_dataset(index, epoch_table(ep), workers,
@@ -97,9 +101,9 @@ def train_query_stream(index: PublicIndex, q: SemanticQueryConfig, seed: int, wo
             state = torch.load(Path(d) / "model.pt", map_location="cpu")
     finally:
         shutil.rmtree(storage / name, ignore_errors=True)
-    model = SmallResNet(shape[0], shape[1], q.width, q.colour)
+    model = SmallResNet(shape[0], shape[1], q.width, colour)
     model.load_state_dict(state)
-    metrics = dict(result.metrics, train_workers=n_workers)
+    metrics = dict(result.metrics, train_workers=n_workers, colour=colour)
     if val is not None and len(val[1]):
         metrics["public_val_accuracy"] = val_accuracy(model.eval(), val)
     return model.eval(), metrics

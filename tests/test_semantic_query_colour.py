@@ -13,7 +13,7 @@ from privimage_core.data.sources import build_public_pool, load_source
 from privimage_core.errors import ConfigError
 from privimage_core.selection.semantic_query import (GRAYSCALE_P, RECOLOUR_MIN_CONTRAST,
                                                      RECOLOUR_P, luminance_view, predict_topk,
-                                                     recolour, train_semantic_query)
+                                                     recolour, resolve_colour, train_semantic_query)
 from tests.helpers import repo_script
 
 gen = repo_script("scripts/make_coloured_digits.py")
@@ -30,13 +30,25 @@ def _digits(n_per_class: int = 30, seed: int = 0) -> tuple[torch.Tensor, torch.T
 
 
 def test_the_key_is_validated_and_its_values_are_the_functions():
-    assert from_dict({}).semantic_query.colour == "luminance"
-    with pytest.raises(ConfigError, match="semantic_query.colour must be one of luminance, "
-                                          "augment, none"):
+    assert from_dict({}).semantic_query.colour == "auto"
+    with pytest.raises(ConfigError, match="semantic_query.colour must be one of auto, "
+                                          "luminance, augment, none"):
         from_dict({"semantic_query": {"colour": "rgb"}})
     pool = build_public_pool(["glyphs"], 16, 1, max_per_class=2, glyph_opts={"max_fonts": 2})
     with pytest.raises(ValueError, match="colour='rgb'"):
         train_semantic_query(pool, colour="rgb")
+
+
+def test_auto_reads_a_grayscale_pool_by_luminance_and_keeps_a_colour_pools_colours():
+    rng = np.random.default_rng(0)
+    gray1 = rng.integers(0, 256, (8, 6, 6, 1), dtype=np.uint8)
+    gray3 = np.repeat(gray1, 3, axis=-1)  # grayscale stored as RGB: still no colour
+    colour = gray3.copy()
+    colour[3, 2, 2, 1] ^= 1  # one pixel of one image off gray: a colour pool
+    assert resolve_colour("auto", gray1) == resolve_colour("auto", gray3) == "luminance"
+    assert resolve_colour("auto", colour) == "none"
+    for mode in ("luminance", "augment", "none"):  # an explicit mode is kept
+        assert resolve_colour(mode, colour) == resolve_colour(mode, gray1) == mode
 
 
 def test_recolour_maps_black_and_white_to_contrasting_colours():

@@ -267,7 +267,7 @@ def test_a_public_folder_is_indexed_from_its_listing_one_shard_per_class(tmp_pat
     Image.fromarray(np.zeros((30, 30), np.uint8)).save(root / "owl" / "big.png")
     src = open_streamed(f"folder:{root}")
     with pytest.raises(DataError, match=r"owl/big.png is 30x30 mode L, expected 28x28 mode L; "
-                                        "set `resize: true`"):
+                                        r"set data.image_size: 30 .* or data.resize: true"):
         src.read_rows("owl", np.arange(5), 28, 1)
 
 

@@ -115,8 +115,12 @@ QUERY_ARCHITECTURES = ("small_resnet", "efficientnet_lite0", "resnet18", "resnet
 #              mapped to two contrasting colours: colour jitter and inversion),
 #              some then grayscaled; predict on the images as they are (keeps
 #              colour; learns the public labels worse at the default epochs);
-#   none       the images as they are (blind to digits in other colours).
-COLOUR_MODES = ("luminance", "augment", "none")
+#   none       the images as they are (blind to digits in other colours);
+#   auto       luminance when the public images are grayscale (one channel, or
+#              three equal ones), none when they have colour of their own
+#              (a colour public pool such as ImageNet: its colours carry the
+#              semantics): decided from public images only.
+COLOUR_MODES = ("auto", "luminance", "augment", "none")
 
 
 @dataclass
@@ -155,7 +159,7 @@ class SemanticQueryConfig:
     # colour against a grayscale public pool: one of COLOUR_MODES. Either way
     # it is trained on public data and the run's seed only. The default was
     # chosen by benchmarks/query_colour.py (results/query-colour-*).
-    colour: str = "luminance"
+    colour: str = "auto"
 
     def validate(self) -> None:
         _require(self.width >= 1 and self.epochs >= 1 and self.batch_size >= 1,

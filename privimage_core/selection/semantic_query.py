@@ -132,15 +132,28 @@ def _augment(x: torch.Tensor, gen: torch.Generator, colour: str) -> torch.Tensor
     return recolour(x, gen) if colour == "augment" else x
 
 
-def train_semantic_query(pool: ImageSet, width: int = 32, epochs: int = 2, batch_size: int = 128,
-                         lr: float = 2e-3, val_fraction: float = 0.1, seed: int = 0,
-                         colour: str = "luminance", device: str = "cpu",
-                         log=None) -> tuple[SmallResNet, dict]:
-    """Train on the public pool; returns the model and public-only metrics
-    (validation accuracy on a held-out public split, as the images are).
-    ``colour`` is one of COLOUR_MODES."""
+def resolve_colour(colour: str, public_images: np.ndarray) -> str:
+    """``colour`` (one of COLOUR_MODES) with ``auto`` decided from public
+    images (uint8 [N, H, W, C]): ``luminance`` when they are grayscale (one
+    channel, or three equal ones), else ``none``, since a colour pool's
+    colours are part of what its labels mean."""
     if colour not in COLOUR_MODES:
         raise ValueError(f"colour={colour!r}; use one of {', '.join(COLOUR_MODES)}")
+    if colour != "auto":
+        return colour
+    x = np.asarray(public_images)
+    gray = x.shape[-1] == 1 or bool((x[..., :1] == x).all())
+    return "luminance" if gray else "none"
+
+
+def train_semantic_query(pool: ImageSet, width: int = 32, epochs: int = 2, batch_size: int = 128,
+                         lr: float = 2e-3, val_fraction: float = 0.1, seed: int = 0,
+                         colour: str = "auto", device: str = "cpu",
+                         log=None) -> tuple[SmallResNet, dict]:
+    """Train on the public pool; returns the model and public-only metrics
+    (validation accuracy on a held-out public split, as the images are, and
+    the colour mode used). ``colour`` is one of COLOUR_MODES."""
+    colour = resolve_colour(colour, pool.images)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     n = len(pool)
@@ -168,7 +181,7 @@ def train_semantic_query(pool: ImageSet, width: int = 32, epochs: int = 2, batch
         if log:
             log(f"semantic query: epoch {ep + 1}/{epochs} loss {loss.item():.3f}")
     model.eval()
-    metrics = {"train_seconds": time.time() - t0}
+    metrics = {"train_seconds": time.time() - t0, "colour": colour}
     if n_val:
         pred = predict_topk(model, x_all[val_idx], k=1, device=device)[:, 0]
         metrics["public_val_accuracy"] = float((pred == pool.labels[val_idx]).mean())

@@ -2,6 +2,7 @@
 run by the selector actor (services/actors.py)."""
 from __future__ import annotations
 
+import mlflow
 import numpy as np
 import ray
 
@@ -36,8 +37,12 @@ def query_function(ctx: RunContext, stage: Stage) -> dict:
     qm = ray.get(_selector(ctx).train_query_function.remote())
     acc = qm.get("public_val_accuracy", float("nan"))
     rate = qm.get("train_images_per_second")
+    colour = qm.get("colour")
     ctx.log(f"[privimage] semantic query function: public val accuracy {acc:.3f}" +
-            (f" (trained from the stream at {rate:.0f} images/s)" if rate else ""))
+            (f" (trained from the stream at {rate:.0f} images/s)" if rate else "") +
+            (f"; images seen as: {colour} (semantic_query.colour)" if colour else ""))
+    if colour:
+        mlflow.set_tag("semantic_query_colour", colour)
     return {"public_val_accuracy": acc, **({"train_images_per_second": rate} if rate else {})}
 
 
