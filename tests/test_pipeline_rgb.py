@@ -55,7 +55,8 @@ def test_method_runs_end_to_end_on_rgb_folder(tmp_path, ray_local, method):
     from services.pipeline import run_pipeline
 
     cfg = rgb_config(tmp_path, method)
-    s = run_pipeline(cfg, log=lambda _: None)
+    lines: list[str] = []
+    s = run_pipeline(cfg, log=lines.append)
     m = get_method(method)
     assert set(s["stage_seconds"]) == {st.name for st in m.stages}
     plan = planned_ledger(cfg, m, 10 * PER_CLASS, s["delta"])
@@ -70,7 +71,9 @@ def test_method_runs_end_to_end_on_rgb_folder(tmp_path, ray_local, method):
     assert syn.images.dtype == np.uint8 and set(syn.labels.tolist()) <= set(range(10))
     assert 0.0 <= s["accuracy"] <= 1.0
     if m.has("semantic_query"):
-        assert cfg.semantic_query.colour == "luminance"
+        # auto, on the grayscale glyph pool, reads every image by its luminance
+        assert cfg.semantic_query.colour == "auto"
+        assert any("images seen as: luminance" in ln for ln in lines), lines
         name = next(st.name for st in m.stages if st.kind == "semantic_query")
         state = json.loads((Path(s["run_dir"]) / "pipeline_state.json").read_text())
         saved = state["stages"][name]
