@@ -272,13 +272,19 @@ class Evaluator:
                  if sensitive is not None else None)
         eps = ledger_epsilon if ledger_epsilon is not None else self.provenance.get("epsilon")
         logs: list[str] = []
+        poster = ProgressPoster(progress_board)
+
+        def log(line: str) -> None:  # kept for the caller, and shown as it happens
+            logs.append(line)
+            poster.say(line)
+
         canary = self._canary_input(canaries, reference_state)
         res = run_evaluation(self.cfg.evaluation, self.synthetic, test, seed=self.cfg.run.seed,
                              real_train=train, ledger_epsilon=eps, audit_epsilon=audit_epsilon,
                              delta=self.provenance.get("delta"),
                              fid_cache_dir=str(self.workdir.parent / "fid_cache"),
-                             log=logs.append, canary=canary, family=self.family,
-                             release=self.release, progress=ProgressPoster(progress_board),
+                             log=log, canary=canary, family=self.family,
+                             release=self.release, progress=poster,
                              device=str(self.device))
         del train, sensitive
         out: dict = dict(res.metrics)

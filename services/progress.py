@@ -36,13 +36,17 @@ def _board_cls():
     @ray.remote(num_cpus=0)
     class ProgressBoard:
         def __init__(self):
-            self.value = None
+            self.value, self.lines = None, []
 
         def post(self, step: int, total: int) -> None:
             self.value = (int(step), int(total))
 
-        def read(self):
-            return self.value
+        def say(self, line: str) -> None:
+            self.lines.append(str(line))
+
+        def read(self, since: int = 0):
+            """The latest (step, total) and the lines said after the first ``since``."""
+            return self.value, self.lines[since:]
 
     return ProgressBoard
 
@@ -58,10 +62,19 @@ class ProgressPoster:
         if not self.name or (now - self.last < POST_SECONDS and step < total):
             return
         self.last = now
+        self._send("post", step, total)
+
+    def say(self, line: str) -> None:
+        """A log line for the driver's console, as it happens (an actor's own
+        prints would reach it prefixed, or only when its task returns)."""
+        if self.name:
+            self._send("say", line)
+
+    def _send(self, method: str, *args) -> None:
         try:
             if self.board is None:
                 self.board = ray.get_actor(self.name)
-            self.board.post.remote(step, total)
+            getattr(self.board, method).remote(*args)
         except Exception:
             self.name = None  # progress is optional; training never depends on it
 
@@ -122,23 +135,39 @@ class LineDrawer:
 
 @contextmanager
 def progress_line(run_id: str, stage: str, label: str, log: Callable[[str], None],
-                  stream=None, tty: bool | None = None, unit: str = "steps"):
-    """Yield the board's name (for the TrainJob) and draw its line until the block ends."""
+                  stream=None, tty: bool | None = None, unit: str = "steps",
+                  said: list[str] | None = None):
+    """Yield the board's name (for the TrainJob) and draw its line until the
+    block ends; lines said to the board are logged as they come, and added
+    to ``said`` (so the caller logs only the ones that did not arrive)."""
     name = board_name(run_id, stage)
     # outside any Tune trial's placement group (as services/actors.outside_trial)
     board = _board_cls().options(name=name, scheduling_strategy=PlacementGroupSchedulingStrategy(
         placement_group=None)).remote()
     drawer = LineDrawer(label, log, stream, tty, unit)
     stop = threading.Event()
+    said = [] if said is None else said
+    lock = threading.Lock()  # the final poll may overlap the thread's last one
+
+    def poll() -> None:
+        with lock:
+            _poll()
+
+    def _poll() -> None:
+        try:
+            v, lines = ray.get(board.read.remote(len(said)), timeout=5)
+        except Exception:
+            return
+        for line in lines:
+            drawer.close()  # end a line drawn in place before a line of text
+            log(line)
+            said.append(line)
+        if v is not None:
+            drawer(*v)
 
     def draw():
         while not stop.wait(POLL_SECONDS):
-            try:
-                v = ray.get(board.read.remote(), timeout=5)
-            except Exception:
-                continue
-            if v is not None:
-                drawer(*v)
+            poll()
 
     thread = threading.Thread(target=draw, daemon=True, name=f"progress-{stage}")
     thread.start()
@@ -147,6 +176,7 @@ def progress_line(run_id: str, stage: str, label: str, log: Callable[[str], None
     finally:
         stop.set()
         thread.join(timeout=5)
+        poll()  # what was said since the last poll
         drawer.close()
         try:
             ray.kill(board)

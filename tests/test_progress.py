@@ -25,3 +25,26 @@ def test_a_log_gets_a_line_per_quarter_and_none_without_a_rate(monkeypatch):
         t(step, 10)
     t.close()
     assert out.getvalue().count("\r") == 10 and out.getvalue().endswith("\n")
+
+
+def test_lines_said_to_the_board_reach_the_log_as_they_come_and_once(ray_local):
+    import time
+
+    from services.progress import ProgressPoster, progress_line
+
+    log: list[str] = []
+    said: list[str] = []
+    with progress_line("test-run", "evaluate", "evaluation", log.append, tty=False,
+                       said=said) as name:
+        poster = ProgressPoster(name)  # as an actor holds it
+        poster.say("[evaluate] detector")
+        poster.say("[evaluate] canary audit")
+        deadline = time.time() + 20
+        while len(log) < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        assert log == ["[evaluate] detector", "[evaluate] canary audit"]  # before the end
+        poster.say("[evaluate] memorisation checks")  # said just before the block ends
+    assert said == log == ["[evaluate] detector", "[evaluate] canary audit",
+                           "[evaluate] memorisation checks"]
+    # control: without a board (a stage run outside the pipeline) saying is a no-op
+    ProgressPoster(None).say("nothing")

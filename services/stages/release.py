@@ -76,8 +76,9 @@ def evaluate(ctx: RunContext, stage: Stage) -> dict:
     test = ctx.inputs.test
     canaries, reference = _canary_args(ctx)
     # sens_ref: the diagnostic's members and the ceiling's training data (never written)
+    said: list[str] = []  # the evaluator's lines already shown as they came
     with progress_line(ctx.mlflow_run_id or "run", stage.name, "evaluation: FID Inception",
-                       ctx.log, unit="images") as board:
+                       ctx.log, unit="images", said=said) as board:
         ev = ray.get(_evaluator(ctx).evaluate.remote((test.images, test.labels),
                                                      ctx.class_names, ctx.sens_ref,
                                                      ctx.ledger.epsilon(), canaries, reference,
@@ -87,7 +88,7 @@ def evaluate(ctx: RunContext, stage: Stage) -> dict:
     report = ctx.run_dir / "evaluation_report.html"
     report.write_text(ev.pop("report_html"))
     ctx.tracker.file_artifact(report)
-    for line in ev.pop("log", []):
+    for line in ev.pop("log", [])[len(said):]:
         ctx.log(line)
     if ev.get("audit_ok") == 0:
         ctx.log("[privimage] " + "!" * 72 + f"\n[privimage] {ev['audit_message']}\n"
