@@ -58,8 +58,8 @@ def fidelity(ctx: EvaluationContext) -> None:
     m["fid_seconds"] = feat_s + time.time() - t0  # FID costs the feature pass too
     with ctx.timed("kid"):  # unbiased at any N: comparable where small-N FID is not
         m["kid"], m["kid_std"] = kernel_inception_distance(f_syn, f_real, seed=ctx.seed)
-    ctx.log(f"[evaluate] fid: {m['fid_seconds']:.1f}s ({feat_s:.1f}s Inception features, "
-            f"{2 * n} images)")
+    ctx.log(f"[evaluate] fidelity: FID {m['fid']:.2f}, KID {m['kid']:.4f} on {n:,} synthetic "
+            f"against {n:,} real test images")
     if e.precision_recall:
         with ctx.timed("precision_recall"):  # reuses the FID features
             m["precision"], m["recall"] = precision_recall(f_real, f_syn, k=e.pr_k)
