@@ -25,7 +25,8 @@ from services.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-PAGES = ["privacy.md", "cluster.md", "configuration.md", "extending.md", "results.md", "data.md"]
+PAGES = ["privacy.md", "cluster.md", "configuration.md", "extending.md", "results.md", "data.md",
+         "log.md"]
 
 
 def _load(rel: str):
