@@ -7,8 +7,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
+from privimage_core.data.colour import is_grayscale, recolour as recolour_batch
 from privimage_core.models.base import PublicTrainer
 
 
@@ -46,12 +48,25 @@ def resolve_precision(precision: str, device: torch.device | str,
     return "bf16" if dev.type == "cpu" and cpu_has_amx() else "fp32"
 
 
+def resolve_recolour(mode: str, channels: int, public_images: np.ndarray) -> bool:
+    """Whether pre-training recolours its images (``pretrain.recolour``):
+    'auto' is on for an RGB run (``channels`` 3) whose public images are
+    grayscale, decided from those public images alone."""
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"pretrain.recolour={mode!r}; use auto, on or off")
+    if mode != "auto":
+        return mode == "on"
+    return channels == 3 and is_grayscale(public_images)
+
+
 def pretrain(trainer: PublicTrainer, after_step: Callable[[], None], x: torch.Tensor,
              y: torch.Tensor, steps: int, batch_size: int, seed: int = 0, start_step: int = 0,
              on_step: Callable[[int, float, float], None] | None = None,
-             checkpoint_every: int = 0, on_checkpoint: Callable[[int], None] | None = None) -> int:
+             checkpoint_every: int = 0, on_checkpoint: Callable[[int], None] | None = None,
+             recolour: bool = False) -> int:
     """Minibatch training on (x in [-1, 1], y class ids); ``after_step`` runs
-    after every step (the EMA update).
+    after every step (the EMA update). ``recolour``: map every image's black
+    and white to two random contrasting colours (resolve_recolour).
 
     Resumable: ``start_step`` continues the step count and the minibatch stream
     (the generator is re-seeded per step, so a resumed run draws what the
@@ -69,6 +84,11 @@ def pretrain(trainer: PublicTrainer, after_step: Callable[[], None], x: torch.Te
         # Light augmentation for the public images: +-1 px shifts.
         shift = torch.randint(-1, 2, (2,), generator=g).tolist()
         xb = torch.roll(xb, shifts=shift, dims=(2, 3))
+        if recolour:
+            # Every image, none grayscaled: the sensitive images of an RGB run
+            # are all in colour. Public images and the seed's stream only, so
+            # no privacy cost; off, the stream is drawn exactly as before.
+            xb = recolour_batch(xb, g, p=1.0, grayscale_p=0.0)
         loss = trainer.step(xb, yb, g)
         after_step()
         step += 1

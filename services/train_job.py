@@ -30,6 +30,9 @@ class TrainJob:
     progress_board: str | None = None
     # Weights to start from (ray.ObjectRef of state_bytes), None = random init.
     init_ref: Any = None
+    # Pre-training only: recolour the public images (pretrain.resolve_recolour,
+    # resolved on the driver from the public images).
+    recolour: bool = False
     # DP stages only:
     part: str | None = None        # Stage.options["part"]: the family part trained
     ledger: dict | None = None     # the run's ledger when the stage starts

@@ -157,6 +157,7 @@ def pretrain_loop(config: dict) -> None:
     step = pretrain(trainer, lambda: ema.update(release), x.to(dev), y.to(dev), steps,
                     max(1, cfg.pretrain.batch_size // world), seed=cfg.run.seed + 7919 * rank,
                     start_step=start, on_step=on_step, checkpoint_every=job.checkpoint_every,
+                    recolour=job.recolour,
                     on_checkpoint=lambda s: _report({"step": s, "precision": precision}, rank,
                                                     lambda d: save(d, s)))
     ck = job.checkpoint_every

@@ -43,7 +43,7 @@ def test_method_runs_end_to_end_on_rgb_folder(tmp_path, ray_local, method):
     rebuilds from its manifest and the synthetic set is 32x32 RGB; with a
     semantic query, the query function was trained at 32x32x3 in the
     luminance view (the default) and its DP histogram is 10 classes by the
-    pool's labels."""
+    pool's labels; pre-training recoloured the grayscale public images."""
     import json
     from pathlib import Path
 
@@ -70,12 +70,14 @@ def test_method_runs_end_to_end_on_rgb_folder(tmp_path, ray_local, method):
     assert syn.images.shape == (cfg.sampling.num_images, 32, 32, 3)
     assert syn.images.dtype == np.uint8 and set(syn.labels.tolist()) <= set(range(10))
     assert 0.0 <= s["accuracy"] <= 1.0
+    state = json.loads((Path(s["run_dir"]) / "pipeline_state.json").read_text())
+    # grayscale public images, an RGB run: pretrain.recolour auto is on
+    assert all(state["stages"][st.name]["recolour"] for st in m.stages if st.kind == "pretrain")
     if m.has("semantic_query"):
         # auto, on the grayscale glyph pool, reads every image by its luminance
         assert cfg.semantic_query.colour == "auto"
         assert any("images seen as: luminance" in ln for ln in lines), lines
         name = next(st.name for st in m.stages if st.kind == "semantic_query")
-        state = json.loads((Path(s["run_dir"]) / "pipeline_state.json").read_text())
         saved = state["stages"][name]
         assert np.asarray(saved["noisy_histograms"]).shape == (10, 62)  # the glyph labels
         assert len(saved["significance"]["significant"]) == 10

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from privimage_core.config import from_dict
+from privimage_core.data.colour import GRAYSCALE_P, RECOLOUR_MIN_CONTRAST, RECOLOUR_P, recolour
 from privimage_core.data.imageset import ImageSet
 from privimage_core.data.sources import build_public_pool, load_source
 from privimage_core.errors import ConfigError
-from privimage_core.selection.semantic_query import (GRAYSCALE_P, RECOLOUR_MIN_CONTRAST,
-                                                     RECOLOUR_P, luminance_view, predict_topk,
-                                                     recolour, resolve_colour, train_semantic_query)
+from privimage_core.selection.semantic_query import (luminance_view, predict_topk,
+                                                     resolve_colour, train_semantic_query)
 from tests.helpers import repo_script
 
 gen = repo_script("scripts/make_coloured_digits.py")

@@ -12,6 +12,11 @@ from privimage_core.config.types import require as _require
 # "auto" = bf16 autocast where the hardware runs it natively (a CPU with AMX,
 # a CUDA GPU with bf16) and the family supports it, else fp32.
 PRETRAIN_PRECISIONS = ("auto", "fp32", "bf16")
+# Random recolouring of the public images during pre-training only
+# (privimage_core/pretrain.resolve_recolour): "auto" = on when data.channels
+# is 3 and the public images are grayscale (decided from the public images
+# alone), else off.
+PRETRAIN_RECOLOUR = ("auto", "on", "off")
 
 
 @dataclass
@@ -25,6 +30,12 @@ class PretrainConfig:
     # its speed and its effect on downstream accuracy were measured on a
     # validation split (benchmarks/results/quality-explore-*).
     precision: str = "auto"
+    # One of PRETRAIN_RECOLOUR. On, each public image's black and white are
+    # mapped to two random contrasting colours, so a generator pre-trained on
+    # grayscale glyphs already draws shapes in any colour pair and DP
+    # fine-tuning on coloured sensitive images only has to shift the colours.
+    # Public images and the run's seed only: no privacy cost.
+    recolour: str = "auto"
 
     def validate(self) -> None:
         _require(self.steps >= 0, "pretrain.steps must be >= 0")
@@ -32,6 +43,9 @@ class PretrainConfig:
         _require(self.precision in PRETRAIN_PRECISIONS,
                  f"pretrain.precision must be one of {', '.join(PRETRAIN_PRECISIONS)}, "
                  f"got '{self.precision}'")
+        _require(self.recolour in PRETRAIN_RECOLOUR,
+                 f"pretrain.recolour must be one of {', '.join(PRETRAIN_RECOLOUR)}, "
+                 f"got '{self.recolour}'")
         _require(0 <= self.ema_decay < 1,
                  f"pretrain.ema_decay must be in [0, 1), got {self.ema_decay}")
 

@@ -32,20 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from privimage_core.config.sections import COLOUR_MODES
+from privimage_core.data.colour import is_grayscale, luma, recolour  # shared with pre-training
 from privimage_core.data.imageset import ImageSet
 from privimage_core.data.imageset import writable_tensor
-
-
-# augment: the share of each batch recoloured, the least difference of the
-# two colours in some channel (on [0, 1]), and the share then grayscaled.
-RECOLOUR_P, RECOLOUR_MIN_CONTRAST, GRAYSCALE_P = 0.75, 0.35, 0.1
-_LUMA = (0.299, 0.587, 0.114)
-
-
-def _luma(x: torch.Tensor) -> torch.Tensor:
-    """[N, C, H, W] -> [N, 1, H, W]: Rec. 601 luminance of RGB, or the one channel."""
-    return (x * x.new_tensor(_LUMA)[None, :, None, None]).sum(1, keepdim=True) \
-        if x.shape[1] == 3 else x[:, :1]
 
 
 def luminance_view(x: torch.Tensor) -> torch.Tensor:
@@ -53,37 +42,13 @@ def luminance_view(x: torch.Tensor) -> torch.Tensor:
     (C = 3: Rec. 601 weights), negated when its one-pixel border is brighter
     than its mean (a bright background: make it dark, as in the public pool),
     min-max stretched to [-1, 1] and repeated over the C channels."""
-    lum = _luma(x)
+    lum = luma(x)
     border = torch.cat([lum[:, :, 0], lum[:, :, -1], lum[:, :, :, 0], lum[:, :, :, -1]], dim=2)
     flip = border.mean(dim=(1, 2)) > lum.mean(dim=(1, 2, 3))
     lum = torch.where(flip[:, None, None, None], -lum, lum)
     lo = lum.amin(dim=(1, 2, 3), keepdim=True)
     span = (lum.amax(dim=(1, 2, 3), keepdim=True) - lo).clamp_min(1e-3)
     return ((lum - lo) / span * 2 - 1).expand(-1, x.shape[1], -1, -1)
-
-
-def recolour(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """The ``augment`` mode's colour augmentation of a batch in [-1, 1]: a
-    RECOLOUR_P share of the images has each channel's black and white mapped
-    to a random background and stroke colour (per-channel gains of either
-    sign: colour jitter and inversion), contrasting by at least
-    RECOLOUR_MIN_CONTRAST in some channel; for RGB a GRAYSCALE_P share is
-    then reduced to its luminance. Public randomness only (``gen``)."""
-    n, c = x.shape[:2]
-    bg, fg = torch.rand(n, c, generator=gen), torch.rand(n, c, generator=gen)
-    for _ in range(100):  # redraw the pairs without contrast
-        weak = (fg - bg).abs().amax(dim=1) < RECOLOUR_MIN_CONTRAST
-        if not weak.any():
-            break
-        bg[weak] = torch.rand(int(weak.sum()), c, generator=gen)
-        fg[weak] = torch.rand(int(weak.sum()), c, generator=gen)
-    mapped = bg[:, :, None, None] + (fg - bg)[:, :, None, None] * (x + 1) / 2
-    pick = torch.rand(n, generator=gen) < RECOLOUR_P
-    out = torch.where(pick[:, None, None, None], mapped * 2 - 1, x)
-    if c == 3:
-        gray = torch.rand(n, generator=gen) < GRAYSCALE_P
-        out = torch.where(gray[:, None, None, None], _luma(out).expand_as(out), out)
-    return out
 
 
 class _Block(nn.Module):
@@ -141,9 +106,7 @@ def resolve_colour(colour: str, public_images: np.ndarray) -> str:
         raise ValueError(f"colour={colour!r}; use one of {', '.join(COLOUR_MODES)}")
     if colour != "auto":
         return colour
-    x = np.asarray(public_images)
-    gray = x.shape[-1] == 1 or bool((x[..., :1] == x).all())
-    return "luminance" if gray else "none"
+    return "luminance" if is_grayscale(public_images) else "none"
 
 
 def train_semantic_query(pool: ImageSet, width: int = 32, epochs: int = 2, batch_size: int = 128,

@@ -23,6 +23,7 @@ from privimage_core.methods import Stage
 from privimage_core.models import build_model, get_family
 from privimage_core.models.release import ReleaseManifest, write_release
 from privimage_core.models.state import state_bytes
+from privimage_core.pretrain import resolve_recolour
 from privimage_core.privacy.ledger import PrivacyLedger
 from services import interrupts
 from services.progress import progress_line
@@ -114,13 +115,19 @@ def release_file(stage: Stage) -> str:
     return RELEASE_FILE if stage.is_release else f"dp_{stage.name}.pt"
 
 
-def _pretrain_key(ctx: RunContext, stage: Stage, labels) -> str:
+def _pretrain_key(ctx: RunContext, stage: Stage, labels, recolour: bool = False) -> str:
     """Digest of everything public pre-training depends on: the family and
     its settings, the public pool's settings, the seed and the data choice
-    (for PrivImage the selection, a DP output). Ray/Tune settings aside."""
+    (for PrivImage the selection, a DP output). Ray/Tune settings aside.
+    pretrain.recolour enters as its resolved value, and only when on: runs
+    without recolouring keep the keys (and cache entries) they had before
+    the option existed, whatever it says."""
     c = ctx.cfg.to_dict()
     data = pretrain_data(ctx, stage)
-    key = {"family": ctx.method.family, "generator": c["generator"], "pretrain": c["pretrain"],
+    settings = {k: v for k, v in c["pretrain"].items() if k != "recolour"}
+    if recolour:
+        settings["recolour"] = True
+    key = {"family": ctx.method.family, "generator": c["generator"], "pretrain": settings,
            "data": {k: c["data"][k] for k in ("public", "image_size", "channels", "resize",
                                               "public_max_per_class", "glyph_max_fonts",
                                               "glyph_copies_per_font")},
@@ -135,18 +142,25 @@ def _pretrain_key(ctx: RunContext, stage: Stage, labels) -> str:
 def pretrain(ctx: RunContext, stage: Stage) -> dict:
     images, labels = pretrain_images(ctx, stage)
     data = pretrain_data(ctx, stage)
+    # decided from the public images alone: no privacy cost
+    recolour = resolve_recolour(ctx.cfg.pretrain.recolour, ctx.cfg.data.channels, images)
+    mlflow.set_tag("pretrain_recolour", "on" if recolour else "off")
+    colours = (f"recoloured at random, pretrain.recolour: {ctx.cfg.pretrain.recolour}"
+               if recolour else f"as they are, pretrain.recolour: {ctx.cfg.pretrain.recolour}")
     cache = Path(ctx.cfg.run.output_dir).resolve() / "cache" / \
-        f"pretrain-{_pretrain_key(ctx, stage, labels)}.pt"
+        f"pretrain-{_pretrain_key(ctx, stage, labels, recolour)}.pt"
     if ctx.cfg.run.cache_public and cache.is_file():
         init = torch.load(cache, map_location="cpu")
         torch.save(init, ctx.run_dir / PRETRAINED_FILE)
         ctx.values["init_state"] = ctx.values["pretrained_state"] = init
         ctx.finish(stage, {"steps": ctx.cfg.pretrain.steps, "images": len(labels),
-                           "data": data, "cached": str(cache)})
-        ctx.log(f"[privimage] pre-training: reused {cache.name} (public, same settings)")
+                           "data": data, "cached": str(cache), "recolour": recolour})
+        ctx.log(f"[privimage] pre-training: reused {cache.name} (public, same settings; "
+                f"images {colours})")
         return {"cached": 1, "num_pretrain_images": len(labels)}
     job = _job(ctx, stage, ray.put((images, labels)), mlflow.active_run().info.run_id,
-               checkpoint_every=max(1, ctx.cfg.pretrain.steps // ctx.cfg.ray.checkpoints_per_stage))
+               checkpoint_every=max(1, ctx.cfg.pretrain.steps // ctx.cfg.ray.checkpoints_per_stage),
+               recolour=recolour)
     res = _fit(ctx, stage, pretrain_loop, job, ctx.cfg.pretrain.steps)
     model, ema = _model_state(res)
     init = _with_ema(model, ema, _release_prefix(ctx))
@@ -162,9 +176,10 @@ def pretrain(ctx: RunContext, stage: Stage) -> dict:
     precision = res.metrics.get("precision", "fp32")
     mlflow.set_tag("pretrain_precision", precision)  # resolved on the worker's hardware
     ctx.finish(stage, {"steps": steps, "images": len(labels), "data": data,
-                       "precision": precision})
+                       "precision": precision, "recolour": recolour})
     ctx.log(f"[privimage] pre-training done: {steps} steps on {len(labels)} public images "
-            f"({data}; {precision} arithmetic, pretrain.precision: {ctx.cfg.pretrain.precision})")
+            f"({data}; {precision} arithmetic, pretrain.precision: {ctx.cfg.pretrain.precision}; "
+            f"images {colours})")
     return {"steps": steps, "num_pretrain_images": len(labels)}
 
 
