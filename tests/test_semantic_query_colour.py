@@ -39,13 +39,14 @@ def test_the_key_is_validated_and_its_values_are_the_functions():
         train_semantic_query(pool, colour="rgb")
 
 
-def test_auto_reads_a_grayscale_pool_by_luminance_and_keeps_a_colour_pools_colours():
+def test_auto_reads_a_gray_pool_by_luminance_in_rgb_runs_only():
     rng = np.random.default_rng(0)
     gray1 = rng.integers(0, 256, (8, 6, 6, 1), dtype=np.uint8)
     gray3 = np.repeat(gray1, 3, axis=-1)  # grayscale stored as RGB: still no colour
     colour = gray3.copy()
     colour[3, 2, 2, 1] ^= 1  # one pixel of one image off gray: a colour pool
-    assert resolve_colour("auto", gray1) == resolve_colour("auto", gray3) == "luminance"
+    assert resolve_colour("auto", gray3) == "luminance"  # an RGB run, a gray pool
+    assert resolve_colour("auto", gray1) == "none"  # a one-channel run: no colour gap
     assert resolve_colour("auto", colour) == "none"
     for mode in ("luminance", "augment", "none"):  # an explicit mode is kept
         assert resolve_colour(mode, colour) == resolve_colour(mode, gray1) == mode

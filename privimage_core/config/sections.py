@@ -116,10 +116,10 @@ QUERY_ARCHITECTURES = ("small_resnet", "efficientnet_lite0", "resnet18", "resnet
 #              some then grayscaled; predict on the images as they are (keeps
 #              colour; learns the public labels worse at the default epochs);
 #   none       the images as they are (blind to digits in other colours);
-#   auto       luminance when the public images are grayscale (one channel, or
-#              three equal ones), none when they have colour of their own
-#              (a colour public pool such as ImageNet: its colours carry the
-#              semantics): decided from public images only.
+#   auto       luminance when the run is in RGB and the public images are
+#              grayscale (three equal channels), else none: a one-channel run
+#              has no colour gap, and a colour pool (ImageNet) keeps its
+#              colours, which carry its semantics; decided from public images.
 COLOUR_MODES = ("auto", "luminance", "augment", "none")
 
 

@@ -99,14 +99,16 @@ def _augment(x: torch.Tensor, gen: torch.Generator, colour: str) -> torch.Tensor
 
 def resolve_colour(colour: str, public_images: np.ndarray) -> str:
     """``colour`` (one of COLOUR_MODES) with ``auto`` decided from public
-    images (uint8 [N, H, W, C]): ``luminance`` when they are grayscale (one
-    channel, or three equal ones), else ``none``, since a colour pool's
-    colours are part of what its labels mean."""
+    images (uint8 [N, H, W, C], at the run's channels): ``luminance`` when a
+    run in RGB has a grayscale pool (three equal channels: the colour gap),
+    else ``none``: a one-channel run has no colour to bridge, and a colour
+    pool's colours are part of what its labels mean."""
     if colour not in COLOUR_MODES:
         raise ValueError(f"colour={colour!r}; use one of {', '.join(COLOUR_MODES)}")
     if colour != "auto":
         return colour
-    return "luminance" if is_grayscale(public_images) else "none"
+    rgb = np.asarray(public_images).shape[-1] == 3
+    return "luminance" if rgb and is_grayscale(public_images) else "none"
 
 
 def train_semantic_query(pool: ImageSet, width: int = 32, epochs: int = 2, batch_size: int = 128,
