@@ -263,6 +263,9 @@ def test_fid_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(fid, "extract_features", boom)
     f2, mu2, _ = cache.features(real, fake)  # served from disk
     assert np.array_equal(f1, f2) and np.array_equal(mu, mu2)
+    # CPU features keep their key; an accelerator's (TF32) are never served for them
+    assert cache.cached(real, fake, device=torch.device("cpu"))
+    assert not cache.cached(real, fake, device="cuda:0")
     with pytest.raises(AssertionError):  # other model id -> other key
         other = fake_inception()
         other.model_id = "fake-v2"

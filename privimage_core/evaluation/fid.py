@@ -263,9 +263,14 @@ def frechet_distance_from_features(f1: np.ndarray, f2: np.ndarray) -> float:
     return float(diff @ diff + tr1 + tr2 - 2.0 * nuc)
 
 
-def _images_key(images: np.ndarray, model_id: str, resize: str) -> str:
+def _images_key(images: np.ndarray, model_id: str, resize: str, device="cpu") -> str:
     h = hashlib.sha1(np.ascontiguousarray(images).tobytes())
     h.update(f"{images.shape}|{images.dtype}|{model_id}|{resize}".encode())
+    # features from an accelerator differ in the last digits (TF32 convolutions):
+    # they get keys of their own; CPU keys are what they always were
+    kind = str(device).split(":")[0]
+    if kind != "cpu":
+        h.update(f"|{kind}".encode())
     return h.hexdigest()
 
 
@@ -292,7 +297,7 @@ class FIDCache:
         """(feats, mu, sigma) of ``images``, from disk when cached."""
         x = _as_uint8(images)
         model = model if model is not None else load_fid_inception()
-        key = _images_key(x, getattr(model, "model_id", "custom"), resize)
+        key = _images_key(x, getattr(model, "model_id", "custom"), resize, device)
         p = self.path(key)
         if p is not None and p.is_file():
             try:
@@ -310,9 +315,9 @@ class FIDCache:
             tmp.replace(p)  # atomic: concurrent evaluators never read half a file
         return feats, mu, sigma
 
-    def cached(self, images, model, resize: str = "nv_bilinear") -> bool:
+    def cached(self, images, model, resize: str = "nv_bilinear", device="cpu") -> bool:
         """Whether ``features`` would read these images' features from disk."""
-        key = _images_key(_as_uint8(images), getattr(model, "model_id", "custom"), resize)
+        key = _images_key(_as_uint8(images), getattr(model, "model_id", "custom"), resize, device)
         p = self.path(key)
         return p is not None and p.is_file()
 

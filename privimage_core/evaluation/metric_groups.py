@@ -41,7 +41,7 @@ def fidelity(ctx: EvaluationContext) -> None:
     cache = fidlib.FIDCache(ctx.fid_cache_dir)
     real_imgs = ctx.real_test.images[ctx.parts["fid"][:n]]
     # one progress count over both passes (the real one only when not cached)
-    todo = n + (0 if cache.cached(real_imgs, model) else n)
+    todo = n + (0 if cache.cached(real_imgs, model, device=ctx.device) else n)
 
     def ticker(offset: int):
         return None if ctx.progress is None else (lambda done: ctx.progress(offset + done, todo))
