@@ -10,7 +10,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from privimage_core.data.colour import is_grayscale, recolour as recolour_batch
+from privimage_core.config.training import PRETRAIN_RECOLOUR
+from privimage_core.data.colour import colour_gap, recolour as recolour_batch
 from privimage_core.models.base import PublicTrainer
 
 
@@ -52,11 +53,11 @@ def resolve_recolour(mode: str, channels: int, public_images: np.ndarray) -> boo
     """Whether pre-training recolours its images (``pretrain.recolour``):
     'auto' is on for an RGB run (``channels`` 3) whose public images are
     grayscale, decided from those public images alone."""
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"pretrain.recolour={mode!r}; use auto, on or off")
+    if mode not in PRETRAIN_RECOLOUR:
+        raise ValueError(f"pretrain.recolour={mode!r}; use one of {', '.join(PRETRAIN_RECOLOUR)}")
     if mode != "auto":
         return mode == "on"
-    return channels == 3 and is_grayscale(public_images)
+    return channels == 3 and colour_gap(public_images)
 
 
 def pretrain(trainer: PublicTrainer, after_step: Callable[[], None], x: torch.Tensor,

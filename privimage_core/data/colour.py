@@ -56,3 +56,11 @@ def is_grayscale(images: np.ndarray) -> bool:
     first = images[..., :1]
     return bool(all(np.array_equal(images[..., c:c + 1], first)
                     for c in range(1, images.shape[-1])))
+
+
+def colour_gap(public_images: np.ndarray) -> bool:
+    """Whether public images at an RGB run's three channels carry no colour
+    (a grayscale pool repeated over RGB): the gap between a grayscale public
+    pool and coloured sensitive images that ``semantic_query.colour: auto``
+    and ``pretrain.recolour: auto`` bridge. Public images only."""
+    return np.asarray(public_images).shape[-1] == 3 and is_grayscale(public_images)

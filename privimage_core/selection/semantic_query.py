@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from privimage_core.config.sections import COLOUR_MODES
-from privimage_core.data.colour import is_grayscale, luma, recolour  # shared with pre-training
+from privimage_core.data.colour import colour_gap, luma, recolour  # shared with pre-training
 from privimage_core.data.imageset import ImageSet
 from privimage_core.data.imageset import writable_tensor
 
@@ -107,8 +107,7 @@ def resolve_colour(colour: str, public_images: np.ndarray) -> str:
         raise ValueError(f"colour={colour!r}; use one of {', '.join(COLOUR_MODES)}")
     if colour != "auto":
         return colour
-    rgb = np.asarray(public_images).shape[-1] == 3
-    return "luminance" if rgb and is_grayscale(public_images) else "none"
+    return "luminance" if colour_gap(public_images) else "none"
 
 
 def train_semantic_query(pool: ImageSet, width: int = 32, epochs: int = 2, batch_size: int = 128,
