@@ -309,6 +309,9 @@ def test_unlabelled_shards_are_labelled_by_the_classifier_and_then_indexed(pool,
     calls.clear()
     label_shards(src, tmp_path / "out", predict, names, "stand-in", 32, 3)
     assert not calls
+    # control: another classifier (another note) is never served those labels
+    label_shards(src, tmp_path / "out", predict, names, "stand-in v2", 32, 3)
+    assert sum(calls) == 600
     # refused: labelled input, and writing over the input
     with pytest.raises(DataError, match="already has a 'label' column"):
         label_shards(pool, tmp_path / "o2", predict, names, "x")

@@ -14,6 +14,7 @@ would be refused by the index), named in ``classes.txt``.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -40,6 +41,11 @@ class _Unit:
 
     def __init__(self, name: str, parquet: Path | None = None, files: list[Path] | None = None):
         self.name, self.parquet, self.files = name, parquet, files
+
+    def identity(self) -> list:
+        """What the unit's images are: its files' paths, sizes and mtimes."""
+        stats = [self.parquet] if self.files is None else self.files
+        return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in stats]
 
     def blobs(self, batch: int) -> Iterator[list[bytes]]:
         if self.files is not None:
@@ -99,9 +105,13 @@ def label_shards(src: str | os.PathLike, out: str | os.PathLike,
     cache = out / ".predictions"
     cache.mkdir(parents=True, exist_ok=True)
     hw = _size(image_size)
+    # a unit's cached predictions are reused only for the same images, the
+    # same classifier (its note names the weights' digest) and class list
+    setting = json.dumps([note, class_names, image_size, channels])
     preds = []
     for u in units:
-        path = cache / f"{u.name}.npy"
+        key = hashlib.sha256(json.dumps([setting, u.identity()]).encode()).hexdigest()[:16]
+        path = cache / f"{u.name}-{key}.npy"
         if not path.is_file():
             labels = []
             for blobs in u.blobs(batch):
