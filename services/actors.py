@@ -124,7 +124,8 @@ class PublicSelector:
                               "pre-trained classifier knows (semantic_query.pretrained_classes); "
                               "lower selection.k1 or selection.selection_ratio")
         x = ImageSet(images, labels, [str(i) for i in range(num_classes)]).to_tensor()
-        topk = predict_topk(self.model, x, k=k1)
+        topk = predict_topk(self.model, x, k=k1,
+                            batch_size=getattr(self.model, "predict_batch_size", 1000))
         dist = query_semantic_distribution(topk, labels, len(self.index.label_names), num_classes,
                                            k1, k2, sigma_q, ledger)
         del x, topk, images, labels

@@ -53,8 +53,9 @@ def train_query_stream(index: PublicIndex, q: SemanticQueryConfig, seed: int, wo
         val = read_images(index, vt, workers), vt.column("label").to_numpy()
     per_epoch = min(len(train_pos), q.max_images_per_epoch or len(train_pos))
     # auto: judged on public rows (the held-out ones, or the first few)
-    colour = resolve_colour(q.colour, val[0] if val is not None else
-                            read_images(index, index.table.slice(0, 256), workers))
+    colour = q.colour if q.colour != "auto" else resolve_colour(
+        q.colour, val[0] if val is not None else read_images(index, index.table.slice(0, 256),
+                                                              workers))
 
     def epoch_table(ep: int) -> pa.Table:
         pos = train_pos if per_epoch == len(train_pos) else np.sort(
@@ -166,7 +167,8 @@ def pretrained_query(index: PublicIndex, q: SemanticQueryConfig, seed: int, work
     take = np.sort(np.random.default_rng([seed, 9]).choice(
         known.num_rows, min(sample, known.num_rows), replace=False))
     t = known.take(take)
-    pred = predict_topk(model, to_model_input(read_images(index, t, workers)), k=1)[:, 0]
+    pred = predict_topk(model, to_model_input(read_images(index, t, workers)), k=1,
+                        batch_size=model.predict_batch_size)[:, 0]
     acc = float((pred == t.column("label").to_numpy()).mean()) if len(pred) else float("nan")
     return model, {"public_val_accuracy": acc, "matched_public_labels": len(set(pool_ids)),
                    "classifier_classes": len(names)}

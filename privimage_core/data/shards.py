@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pyarrow.types as pat
 
@@ -255,6 +254,3 @@ def read_part(cache_dir: str | os.PathLike, digest: str) -> tuple[np.ndarray, np
     t = pq.read_table(part_path(cache_dir, digest))
     return t.column("label").to_numpy(), t.column("row").to_numpy()
 
-
-def label_range_ok(labels: np.ndarray, num_classes: int) -> bool:
-    return not len(labels) or int(pc.max(pa.array(labels)).as_py()) < num_classes

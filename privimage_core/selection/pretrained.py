@@ -83,7 +83,7 @@ def load_classifier(weights: str, architecture: str, num_classes: int) -> nn.Mod
         net.load_state_dict(state)
     except Exception as e:  # torch raises several types for a wrong file
         raise DataError(f"semantic_query.pretrained: {weights} does not hold {architecture} "
-                        f"weights for {num_classes} classes ({str(e).splitlines()[0][:120]}); "
+                        f"weights for {num_classes} classes ({(str(e) or type(e).__name__).splitlines()[0][:120]}); "
                         "check semantic_query.architecture and pretrained_classes") from e
     return net.eval()
 
@@ -117,6 +117,9 @@ class PretrainedQuery(nn.Module):
         # the pool labels it can predict: a top-k beyond them would draw
         # among labels of logit -inf, which it does not know
         self.num_known_labels = len(set(pool_ids))
+        # it sees every image at input_size (224 by default): predict in
+        # batches that fit in memory, not the small network's 1,000
+        self.predict_batch_size = 128
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x + 1) / 2
