@@ -269,6 +269,9 @@ def test_a_public_folder_is_indexed_from_its_listing_one_shard_per_class(tmp_pat
     with pytest.raises(DataError, match=r"owl/big.png is 30x30 mode L, expected 28x28 mode L; "
                                         r"set data.image_size: 30 .* or data.resize: true"):
         src.read_rows("owl", np.arange(5), 28, 1)
+    # an image removed after indexing: one line that says to index again
+    with pytest.raises(DataError, match="cat has fewer images than its index"):
+        src.read_rows("cat", np.arange(4), 28, 1)
 
 
 # ------------------------------------------------------------------ public data without labels

@@ -103,6 +103,9 @@ class StreamedSource:
         path = self.shard_path(shard)
         if self.kind == "folder":
             files = class_files(path)
+            if len(rows) and (rows.min() < 0 or rows.max() >= len(files)):
+                raise DataError(f"data.public {self.spec!r}: {shard} has fewer images than its "
+                                "index; it changed after indexing: run again to rebuild the index")
             blobs = [files[r].read_bytes() for r in rows]
             where = [f"{shard}/{files[r].relative_to(path)}" for r in rows]
             resize = False
