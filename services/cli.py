@@ -104,16 +104,9 @@ def mlflow_browse_lines(uri: str, experiment_id: str | None, run_id: str) -> str
 
 
 def cmd_run(a) -> int:
-    # lazy: each subcommand imports what it runs: --help starts without Ray or torch
-    from services import ray_runtime
-    # lazy: each subcommand imports what it runs: --help starts without Ray or torch
-    from services.interrupts import as_interrupted
-    # lazy: each subcommand imports what it runs: --help starts without Ray or torch
-    from services.pipeline import preflight, run_pipeline
-    # lazy: each subcommand imports what it runs: --help starts without Ray or torch
-    from services.run_store import load_state
-
     if a.resume:
+        # lazy: the run store imports the ledger and so Opacus and torch
+        from services.run_store import load_state
         if a.set or a.config:
             raise PrivImageError("--resume finishes a run with the config its budget was planned "
                                  "with; drop --set/--config, or start a new run to change settings")
@@ -121,14 +114,21 @@ def cmd_run(a) -> int:
             return _print_config(from_dict(load_state(Path(a.resume))["config"]))
         cfg = None
     else:
-        cfg = _config(a)
+        cfg = _config(a)  # a config error is one line, before the pipeline is imported
         if a.print_config:
             return _print_config(cfg)
-        if a.dry_run:
-            found = preflight(cfg)
-            _print_config(cfg)
-            print("\n".join(plan_comment(found)))
-            return 0
+    # lazy: the pipeline imports Ray, Opacus and MLflow (seconds); only a valid config gets here
+    from services import ray_runtime
+    # lazy: as above
+    from services.interrupts import as_interrupted
+    # lazy: as above
+    from services.pipeline import preflight, run_pipeline
+
+    if cfg is not None and a.dry_run:
+        found = preflight(cfg)
+        _print_config(cfg)
+        print("\n".join(plan_comment(found)))
+        return 0
     try:
         s = run_pipeline(cfg, resume_dir=a.resume)
     except KeyboardInterrupt as e:
@@ -143,32 +143,32 @@ def cmd_run(a) -> int:
 
 
 def cmd_validate(a) -> int:
-    # lazy: each subcommand imports what it runs: --help starts without Ray or torch
-    from services.pipeline import preflight
-    cfg = _config(a)
+    cfg = _config(a)  # a config error is one line, before the pipeline is imported
     if a.print_config:
         return _print_config(cfg)
+    # lazy: the pipeline imports Ray, Opacus and MLflow (seconds)
+    from services.pipeline import preflight
     print(json.dumps({"ok": True, **preflight(cfg)}, indent=2))
     return 0
 
 
 def cmd_tune(a) -> int:
-    # lazy: each subcommand imports what it runs: --help starts without Ray or torch
-    from services.tune import run_sweep
-    cfg = _config(a)
+    cfg = _config(a)  # a config error is one line, before the pipeline is imported
     if a.print_config:
         return _print_config(cfg)
+    # lazy: each subcommand imports what it runs: --help starts without Ray or torch
+    from services.tune import run_sweep
     res = run_sweep(cfg)
     print(json.dumps(res, indent=2, default=str))
     return 0
 
 
 def cmd_compare(a) -> int:
-    # lazy: each subcommand imports what it runs: --help starts without Ray or torch
-    from services.compare import run_compare
-    cfg = _config(a)
+    cfg = _config(a)  # a config error is one line, before the pipeline is imported
     if a.print_config:
         return _print_config(cfg)
+    # lazy: each subcommand imports what it runs: --help starts without Ray or torch
+    from services.compare import run_compare
     res = run_compare(cfg)
     print(res["table"])
     print(f"table written to {res['table_path']} and {res['html_path']}")

@@ -196,3 +196,20 @@ def test_a_mistyped_folder_is_named_before_the_missing_test_split(tmp_path):
     root = _folder(tmp_path / "d", {"a": 2, "b": 2})
     with pytest.raises(ConfigError, match="data.sensitive_test"):
         load_inputs(from_dict({"data": {"sensitive": f"folder:{root}"}}))
+
+
+@pytest.mark.parametrize("argv", [["run", "--set", "privacy.target_epsilon=0"],
+                                  ["validate", "--set", "privacy.bogus=1"],
+                                  ["tune", "--set", "selection.selection_ratio=1.5"]])
+def test_a_config_error_is_said_before_the_pipeline_is_imported(argv):
+    """The one line comes in a second or two: the CLI reads and checks the
+    config (the model family's checks load torch) before it imports the
+    pipeline, Ray, Opacus and MLflow (seconds more)."""
+    code = ("import sys\nfrom services.cli import main\n"
+            f"rc = main({argv!r})\n"
+            "heavy = ('ray', 'mlflow', 'opacus', 'services.pipeline')\n"
+            "print([m for m in heavy if m in sys.modules], rc)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=REPO, timeout=120)
+    assert p.stdout.split() == ["[]", "2"], p.stdout + p.stderr
+    assert p.stderr.startswith("error: ") and p.stderr.strip().count("\n") == 0, p.stderr
