@@ -268,10 +268,12 @@ def job_config(tmp: Path) -> dict:
                               "finetune.batch_size": FINETUNE_BATCH},
                       sensitive_n=SENSITIVE_MAX)
     cfg["tracking"] = {"mlflow_uri": f"sqlite:///{(tmp / 'mlflow.db').resolve()}"}
-    # Only the headline classifier: the extra (non-private) evaluations cost
-    # minutes on 2 cores and are covered elsewhere.
+    # Only the headline classifier: the extra (non-private) evaluations and
+    # the audits cost time on 2 cores and run in the in-process end-to-end
+    # test (tests/test_pipeline_e2e.py).
     names = {f.name for f in dataclasses.fields(EvaluationConfig)}
-    for opt in ("precision_recall", "real_ceiling", "utility_matrix", "detector", "mia"):
+    for opt in ("precision_recall", "real_ceiling", "utility_matrix", "detector", "mia",
+                "canary_audit", "memorisation"):
         if opt in names:
             cfg["evaluation"][opt] = False
     if "classifiers" in names:

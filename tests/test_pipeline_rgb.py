@@ -2,8 +2,12 @@
 sensitive data a user ImageFolder of coloured digits
 (scripts/make_coloured_digits.py) with its own test folder, the public pool
 (glyphs) and the canaries converted to RGB at 32 px, the tiny settings of
-tests/helpers.py otherwise. The default method's run is in the default
-suite; every other's is opt-in (-m slow), minutes each on 2 cores."""
+tests/helpers.py otherwise. Opt-in (-m slow): a minute or more each on 2
+cores, on the machinery the default suite runs end to end at 28x28x1
+(tests/test_pipeline_e2e.py); the default suite holds the RGB contracts
+themselves: every family at 32x32x3 (tests/test_family_contract.py), the
+paper's RGB configs on stand-in data (tests/test_paper_configs.py) and the
+colour-robust query function (tests/test_semantic_query_colour.py)."""
 from __future__ import annotations
 
 import pytest
@@ -12,9 +16,8 @@ from privimage_core.config import from_dict
 from privimage_core.methods import METHODS, get_method
 from tests.helpers import coloured_digits, tiny_config
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-DEFAULT_METHOD = from_dict({}).method
 PER_CLASS = 100  # the public size is declared, so the plan is known beforehand
 # A method's extra "section.key" values and sections (dp_ldm: a smaller
 # autoencoder stage, and the audit and memorisation checks off, as in
@@ -35,8 +38,7 @@ def rgb_config(tmp, method: str):
     return from_dict({**cfg, **sections, "method": method})
 
 
-@pytest.mark.parametrize("method", [pytest.param(m, marks=() if m == DEFAULT_METHOD
-                                                 else pytest.mark.slow) for m in METHODS])
+@pytest.mark.parametrize("method", METHODS)
 def test_method_runs_end_to_end_on_rgb_folder(tmp_path, ray_local, method):
     """Exactly the method's stages ran, its ledger is the plan's under the
     target, the release is a 32x32x3 model of the method's family that
