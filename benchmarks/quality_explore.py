@@ -8,7 +8,10 @@ leakage: DPImageBench holds out a validation set the same way).
 Starts from a pre-trained (public-only) checkpoint, e.g. the cache a
 quickstart run leaves in <output_dir>/cache/pretrain-*.pt, charges the
 semantic query's cost as the pipeline would, then DP-SGD fine-tunes,
-samples and trains the CNN on the synthetic set. One JSON line per run:
+samples and trains the CNN on the synthetic set; with ``--fid-images N``
+also FID and KID of N synthetic images against N of the 5,000 validation
+images (5,000 is the protocol's size; the validation side's Inception
+features are cached in ``--fid-cache``). One JSON line per run:
 
   python benchmarks/quality_explore.py --init runs/cache/pretrain-X.pt \
       --steps 60 --batch 512 --lr 1e-3 --num-images 3000 >> results.jsonl
@@ -58,6 +61,11 @@ def main() -> None:
     ap.add_argument("--train-params", default=None,
                     help="regex: fine-tune only the parameters whose names match it "
                          "(re.search), the rest frozen at the pre-trained weights")
+    ap.add_argument("--fid-images", type=int, default=0,
+                    help="FID/KID on this many synthetic vs validation images (0: off; "
+                         "5000 for the protocol's size)")
+    ap.add_argument("--fid-cache", default="runs/fid_cache",
+                    help="where the validation side's Inception features are cached")
     ap.add_argument("--note", default="")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -123,6 +131,7 @@ def main() -> None:
         syn = generate(fam, release, n, full.class_names, st, so, seed=0, batch_size=500,
                        guidance=w)
         t_s = time.time() - t2
+        fidelity = _fidelity(syn, val, a.fid_images, a.fid_cache) if a.fid_images else {}
         for ep in (int(v) for v in a.cls_epochs.split(",")):
             clf = train_classifier("cnn", syn, seed=0, epochs=ep)
             acc = accuracy(clf.predict_images(val), val.labels)
@@ -133,7 +142,26 @@ def main() -> None:
                 "total_s": round(time.time() - t0, 1),
                 **{k: v for k, v in vars(a).items() if k not in ("init",)},
                 "guidance": w, "num_images": n, "sampler_steps": st, "solver": so,
-                "cls_epochs": ep}), flush=True)
+                "cls_epochs": ep, **fidelity}), flush=True)
+
+
+def _fidelity(syn, val, n: int, cache_dir: str) -> dict:
+    """FID and KID (mean, std) of ``n`` synthetic images (a seeded random
+    subset: the synthetic set is ordered by class) against the first ``n``
+    validation images: no test image is read."""
+    from privimage_core.evaluation import fid as fidlib
+    from privimage_core.evaluation.kid import kernel_inception_distance
+
+    n = min(n, len(syn), len(val))
+    t = time.time()
+    model = fidlib.load_fid_inception(None)
+    f_real, _, _ = fidlib.FIDCache(cache_dir).features(val.images[:n], model)
+    pick = np.sort(np.random.default_rng(0).choice(len(syn), n, replace=False))
+    f_syn = fidlib.extract_features(syn.images[pick], model)
+    kid, kid_std = kernel_inception_distance(f_syn, f_real, seed=0)
+    return {"val_fid": round(fidlib.frechet_distance_from_features(f_syn, f_real), 2),
+            "val_kid": round(kid, 4), "val_kid_std": round(kid_std, 4), "fid_images": n,
+            "fid_s": round(time.time() - t, 1)}
 
 
 if __name__ == "__main__":
