@@ -21,9 +21,11 @@ def main() -> None:
     lines.append("stage            seconds")
     lines += [f"{k:<16} {v:>7.1f}" for k, v in s["stage_seconds"].items()]
     lines.append(f"{'total (driver)':<16} {s['total_seconds']:>7.1f}")
-    lines.append(f"# epsilon {s['epsilon']:.4f} delta {s['delta']:.1e} "
-                 f"FID {s['fid']:.2f} accuracy {s['accuracy']:.4f}")
     ev = s.get("evaluation", {})
+    fid = "FID not computed" if s.get("fid") is None else \
+        f"FID {s['fid']:.2f} ({int(ev.get('fid_images', 0)):,} images per side)"
+    lines.append(f"# epsilon {s['epsilon']:.4f} delta {s['delta']:.1e} "
+                 f"{fid} accuracy {s['accuracy']:.4f}")
     extra = [f"{k} {ev[k]:.4f}" for k in ("kid", "kid_std", "accuracy_mlp", "accuracy_lr",
                                           "precision", "recall") if k in ev]
     if extra:
@@ -34,8 +36,10 @@ def main() -> None:
     cfg = json.loads((Path(s["run_dir"]) / "pipeline_state.json").read_text())["config"]
     fid5k = s.get("fid") if cfg["evaluation"]["fid"] and \
         cfg["evaluation"]["fid_images"] >= 5000 else None  # FID at fewer images compares with nothing
+    kid = {"quickstart_kid": [round(ev["kid"], 4), round(ev["kid_std"], 4)],
+           "quickstart_kid_images": int(ev["fid_images"])} if "kid" in ev else {}
     update({"quickstart_driver_seconds": round(s["total_seconds"], 1),
-            "quickstart_cnn_accuracy": s["accuracy"],
+            "quickstart_cnn_accuracy": s["accuracy"], **kid,
             **({"quickstart_fid_5k": fid5k} if fid5k is not None else {})},
            append=("quickstart_driver_seconds", "quickstart_cnn_accuracy"),
            new_series=s["new_series"])

@@ -55,7 +55,11 @@ ROWS = (
      "Quickstart (`bash scripts/quickstart.sh`, MNIST, epsilon 10): accuracy on the real MNIST "
      "test split of a CNN trained on the 5,000 synthetic images, one figure per run", _pct),
     (("quickstart_fid_5k",),
-     "Quickstart: FID, 5,000 synthetic against 5,000 real test images (latest run)", _plain),
+     "Quickstart: FID by the protocol, 5,000 synthetic against 5,000 real test images "
+     "(latest measured)", _plain),
+    (("quickstart_kid", "quickstart_kid_images"),
+     "Quickstart: KID / its std / images per side, as the run reports it (unbiased; below "
+     "5,000 per side it does not compare with published figures; latest run)", _num),
     (("quickstart_driver_seconds",),
      "Quickstart: driver wall time on 2 CPU cores without a GPU, one figure per run", _seconds),
     (("quality_cpu_cnn_accuracy",),

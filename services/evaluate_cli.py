@@ -38,6 +38,7 @@ from privimage_core.device import resolve_device
 from privimage_core.errors import DataError
 from privimage_core.evaluation.canary_audit import CANARY_FILE, CanaryAuditInput, CanarySet
 from privimage_core.evaluation.diffusion_mia import image_digests
+from privimage_core.evaluation.protocol import fidelity_line
 from privimage_core.evaluation.report import render_html
 from privimage_core.evaluation.suite import run_evaluation
 from privimage_core.models.release import load_release, read_manifest
@@ -261,12 +262,9 @@ def summary_lines(res: dict) -> list[str]:
         out.append("  utility      : " + " / ".join(
             f"{k.upper()} {_pct(res[f'accuracy_{k}'])}" for k in kinds) + " on the real test split"
             + (f" (train-on-real ceiling: {', '.join(ceil)})" if ceil else ""))
-    if "fid" in res:
-        n = int(res.get("fid_images", 0))
-        out.append(f"  fidelity     : FID {res['fid']:.2f} ({n:,} vs {n:,} images)"
-                   + (f", KID {res['kid']:.4f} ± {res['kid_std']:.4f}" if "kid" in res else "")
-                   + (f", precision {res['precision']:.3f}, recall {res['recall']:.3f}"
-                      if "precision" in res else ""))
+    fidelity = fidelity_line(res)
+    if fidelity:
+        out.append(f"  fidelity     : {fidelity}")
     if "detector_accuracy" in res:
         out.append(f"  detector     : tells real from synthetic at "
                    f"{_pct(res['detector_accuracy'])} (50% = indistinguishable)")

@@ -12,10 +12,11 @@ class EvaluationConfig:
     """What the evaluator measures (privimage_core/evaluation/suite.py). All of
     it is non-private evaluation (real test split; the ceiling and the
     membership audit also read the sensitive training set). FID and KID use
-    5,000 images per side by default, the size published FIDs use: the
-    Inception pass over the synthetic side is most of the evaluation's time
-    on a CPU; the real side's features are cached by content hash after the
-    first run."""
+    500 images per side by default, what a first run on 2 CPU cores affords
+    (the Inception pass is most of the evaluation's time on a CPU; the real
+    side's features are cached by content hash after the first run); the
+    comparable protocol's 5,000 (evaluation/protocol.py) is
+    configs/benchmark.yaml, or configs/eval-fid5k.yaml for a finished run."""
     # Semantic distribution similarity (paper Eq. 5) of the sensitive classes
     # to the selected public data and to the whole public pool, computed by
     # the selector from the noisy histograms (a DP output) and public counts:
@@ -24,9 +25,10 @@ class EvaluationConfig:
     fid: bool = True
     # Images per side for FID, KID and precision/recall (one Inception pass
     # serves all). FID is biased upward at small N and the bias depends on
-    # the model: only FIDs at equal N compare, and published ones use 5,000+
+    # the model: only FIDs at equal N compare, and published ones use 5,000+;
+    # KID is unbiased at any N, and every fidelity line says which it is
     # (the synthetic side is min(fid_images, sampling.num_images)).
-    fid_images: int = 5000
+    fid_images: int = 500
     fid_weights: str | None = None
     # Which runtime runs the FID Inception (one of INCEPTION_BACKENDS):
     # 'auto' = OpenVINO on a CPU where installed (the same float32 network,
