@@ -137,7 +137,7 @@ def main() -> None:
     if dev.type == "cuda" and not s:  # smoke sizes and CPUs measure nothing to keep
         (ROOT / "benchmarks" / "results" / name).write_text(text)
         ghost = next(r for p, m, _, r in rows if p == "tiny" and m == "ghost")
-        update({"gpu_dp_step_ratio": round(ghost, 3)})
+        update({"gpu_dp_step_ratio": round(ghost, 3)}, machine=torch.cuda.get_device_name(dev))
 
 
 if __name__ == "__main__":
