@@ -15,7 +15,7 @@ import yaml
 
 from privimage_core.config import Config, from_dict, load_config
 from privimage_core.errors import PrivImageError
-from privimage_core.evaluation.protocol import fidelity_line
+from privimage_core.evaluation.protocol import comparability, fidelity_line
 from services.cli_args import build_parser
 
 
@@ -72,9 +72,10 @@ def _print_summary(s: dict) -> None:
           + " ===")
     print(f"privacy    : epsilon = {s['epsilon']:.4f}, delta = {s['delta']:.3g} "
           f"(target epsilon {s['ledger']['target_epsilon']:g})")
-    fidelity = fidelity_line({**s.get("evaluation", {}), "fid": s.get("fid")})
-    print(f"fidelity   : {fidelity} (vs the real test split, non-private evaluation)"
-          if fidelity else "fidelity   : FID not computed")
+    ev = {**s.get("evaluation", {}), "fid": s.get("fid")}
+    fidelity = fidelity_line(ev)
+    print(f"fidelity   : {fidelity} (vs the real test split, non-private evaluation)\n"
+          f"             {comparability(ev)}" if fidelity else "fidelity   : FID not computed")
     acc = s.get("accuracy")
     print(f"utility    : downstream accuracy = {100 * acc:.2f}% (trained on synthetic, tested on "
           "real test split)" if acc is not None else "utility    : not computed")

@@ -38,7 +38,7 @@ from privimage_core.device import resolve_device
 from privimage_core.errors import DataError
 from privimage_core.evaluation.canary_audit import CANARY_FILE, CanaryAuditInput, CanarySet
 from privimage_core.evaluation.diffusion_mia import image_digests
-from privimage_core.evaluation.protocol import fidelity_line
+from privimage_core.evaluation.protocol import comparability, fidelity_line
 from privimage_core.evaluation.report import render_html
 from privimage_core.evaluation.suite import run_evaluation
 from privimage_core.models.release import load_release, read_manifest
@@ -264,7 +264,7 @@ def summary_lines(res: dict) -> list[str]:
             + (f" (train-on-real ceiling: {', '.join(ceil)})" if ceil else ""))
     fidelity = fidelity_line(res)
     if fidelity:
-        out.append(f"  fidelity     : {fidelity}")
+        out += [f"  fidelity     : {fidelity}", f"                 {comparability(res)}"]
     if "detector_accuracy" in res:
         out.append(f"  detector     : tells real from synthetic at "
                    f"{_pct(res['detector_accuracy'])} (50% = indistinguishable)")

@@ -7,26 +7,26 @@ from pathlib import Path
 import yaml
 
 from privimage_core.config import from_dict
-from privimage_core.evaluation.protocol import PROTOCOL_IMAGES, fidelity_line
+from privimage_core.evaluation.protocol import PROTOCOL_IMAGES, comparability, fidelity_line
 
 
 def test_a_small_fid_says_it_compares_with_nothing_published():
     m = {"fid": 120.5, "fid_images": 500, "kid": 0.11, "kid_std": 0.006}
-    line = fidelity_line(m)
-    assert line.startswith("KID 0.1100 ± 0.0060, FID 120.50 on 500 vs 500 images")
-    assert "below the protocol's 5,000 per side" in line and "comparable" in line
+    assert fidelity_line(m) == "KID 0.1100 ± 0.0060, FID 120.50 on 500 vs 500 images"
+    assert comparability(m).startswith("below the protocol's 5,000 per side: the FID compares "
+                                       "only with FIDs at 500")
 
 
 def test_the_protocols_size_is_called_comparable():
-    line = fidelity_line({"fid": 80.0, "fid_images": PROTOCOL_IMAGES, "kid": 0.09,
-                          "kid_std": 0.003, "precision": 0.1, "recall": 0.2})
-    assert line.startswith("FID 80.00, KID 0.0900 ± 0.0030 (5,000 vs 5,000 images: the "
-                           "protocol's size, comparable)")
-    assert "below" not in line and line.endswith("precision 0.100, recall 0.200")
+    m = {"fid": 80.0, "fid_images": PROTOCOL_IMAGES, "kid": 0.09, "kid_std": 0.003,
+         "precision": 0.1, "recall": 0.2}
+    assert fidelity_line(m) == ("FID 80.00, KID 0.0900 ± 0.0030 on 5,000 vs 5,000 images, "
+                                "precision 0.100, recall 0.200")
+    assert comparability(m).endswith("comparable with published FIDs")
 
 
 def test_no_fid_no_line():
-    assert fidelity_line({"kid": 0.1}) is None and fidelity_line({"fid": None}) is None
+    assert fidelity_line({"kid": 0.1}) is None and comparability({"fid": None}) is None
 
 
 def test_the_benchmark_config_runs_the_protocol_and_the_default_does_not():

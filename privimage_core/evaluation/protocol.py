@@ -18,18 +18,27 @@ def meets_protocol(m: dict) -> bool:
 
 
 def fidelity_line(m: dict) -> str | None:
-    """One line of FID / KID / precision-recall from an evaluation's metrics,
-    saying what it compares with; None when no fidelity was computed."""
+    """FID / KID / precision-recall from an evaluation's metrics, KID first
+    when below the protocol's size; None when no fidelity was computed."""
     if m.get("fid") is None:
         return None
     n = int(m.get("fid_images", 0))
+    fid = f"FID {m['fid']:.2f}"
     kid = f"KID {m['kid']:.4f} ± {m['kid_std']:.4f}" if "kid" in m else None
+    first = [fid, kid] if meets_protocol(m) else [kid, fid]
     pr = (f", precision {m['precision']:.3f}, recall {m['recall']:.3f}"
           if "precision" in m else "")
+    return ", ".join(x for x in first if x) + f" on {n:,} vs {n:,} images{pr}"
+
+
+def comparability(m: dict) -> str | None:
+    """What a fidelity line compares with; None when no fidelity was computed."""
+    if m.get("fid") is None:
+        return None
     if meets_protocol(m):
-        return (f"FID {m['fid']:.2f}" + (f", {kid}" if kid else "")
-                + f" ({n:,} vs {n:,} images: the protocol's size, comparable){pr}")
-    return ((f"{kid}, " if kid else "") + f"FID {m['fid']:.2f} on {n:,} vs {n:,} images{pr}"
-            f" (below the protocol's {PROTOCOL_IMAGES:,} per side: the FID compares only with "
+        return (f"the protocol's size ({PROTOCOL_IMAGES:,} per side): comparable with "
+                "published FIDs")
+    n = int(m.get("fid_images", 0))
+    return (f"below the protocol's {PROTOCOL_IMAGES:,} per side: the FID compares only with "
             f"FIDs at {n:,}, the KID is unbiased but noisier; comparable figures: "
-            f"{PROTOCOL_COMMAND})")
+            f"{PROTOCOL_COMMAND}")
