@@ -24,7 +24,7 @@ from privimage_core.evaluation.downstream import (accuracy, check_pair, score_ma
 from privimage_core.evaluation.kid import kernel_inception_distance
 from privimage_core.evaluation.membership import detector_attack
 from privimage_core.evaluation.precision_recall import precision_recall
-from privimage_core.evaluation.protocol import PROTOCOL_IMAGES
+from privimage_core.evaluation.protocol import comparability, meets_protocol
 
 
 def fidelity(ctx: EvaluationContext) -> None:
@@ -61,9 +61,7 @@ def fidelity(ctx: EvaluationContext) -> None:
         m["kid"], m["kid_std"] = kernel_inception_distance(f_syn, f_real, seed=ctx.seed)
     ctx.log(f"[evaluate] fidelity: FID {m['fid']:.2f}, KID {m['kid']:.4f} ± {m['kid_std']:.4f} "
             f"on {n:,} synthetic against {n:,} real test images"
-            + ("" if n >= PROTOCOL_IMAGES else
-               f" (below the protocol's {PROTOCOL_IMAGES:,} per side: the FID compares only "
-               f"with FIDs at {n:,}; KID is unbiased)"))
+            + ("" if meets_protocol(m) else f" ({comparability(m)})"))
     if e.precision_recall:
         with ctx.timed("precision_recall"):  # reuses the FID features
             m["precision"], m["recall"] = precision_recall(f_real, f_syn, k=e.pr_k)
