@@ -9,7 +9,8 @@ key.
                train-on-real CNN ceiling
   quality_cpu  MNIST with configs/quality-cpu.yaml (60-minute budget):
                quality_cpu_cnn_accuracy and quality_cpu_driver_seconds, one
-               entry per run (lists)
+               entry per run (lists), and quality_cpu_fid_5k where the run's
+               FID is on the protocol's 5,000+ images per side
 
 All figures are non-private evaluation (they read the real test split);
 nothing is selected on them.
@@ -26,16 +27,20 @@ from typing import NamedTuple
 import run_summary
 from summary_json import update
 
+from privimage_core.evaluation.protocol import meets_protocol
+
 
 class Kind(NamedTuple):
     key: str                        # the summary.json key of the accuracy figure
     relative: bool = False          # CNN accuracy over the report's train-on-real ceiling
     seconds_key: str | None = None  # set: a repeated setting, both keys are per-run lists
+    fid_key: str | None = None      # the run's FID, where it meets the protocol (a list too)
 
 
 KINDS = {"fmnist": Kind("fmnist_cnn_accuracy"),
          "folder400": Kind("folder400_relative_accuracy", relative=True),
-         "quality_cpu": Kind("quality_cpu_cnn_accuracy", seconds_key="quality_cpu_driver_seconds")}
+         "quality_cpu": Kind("quality_cpu_cnn_accuracy", seconds_key="quality_cpu_driver_seconds",
+                            fid_key="quality_cpu_fid_5k")}
 
 
 def figure(kind: Kind, evaluation: dict) -> float:
@@ -72,8 +77,9 @@ def main() -> None:
     if a.variant:
         return
     if kind.seconds_key:
-        update({kind.key: value, kind.seconds_key: round(s["total_seconds"], 1)},
-               append=(kind.key, kind.seconds_key))
+        fid = {kind.fid_key: round(e["fid"], 2)} if kind.fid_key and meets_protocol(e) else {}
+        update({kind.key: value, kind.seconds_key: round(s["total_seconds"], 1), **fid},
+               append=(kind.key, kind.seconds_key, *fid))
     else:
         update({kind.key: value})
 

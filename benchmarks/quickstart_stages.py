@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/quickstart_stages.py runs/<run>/summary.json --note "idle machine"
 Appends one block per run to benchmarks/results/quickstart-<date>.txt (say in
 --note what else the CPU was doing) and the run to summary.json's lists
-(--new-series on the first run of new defaults).
+(--new-series on the first run of new defaults); a run of the defaults at
+--set privacy.target_epsilon=1 goes to eps1_cnn_accuracy instead.
 """
 from __future__ import annotations
 
@@ -17,7 +18,13 @@ import run_summary  # noqa: E402
 
 def main() -> None:
     s, note = run_summary.load(__doc__.splitlines()[0])
-    lines = run_summary.header("quickstart wall time per stage", s, note)
+    import json
+    cfg = json.loads((Path(s["run_dir"]) / "pipeline_state.json").read_text())["config"]
+    target = cfg["privacy"]["target_epsilon"]
+    if target not in (1.0, 10.0):
+        sys.exit(f"{s['run_dir']}: target epsilon {target:g}; summary.json keeps the quickstart at "
+                 "epsilon 10 (its default) and 1 (--set privacy.target_epsilon=1) only")
+    lines = run_summary.header(f"quickstart wall time per stage, target epsilon {target:g}", s, note)
     lines.append("stage            seconds")
     lines += [f"{k:<16} {v:>7.1f}" for k, v in s["stage_seconds"].items()]
     lines.append(f"{'total (driver)':<16} {s['total_seconds']:>7.1f}")
@@ -32,8 +39,10 @@ def main() -> None:
         lines.append("# " + ", ".join(extra))
     run_summary.append("quickstart", lines)
     from summary_json import update
-    import json
-    cfg = json.loads((Path(s["run_dir"]) / "pipeline_state.json").read_text())["config"]
+    if target == 1.0:
+        update({"eps1_cnn_accuracy": s["accuracy"]}, append=("eps1_cnn_accuracy",),
+               new_series=s["new_series"])
+        return
     fid5k = s.get("fid") if cfg["evaluation"]["fid"] and \
         cfg["evaluation"]["fid_images"] >= 5000 else None  # FID at fewer images compares with nothing
     kid = {"quickstart_kid": [round(ev["kid"], 4), round(ev["kid_std"], 4)],

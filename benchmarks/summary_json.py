@@ -20,6 +20,11 @@ KEYS = ("dp_step_ratio_tiny", "dp_step_ratio_small",
         # the quickstart's own KID [mean, std] and its images per side
         "quickstart_kid", "quickstart_kid_images", "fmnist_cnn_accuracy",
         "folder400_relative_accuracy", "quality_cpu_cnn_accuracy", "quality_cpu_driver_seconds",
+        "quality_cpu_fid_5k",
+        # the quickstart's defaults at a target epsilon of 1 (one entry per run)
+        "eps1_cnn_accuracy",
+        # the committed methods x budgets x seeds table (benchmarks/merge_compare.py)
+        "compare_table",
         # bench_public_scale.py: the public side on the full 1,281,167 x 1,000 pool,
         # and the 1-minute load average at its start and end
         "public_scale_images", "public_scale_load_average", "public_index_seconds",
