@@ -1,7 +1,7 @@
 """The headline results table of README.md and docs/results.md, generated
 from benchmarks/results/summary.json (the keys the benchmark scripts write:
 bench_dp_step.py, quickstart_stages.py, data_runs.py, bench_public_scale.py,
-rgb_folder.py).
+rgb_folder.py, merge_compare.py).
 
     python benchmarks/results_page.py           # rewrite the table in both files
     python benchmarks/results_page.py --check   # exit 1 if either is stale
@@ -49,6 +49,10 @@ def _num(v: float) -> str:
     return f"{v:g}"
 
 
+def _path(v: str) -> str:
+    return f"`{v}`"
+
+
 # (summary keys, what the figure is, how each value is written)
 ROWS = (
     (("quickstart_cnn_accuracy",),
@@ -62,6 +66,12 @@ ROWS = (
      "5,000 per side it does not compare with published figures; latest run)", _num),
     (("quickstart_driver_seconds",),
      "Quickstart: driver wall time on 2 CPU cores without a GPU, one figure per run", _seconds),
+    (("eps1_cnn_accuracy",),
+     "The quickstart's defaults at epsilon 1 (`--set privacy.target_epsilon=1`): CNN accuracy, "
+     "one figure per run", _pct),
+    (("compare_table",),
+     "Six methods x epsilon {1, 10} x seeds at equal compute (`privimage compare --config "
+     "configs/compare.yaml`): the merged table", _path),
     (("quality_cpu_cnn_accuracy",),
      "`configs/quality-cpu.yaml` (MNIST, epsilon 10): CNN accuracy", _pct),
     (("quality_cpu_driver_seconds",),
