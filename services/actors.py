@@ -27,12 +27,12 @@ from privimage_core.data.imageset import ImageSet
 from privimage_core.data.shards import open_streamed
 from privimage_core.data.sources import build_public_pool, check_prefixes
 from privimage_core.data.specs import is_streamed
+from privimage_core.device import resolve_device
 from privimage_core.errors import ConfigError
 from privimage_core.evaluation.canary_audit import CanaryAuditInput, CanarySet
 from privimage_core.evaluation.report import render_html
 from privimage_core.evaluation.semantic_similarity import selection_sds
 from privimage_core.evaluation.suite import run_evaluation
-from privimage_core.device import resolve_device
 from privimage_core.models.state import state_from_bytes
 from privimage_core.privacy.ledger import PrivacyLedger
 from privimage_core.selection.distribution import query_semantic_distribution, relabel_selection

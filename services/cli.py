@@ -162,7 +162,7 @@ def cmd_tune(a) -> int:
     from services.tune import run_sweep
     res = run_sweep(cfg)
     print(json.dumps(res, indent=2, default=str))
-    return 0
+    return _sweep_stopped(res) or 0
 
 
 def cmd_compare(a) -> int:
@@ -172,9 +172,21 @@ def cmd_compare(a) -> int:
     # lazy: each subcommand imports what it runs: --help starts without Ray or torch
     from services.compare import run_compare
     res = run_compare(cfg)
+    if _sweep_stopped(res):
+        return 130
     print(res["table"])
     print(f"table written to {res['table_path']} and {res['html_path']}")
     return 0
+
+
+def _sweep_stopped(res: dict) -> int | None:
+    """130 and one line saying how to go on when the sweep was stopped."""
+    if not res.get("unfinished_trials"):
+        return None
+    print(f"privimage: sweep stopped with {res['unfinished_trials']} of {res['trial_runs']} "
+          "trials unfinished; run the same command again to restore it (finished trials are "
+          "kept, a stopped trial resumes its own run and ledger)", file=sys.stderr)
+    return 130
 
 
 def cmd_data_subsample(a) -> int:

@@ -67,6 +67,8 @@ def render(rows: list[dict], by: list[str], out: dict, title: str) -> tuple[str,
 def run_compare(cfg: Config, log=print) -> dict:
     by = cfg.tune.compare_by or [k for k in cfg.tune.search_space if k != "run.seed"]
     out = run_sweep(cfg, log=log)
+    if out["unfinished_trials"]:  # no table of a partial grid: restoring finishes it
+        return {**out, "table": None}
     rows = comparison_rows(out["trials"], by)
     title = f"{cfg.run.name}: comparison ({time.strftime('%Y-%m-%d')})"
     md, page = render(rows, by, out, title)

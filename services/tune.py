@@ -56,6 +56,12 @@ def _trial(config: dict) -> None:
                  "run_dir": s["run_dir"]})
 
 
+def unfinished_trials(results) -> int:
+    """Trials of a ResultGrid that neither finished nor failed: the sweep
+    was stopped before them (or during them)."""
+    return len(results) - results.num_terminated - results.num_errors
+
+
 def _num(v) -> float:
     return float("nan") if v is None else float(v)
 
@@ -176,6 +182,12 @@ def run_sweep(cfg: Config, log=print) -> dict:
                                             max_concurrent_trials=t.max_concurrent_trials),
                 run_config=tune.RunConfig(name=name, storage_path=storage))
         results = tuner.fit()  # a ResultGrid
+        # Ctrl-C: Tune saves the experiment and returns with trials neither
+        # finished nor failed; the same command restores the sweep (above).
+        unfinished = unfinished_trials(results)
+        if unfinished:
+            mlflow.set_tag("sweep_status", f"stopped: {unfinished} of {len(results)} trials "
+                                           "unfinished; run the same command to restore it")
         rows = []
         for r in results:
             ov = (r.config or {}).get("trial", {}).get("overrides", {})
@@ -184,7 +196,8 @@ def run_sweep(cfg: Config, log=print) -> dict:
                 continue
             rows.append({"overrides": ov, **{k: r.metrics.get(k) for k in REPORTED},
                          "run_dir": r.metrics["run_dir"]})
-        out = {"trials": rows, "num_trials": len(trials)}
+        out = {"trials": rows, "num_trials": len(trials), "unfinished_trials": unfinished,
+               "trial_runs": len(results)}
         # Every trial that read the sensitive data counts, failed ones included
         # (their run directories carry their ledgers and DP plans).
         ledgers, complete = compose_sweep(results, cfg.run.output_dir, run_id)

@@ -64,3 +64,27 @@ def test_comparison_table_gives_mean_and_std_over_seeds_and_counts_failures():
     md, page = render(rows, ["method"], {"sweep_epsilon_composed": 17.5, "delta": 1e-5,
                                          "trials_charged": 3}, "t")
     assert "epsilon 17.500" in md and "<table>" in page and "dpdm" in page
+
+def test_a_stopped_sweep_says_so_and_how_to_go_on(capsys, monkeypatch):
+    """Ctrl-C makes Tune return with trials neither finished nor failed: the
+    command exits 130 with the way to restore, and compare writes no table of
+    the partial grid; a finished sweep (errors included) is not 'stopped'."""
+    import services.compare as compare
+    from services.cli import _sweep_stopped
+    from services.tune import unfinished_trials
+
+    class Grid(list):
+        def __init__(self, statuses):
+            super().__init__(statuses)
+            self.num_terminated = statuses.count("TERMINATED")
+            self.num_errors = statuses.count("ERROR")
+
+    assert unfinished_trials(Grid(["TERMINATED", "ERROR", "TERMINATED"])) == 0
+    stopped = unfinished_trials(Grid(["TERMINATED", "RUNNING", "PENDING"]))
+    assert stopped == 2
+    assert _sweep_stopped({"unfinished_trials": 0, "trial_runs": 3}) is None
+    assert _sweep_stopped({"unfinished_trials": stopped, "trial_runs": 3}) == 130
+    assert "2 of 3 trials unfinished; run the same command again" in capsys.readouterr().err
+    monkeypatch.setattr(compare, "run_sweep", lambda cfg, log=print: {
+        "unfinished_trials": 2, "trial_runs": 3, "trials": []})
+    assert compare.run_compare(from_dict({}))["table"] is None
