@@ -191,8 +191,9 @@ def run_sweep(cfg: Config, log=print) -> dict:
         rows = []
         for r in results:
             ov = (r.config or {}).get("trial", {}).get("overrides", {})
-            if r.error or not r.metrics:
-                rows.append({"overrides": ov, "error": str(r.error)})
+            # a trial stopped mid-way has Tune's own metrics but never reported ours
+            if r.error or not r.metrics or "run_dir" not in r.metrics:
+                rows.append({"overrides": ov, "error": str(r.error) if r.error else "unfinished"})
                 continue
             rows.append({"overrides": ov, **{k: r.metrics.get(k) for k in REPORTED},
                          "run_dir": r.metrics["run_dir"]})
