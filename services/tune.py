@@ -56,6 +56,21 @@ def _trial(config: dict) -> None:
                  "run_dir": s["run_dir"]})
 
 
+def trial_rows(results) -> list[dict]:
+    """One row per trial of a ResultGrid: its overrides and what it reported,
+    or why it has nothing to report (its error, or "unfinished")."""
+    rows = []
+    for r in results:
+        ov = (r.config or {}).get("trial", {}).get("overrides", {})
+        # a trial stopped mid-way has Tune's own metrics but never reported ours
+        if r.error or not r.metrics or "run_dir" not in r.metrics:
+            rows.append({"overrides": ov, "error": str(r.error) if r.error else "unfinished"})
+            continue
+        rows.append({"overrides": ov, **{k: r.metrics.get(k) for k in REPORTED},
+                     "run_dir": r.metrics["run_dir"]})
+    return rows
+
+
 def unfinished_trials(results) -> int:
     """Trials of a ResultGrid that neither finished nor failed: the sweep
     was stopped before them (or during them)."""
@@ -188,15 +203,7 @@ def run_sweep(cfg: Config, log=print) -> dict:
         if unfinished:
             mlflow.set_tag("sweep_status", f"stopped: {unfinished} of {len(results)} trials "
                                            "unfinished; run the same command to restore it")
-        rows = []
-        for r in results:
-            ov = (r.config or {}).get("trial", {}).get("overrides", {})
-            # a trial stopped mid-way has Tune's own metrics but never reported ours
-            if r.error or not r.metrics or "run_dir" not in r.metrics:
-                rows.append({"overrides": ov, "error": str(r.error) if r.error else "unfinished"})
-                continue
-            rows.append({"overrides": ov, **{k: r.metrics.get(k) for k in REPORTED},
-                         "run_dir": r.metrics["run_dir"]})
+        rows = trial_rows(results)
         out = {"trials": rows, "num_trials": len(trials), "unfinished_trials": unfinished,
                "trial_runs": len(results)}
         # Every trial that read the sensitive data counts, failed ones included

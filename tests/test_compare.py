@@ -69,9 +69,11 @@ def test_a_stopped_sweep_says_so_and_how_to_go_on(capsys, monkeypatch):
     """Ctrl-C makes Tune return with trials neither finished nor failed: the
     command exits 130 with the way to restore, and compare writes no table of
     the partial grid; a finished sweep (errors included) is not 'stopped'."""
+    from types import SimpleNamespace
+
     import services.compare as compare
     from services.cli import _sweep_stopped
-    from services.tune import unfinished_trials
+    from services.tune import trial_rows, unfinished_trials
 
     class Grid(list):
         def __init__(self, statuses):
@@ -80,6 +82,16 @@ def test_a_stopped_sweep_says_so_and_how_to_go_on(capsys, monkeypatch):
             self.num_errors = statuses.count("ERROR")
 
     assert unfinished_trials(Grid(["TERMINATED", "ERROR", "TERMINATED"])) == 0
+    # what Tune returns for a trial stopped mid-way: its own metrics, none of ours
+    trial = {"trial": {"overrides": {"method": "dpdm"}}}
+    stopped_mid_way = SimpleNamespace(config=trial, error=None,
+                                      metrics={"trial_id": "x", "done": False})
+    done = SimpleNamespace(config=trial, error=None, metrics={
+        "accuracy": 0.5, "run_dir": "/r", "epsilon": 1.0})
+    assert trial_rows([stopped_mid_way, done]) == [
+        {"overrides": {"method": "dpdm"}, "error": "unfinished"},
+        {"overrides": {"method": "dpdm"}, "accuracy": 0.5, "fid": None, "kid": None,
+         "epsilon": 1.0, "total_seconds": None, "run_dir": "/r"}]
     stopped = unfinished_trials(Grid(["TERMINATED", "RUNNING", "PENDING"]))
     assert stopped == 2
     assert _sweep_stopped({"unfinished_trials": 0, "trial_runs": 3}) is None
