@@ -1,6 +1,7 @@
 """Merge the trials of several `privimage compare` output directories (e.g.
 one sweep per seed) into one Markdown table: per method and target epsilon,
-mean +- std of CNN accuracy over the runs with each run's value, KID (and the
+mean +- std of CNN accuracy over the runs with each run's value (a run whose
+release is at chance level, status "failed", counts and is marked), KID (and the
 FID of the same features, at the size the trials used), the spent epsilon,
 the canary and memorisation verdicts, and wall time; then the ordering by
 accuracy at each budget. Reads each trial's summary.json and its saved
@@ -32,7 +33,9 @@ def trials(dirs: list[str]) -> list[dict]:
     for d in dirs:
         for f in sorted(Path(d).glob("*/summary.json")):
             s = json.loads(f.read_text())
-            if s.get("status") != "finished":
+            # "failed" with an accuracy: the release was scored and is at chance
+            # level, a result to count (leaving it out would flatter the method)
+            if s.get("status") not in ("finished", "failed") or s.get("accuracy") is None:
                 continue
             cfg = json.loads((f.parent / "pipeline_state.json").read_text())["config"]
             ev = s.get("evaluation", {})
@@ -44,7 +47,7 @@ def trials(dirs: list[str]) -> list[dict]:
                         "canary_lb": ev.get("canary_eps_lb"), "canary_max": ev.get("canary_eps_max"),
                         "dcr": VERDICT.get(ev.get("memorisation_dcr_pixel_verdict"), "-"),
                         "recon": VERDICT.get(ev.get("memorisation_recon_verdict"), "n/a"),
-                        "run": f.parent.name})
+                        "at_chance": s["status"] == "failed", "run": f.parent.name})
     return out
 
 
@@ -75,7 +78,8 @@ def table(ts: list[dict]) -> list[str]:
                 continue
             lines.append(
                 f"| {m} | {target:g} | {_mean_sd([100 * t['accuracy'] for t in g], '.1f')} | "
-                + ", ".join(f"{t['seed']}: {100 * t['accuracy']:.1f}" for t in g) + " | "
+                + ", ".join(f"{t['seed']}: {100 * t['accuracy']:.1f}"
+                            + (" (at chance: failed)" if t["at_chance"] else "") for t in g) + " | "
                 f"{_mean_sd([None if t['kid'] is None else 1e3 * t['kid'] for t in g], '.1f')} | "
                 f"{_mean_sd([t['fid'] for t in g], '.1f')} | "
                 f"{max(t['epsilon'] for t in g):.3f} | "

@@ -1,6 +1,6 @@
 """benchmarks/merge_compare.py: the trials of several sweeps (one per seed)
-become one row per method and budget, each budget ranked on its own, and an
-unfinished trial is left out rather than counted."""
+become one row per method and budget, each budget ranked on its own; an
+unfinished trial is left out, a release at chance level counts."""
 from __future__ import annotations
 
 import json
@@ -33,11 +33,14 @@ def test_sweeps_merge_by_method_and_budget(tmp_path):
         _trial(sweep, "c", "privimage", 10.0, seed, 0.90)
         _trial(sweep, "d", "dpdm", 10.0, seed, 0.20)
     _trial(tmp_path / "seed1", "e", "dpgan", 10.0, 1, 0.99, status="stopped")
+    _trial(tmp_path / "seed1", "f", "dpgan", 1.0, 1, 0.10, status="failed")  # at chance
     ts = merge_compare.trials([str(tmp_path / "seed0"), str(tmp_path / "seed1")])
-    assert len(ts) == 8  # the stopped trial is not a result
+    assert len(ts) == 9  # the stopped trial is not a result; the one at chance is
     rows = merge_compare.table(ts)[2:]
     assert rows[0].startswith("| privimage | 1 | 61.0 ± 1.4 | 0: 60.0, 1: 62.0 | 100.0 ± 0.0 | 100.5 ± 0.7")
-    assert [r.split(" | ")[:2] for r in rows] == [["| privimage", "1"], ["| dpdm", "1"],
-                                                   ["| privimage", "10"], ["| dpdm", "10"]]
-    assert merge_compare.ordering(ts) == ["epsilon 1: dpdm 70.0 > privimage 61.0",
+    assert [r.split(" | ")[:2] for r in rows] == [
+        ["| privimage", "1"], ["| dpdm", "1"], ["| dpgan", "1"], ["| privimage", "10"],
+        ["| dpdm", "10"]]
+    assert "| 1: 10.0 (at chance: failed) |" in rows[2]
+    assert merge_compare.ordering(ts) == ["epsilon 1: dpdm 70.0 > privimage 61.0 > dpgan 10.0",
                                           "epsilon 10: privimage 90.0 > dpdm 20.0"]
