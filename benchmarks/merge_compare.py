@@ -72,8 +72,8 @@ def table(ts: list[dict]) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for target in sorted({t["target"] for t in ts}):
         for m in ORDER:
-            g = sorted((t for t in ts if t["method"] == m and t["target"] == target
-                        and t["accuracy"] is not None), key=lambda t: t["seed"])
+            g = sorted((t for t in ts if t["method"] == m and t["target"] == target),
+                       key=lambda t: t["seed"])
             if not g:
                 continue
             lines.append(
@@ -115,7 +115,7 @@ def main() -> None:
         out = Path(__file__).parent / "results" / a.write
         out.write_text(f"# Methods x budgets x seeds at equal compute, "
                        f"{datetime.date.today().isoformat()}\n\nMerged by "
-                       f"`benchmarks/merge_compare.py` from {len(ts)} finished trials; machine "
+                       f"`benchmarks/merge_compare.py` from {len(ts)} scored trials; machine "
                        f"{cpu_name()}, trials run on commit {a.code_commit or git_commit()}.\n\n{text}\n")
         update({"compare_table": str(out.relative_to(out.parents[2]))})
 

@@ -9,16 +9,18 @@ Appends one block per run to benchmarks/results/quickstart-<date>.txt (say in
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import run_summary  # noqa: E402
 
+from privimage_core.evaluation.protocol import meets_protocol  # noqa: E402
+
 
 def main() -> None:
     s, note = run_summary.load(__doc__.splitlines()[0])
-    import json
     cfg = json.loads((Path(s["run_dir"]) / "pipeline_state.json").read_text())["config"]
     target = cfg["privacy"]["target_epsilon"]
     if target not in (1.0, 10.0):
@@ -43,8 +45,7 @@ def main() -> None:
         update({"eps1_cnn_accuracy": s["accuracy"]}, append=("eps1_cnn_accuracy",),
                new_series=s["new_series"])
         return
-    fid5k = s.get("fid") if cfg["evaluation"]["fid"] and \
-        cfg["evaluation"]["fid_images"] >= 5000 else None  # FID at fewer images compares with nothing
+    fid5k = s["fid"] if meets_protocol(ev) else None  # FID at fewer images compares with nothing
     kid = {"quickstart_kid": [round(ev["kid"], 4), round(ev["kid_std"], 4)],
            "quickstart_kid_images": int(ev["fid_images"])} if "kid" in ev else {}
     update({"quickstart_driver_seconds": round(s["total_seconds"], 1),

@@ -172,8 +172,9 @@ def cmd_compare(a) -> int:
     # lazy: each subcommand imports what it runs: --help starts without Ray or torch
     from services.compare import run_compare
     res = run_compare(cfg)
-    if _sweep_stopped(res):
-        return 130
+    stopped = _sweep_stopped(res)
+    if stopped:
+        return stopped
     print(res["table"])
     print(f"table written to {res['table_path']} and {res['html_path']}")
     return 0
