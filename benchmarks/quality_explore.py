@@ -30,7 +30,14 @@ import torch
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--init", required=True)
-    ap.add_argument("--dataset", default="mnist", choices=("mnist", "fashion_mnist"))
+    ap.add_argument("--dataset", default="mnist",
+                    help="mnist, fashion_mnist, or folder:DIR (an ImageFolder, e.g. the "
+                         "coloured digits of scripts/make_coloured_digits.py)")
+    ap.add_argument("--size", type=int, default=28, help="image size (a folder's is resized)")
+    ap.add_argument("--channels", type=int, default=1, choices=(1, 3))
+    ap.add_argument("--val-per-class", type=int, default=50,
+                    help="folder datasets: the last N images of each class are the "
+                         "validation split, the rest the sensitive set")
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--epsilon", type=float, default=10.0)
     ap.add_argument("--query-sigma", type=float, default=100.0)
@@ -66,6 +73,9 @@ def main() -> None:
                          "5000 for the protocol's size)")
     ap.add_argument("--fid-cache", default="runs/fid_cache",
                     help="where the validation side's Inception features are cached")
+    ap.add_argument("--grid", default=None,
+                    help="write a sample grid (10 per class) of each setting's images to "
+                         "this PNG path (the setting's values appended to the name)")
     ap.add_argument("--note", default="")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -82,16 +92,17 @@ def main() -> None:
     from privimage_core.synthesize import generate
 
     t0 = time.time()
-    full = load_source(a.dataset, split="train")
-    sens, val = full.subset(np.arange(55000)), full.subset(np.arange(55000, 60000))
+    full = load_source(a.dataset, split="train", image_size=a.size, channels=a.channels)
+    sens, val = validation_split(full, a.dataset, a.val_per_class)
     fam = get_family("diffusion")
-    model = fam.make(a.preset, {}, 28, 1, 10, label_dropout=a.label_dropout)
+    shape = (a.size, a.channels, full.num_classes)
+    model = fam.make(a.preset, {}, *shape, label_dropout=a.label_dropout)
     model.load_state_dict(torch.load(a.init, map_location="cpu"))
     ledger = PrivacyLedger(a.epsilon, 1e-5)
     ledger.record_gaussian(QUERY_MECHANISM, a.query_sigma)
     sigma, q, total = plan_noise(ledger, len(sens), a.batch, a.steps)
     t_ft = 0.0
-    release = fam.make(a.preset, {}, 28, 1, 10, label_dropout=a.label_dropout)
+    release = fam.make(a.preset, {}, *shape, label_dropout=a.label_dropout)
     if a.release:
         release.load_state_dict(torch.load(a.release, map_location="cpu"))
     else:
@@ -132,6 +143,11 @@ def main() -> None:
                        guidance=w)
         t_s = time.time() - t2
         fidelity = _fidelity(syn, val, a.fid_images, a.fid_cache) if a.fid_images else {}
+        if a.grid:
+            from pathlib import Path
+            from services.stages.release import sample_grid_png
+            g = Path(a.grid)
+            sample_grid_png(syn, g.with_name(f"{g.stem}-w{w}-n{n}-{so}{st}{g.suffix}"))
         for ep in (int(v) for v in a.cls_epochs.split(",")):
             clf = train_classifier("cnn", syn, seed=0, epochs=ep)
             acc = accuracy(clf.predict_images(val), val.labels)
@@ -143,6 +159,18 @@ def main() -> None:
                 **{k: v for k, v in vars(a).items() if k not in ("init",)},
                 "guidance": w, "num_images": n, "sampler_steps": st, "solver": so,
                 "cls_epochs": ep, **fidelity}), flush=True)
+
+
+def validation_split(full, dataset: str, val_per_class: int):
+    """(sensitive, validation): MNIST-family train images 55,000-59,999 are
+    the validation split; a folder holds out the last ``val_per_class`` of
+    each class. The test split is never read."""
+    if not dataset.startswith("folder:"):
+        return full.subset(np.arange(55000)), full.subset(np.arange(55000, 60000))
+    val = np.concatenate([np.flatnonzero(full.labels == c)[-val_per_class:]
+                          for c in range(full.num_classes)])
+    keep = np.setdiff1d(np.arange(len(full)), val)
+    return full.subset(keep), full.subset(np.sort(val))
 
 
 def _fidelity(syn, val, n: int, cache_dir: str) -> dict:

@@ -28,7 +28,7 @@ from typing import Callable
 import ray
 from mlflow import set_tag
 
-from privimage_core.config import Config, from_dict, resolve_delta
+from privimage_core.config import Config, from_dict, resolve_defaults, resolve_delta
 from privimage_core.data.imageset import ImageSet
 from privimage_core.data.sources import check_public_specs, load_source, validate_sensitive
 from privimage_core.data.specs import SPEC_HELP, is_user_source, parse_spec, same_user_dataset
@@ -125,9 +125,10 @@ def run_pipeline(cfg: Config, resume_dir: str | None = None, parent_run_id: str 
     if resume_dir:
         run_dir = Path(resume_dir).resolve()
         state = load_state(run_dir)
-        cfg = from_dict(state["config"])
+        cfg = resolve_defaults(from_dict(state["config"]))
         log(f"[privimage] resuming {run_dir} (stages done: {', '.join(state['stages']) or 'none'})")
     else:
+        cfg = resolve_defaults(cfg)  # the run records the numbers it uses
         state = {"config": cfg.to_dict(), "method": cfg.method, "stages": {},
                  "parent_run_id": parent_run_id}
     method = get_method(cfg.method)
@@ -227,6 +228,7 @@ def preflight(cfg: Config) -> dict:
     spending nothing (``privimage validate``): the config, the data and its
     classes, the generator built from the config, and, when the dataset's
     size is public, the privacy plan and the lifetime budget. What it found."""
+    cfg = resolve_defaults(cfg)
     method = get_method(cfg.method)
     inputs = load_inputs(cfg)
     check_generator(cfg, method, len(inputs.sensitive.class_names))

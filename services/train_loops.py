@@ -138,7 +138,7 @@ def pretrain_loop(config: dict) -> None:
             trainer.load_state_dict(torch.load(d / "optimizer.pt", map_location=dev))
             start = json.loads((d / "state.json").read_text())["step"]
     pm = _metrics(job)
-    steps = cfg.pretrain.steps
+    steps = cfg.pretrain.resolved_steps(cfg.data.channels)
     every = max(1, steps // 20)
     progress = ProgressPoster(job.progress_board if rank == 0 else None)
 

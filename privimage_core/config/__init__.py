@@ -9,7 +9,7 @@ its folder); ``resolve.py`` derives delta and (k1, k2) from the data;
 """
 from privimage_core.config.evaluation import EvaluationConfig
 from privimage_core.config.infra import MetricsConfig, RayConfig, TrackingConfig
-from privimage_core.config.resolve import resolve_delta, resolve_k
+from privimage_core.config.resolve import resolve_defaults, resolve_delta, resolve_k
 from privimage_core.config.schema import (SCALAR_KEYS, SECTIONS, Config, all_keys, from_dict,
                                           load_config, validate)
 from privimage_core.config.sections import (DataConfig, GeneratorConfig, PrivacyConfig,
@@ -23,5 +23,5 @@ __all__ = ["GRAD_SAMPLE_MODES", "PRETRAIN_PRECISIONS", "SCALAR_KEYS", "SECTIONS"
            "DataConfig", "EvaluationConfig", "FinetuneConfig", "GeneratorConfig",
            "MetricsConfig", "PretrainConfig", "PrivacyConfig", "RayConfig", "RunConfig",
            "SamplingConfig", "SelectionConfig", "SemanticQueryConfig", "TrackingConfig",
-           "TuneConfig", "all_keys", "from_dict", "load_config", "resolve_delta", "resolve_k",
-           "validate"]
+           "TuneConfig", "all_keys", "from_dict", "load_config", "resolve_defaults",
+           "resolve_delta", "resolve_k", "validate"]

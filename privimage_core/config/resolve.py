@@ -1,11 +1,21 @@
-"""Settings derived once the data is known: delta from N, (k1, k2) from the
-number of public labels and sensitive classes."""
+"""Settings derived from other settings or once the data is known: null
+defaults that depend on other keys, delta from N, (k1, k2) from the number of
+public labels and sensitive classes."""
 from __future__ import annotations
 
 import math
 
 from privimage_core.config.schema import Config
 from privimage_core.errors import ConfigError
+
+
+def resolve_defaults(cfg: Config) -> Config:
+    """``cfg`` with the null defaults that depend on other keys filled in
+    (pretrain.steps by data.channels), so that a run records and resumes
+    with the numbers it used."""
+    if cfg.pretrain.steps is None:
+        cfg = cfg.with_overrides({"pretrain.steps": cfg.pretrain.resolved_steps(cfg.data.channels)})
+    return cfg
 
 
 def resolve_delta(cfg: Config, n_sensitive: int) -> float:

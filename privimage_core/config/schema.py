@@ -167,7 +167,8 @@ def validate(cfg: Config) -> None:
     ``config/resolve.py`` once the sensitive size is known."""
     for sec in SECTIONS:
         getattr(cfg, sec).validate()
-    check_method(cfg.method, cfg.generator.preset, cfg.pretrain.steps, cfg.pretrain.precision)
+    check_method(cfg.method, cfg.generator.preset, cfg.pretrain.resolved_steps(cfg.data.channels),
+                 cfg.pretrain.precision)
     require(cfg.sampling.guidance == 0 or cfg.generator.label_dropout > 0,
             "sampling.guidance > 0 needs a model trained with generator.label_dropout > 0 "
             "(e.g. 0.1); set one or sampling.guidance: 0")

@@ -17,11 +17,20 @@ PRETRAIN_PRECISIONS = ("auto", "fp32", "bf16")
 # is 3 and the public images are grayscale (decided from the public images
 # alone), else off.
 PRETRAIN_RECOLOUR = ("auto", "on", "off")
+# Pre-training steps when ``pretrain.steps`` is null, by data.channels. Colour
+# images take longer to learn: recoloured glyphs (every shape in random
+# stroke and background colours) drew speckled strokes in several colours
+# after the grayscale quickstart's 900 steps, and the CNN score of the
+# pre-trained generator alone kept rising up to several thousand steps
+# (benchmarks/pretrain_explore.py, results/rgb-explore-*).
+PRETRAIN_STEPS_BY_CHANNELS = {1: 900, 3: 7200}
 
 
 @dataclass
 class PretrainConfig:
-    steps: int = 900
+    # None: PRETRAIN_STEPS_BY_CHANNELS for data.channels (resolved_steps);
+    # every run records the number it used.
+    steps: int | None = None
     batch_size: int = 128
     lr: float = 2e-3
     ema_decay: float = 0.995
@@ -38,7 +47,8 @@ class PretrainConfig:
     recolour: str = "auto"
 
     def validate(self) -> None:
-        _require(self.steps >= 0, "pretrain.steps must be >= 0")
+        _require(self.steps is None or self.steps >= 0,
+                 "pretrain.steps must be >= 0, or null (by data.channels)")
         _require(self.batch_size >= 1, f"pretrain.batch_size must be >= 1, got {self.batch_size}")
         _require(self.precision in PRETRAIN_PRECISIONS,
                  f"pretrain.precision must be one of {', '.join(PRETRAIN_PRECISIONS)}, "
@@ -48,6 +58,10 @@ class PretrainConfig:
                  f"got '{self.recolour}'")
         _require(0 <= self.ema_decay < 1,
                  f"pretrain.ema_decay must be in [0, 1), got {self.ema_decay}")
+
+    def resolved_steps(self, channels: int) -> int:
+        """``steps``, or when null the default for ``channels`` (1 or 3)."""
+        return PRETRAIN_STEPS_BY_CHANNELS[channels] if self.steps is None else self.steps
 
 
 # Per-example clipping engines for DP-SGD (privimage_core/dp_sgd/finetune.make_private):

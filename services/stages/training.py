@@ -125,6 +125,8 @@ def _pretrain_key(ctx: RunContext, stage: Stage, labels, recolour: bool = False)
     c = ctx.cfg.to_dict()
     data = pretrain_data(ctx, stage)
     settings = {k: v for k, v in c["pretrain"].items() if k != "recolour"}
+    # the number of steps, not "null" (whose meaning depends on data.channels)
+    settings["steps"] = ctx.cfg.pretrain.resolved_steps(ctx.cfg.data.channels)
     if recolour:
         settings["recolour"] = True
     key = {"family": ctx.method.family, "generator": c["generator"], "pretrain": settings,
@@ -147,21 +149,22 @@ def pretrain(ctx: RunContext, stage: Stage) -> dict:
     mlflow.set_tag("pretrain_recolour", "on" if recolour else "off")
     colours = (f"recoloured at random, pretrain.recolour: {ctx.cfg.pretrain.recolour}"
                if recolour else f"as they are, pretrain.recolour: {ctx.cfg.pretrain.recolour}")
+    steps = ctx.cfg.pretrain.resolved_steps(ctx.cfg.data.channels)
     cache = Path(ctx.cfg.run.output_dir).resolve() / "cache" / \
         f"pretrain-{_pretrain_key(ctx, stage, labels, recolour)}.pt"
     if ctx.cfg.run.cache_public and cache.is_file():
         init = torch.load(cache, map_location="cpu")
         torch.save(init, ctx.run_dir / PRETRAINED_FILE)
         ctx.values["init_state"] = ctx.values["pretrained_state"] = init
-        ctx.finish(stage, {"steps": ctx.cfg.pretrain.steps, "images": len(labels),
+        ctx.finish(stage, {"steps": steps, "images": len(labels),
                            "data": data, "cached": str(cache), "recolour": recolour})
         ctx.log(f"[privimage] pre-training: reused {cache.name} (public, same settings; "
                 f"images {colours})")
         return {"cached": 1, "num_pretrain_images": len(labels)}
     job = _job(ctx, stage, ray.put((images, labels)), mlflow.active_run().info.run_id,
-               checkpoint_every=max(1, ctx.cfg.pretrain.steps // ctx.cfg.ray.checkpoints_per_stage),
+               checkpoint_every=max(1, steps // ctx.cfg.ray.checkpoints_per_stage),
                recolour=recolour)
-    res = _fit(ctx, stage, pretrain_loop, job, ctx.cfg.pretrain.steps)
+    res = _fit(ctx, stage, pretrain_loop, job, steps)
     model, ema = _model_state(res)
     init = _with_ema(model, ema, _release_prefix(ctx))
     torch.save(init, ctx.run_dir / PRETRAINED_FILE)
