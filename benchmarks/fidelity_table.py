@@ -6,7 +6,9 @@ CNN accuracy, every figure on the validation split (train images
     python benchmarks/quality_explore.py --init ... --fid-images 5000 >> rows.jsonl
     python benchmarks/fidelity_table.py rows.jsonl --note "idle machine"
 
-Appends the table and the raw lines to benchmarks/results/fidelity-<date>.txt.
+Appends the table and the raw lines to benchmarks/results/fidelity-<date>.txt
+(``--name`` another prefix; ``--utility-only`` also keeps rows without FID,
+e.g. the coloured-digit folder's rows, whose validation split is its own).
 """
 from __future__ import annotations
 
@@ -29,10 +31,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("rows", help="quality_explore.py output (JSON lines; other lines skipped)")
     ap.add_argument("--note", default="", help="conditions of the runs (load, what changed)")
+    ap.add_argument("--name", default="fidelity", help="the results file's prefix")
+    ap.add_argument("--utility-only", action="store_true",
+                    help="keep the rows without FID too")
     a = ap.parse_args()
     rows = [json.loads(ln) for ln in Path(a.rows).read_text().splitlines()
-            if ln.startswith("{") and "val_fid" in ln]
-    lines = [f"# fidelity by setting, {datetime.date.today().isoformat()}",
+            if ln.startswith("{") and ("val_fid" in ln or a.utility_only)]
+    lines = [f"# {a.name}: settings against validation scores, {datetime.date.today().isoformat()}",
              f"# machine: {cpu_name()}; commit {git_commit()}"]
     lines += [f"# note: {a.note}"] if a.note else []
     lines += ["| " + " | ".join(c[1] for c in COLUMNS) + " |",
@@ -41,7 +46,7 @@ def main() -> None:
                                 for k, _, fmt in COLUMNS) + " |" for r in rows]
     lines += ["", "# raw lines (benchmarks/quality_explore.py)"]
     lines += [json.dumps(r) for r in rows]
-    append("fidelity", lines)
+    append(a.name, lines)
 
 
 if __name__ == "__main__":

@@ -99,3 +99,18 @@ def test_use_gpu_without_a_visible_gpu_is_one_line(monkeypatch):
                        ".*set ray.use_gpu: false") as e:
         resolve_device(True)
     assert "\n" not in str(e.value)
+
+
+def test_pretrain_steps_default_by_channels_and_recorded():
+    """Left null, pretrain.steps is 900 for grayscale and 7200 for RGB, and
+    resolve_defaults writes the number into the config a run records; an
+    explicit number wins. Control: without the resolution the config keeps
+    null, which the run's recorded config must not."""
+    from privimage_core.config import resolve_defaults
+    from privimage_core.config.training import PRETRAIN_STEPS_BY_CHANNELS
+    gray, rgb = from_dict({}), from_dict({"data": {"channels": 3}})
+    assert gray.pretrain.steps is None  # the control: unresolved
+    assert resolve_defaults(gray).pretrain.steps == PRETRAIN_STEPS_BY_CHANNELS[1] == 900
+    assert resolve_defaults(rgb).pretrain.steps == PRETRAIN_STEPS_BY_CHANNELS[3] == 7200
+    assert resolve_defaults(rgb.with_overrides({"pretrain.steps": 5})).pretrain.steps == 5
+    assert resolve_defaults(rgb).to_dict()["pretrain"]["steps"] == 7200

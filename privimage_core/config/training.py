@@ -28,8 +28,8 @@ PRETRAIN_STEPS_BY_CHANNELS = {1: 900, 3: 7200}
 
 @dataclass
 class PretrainConfig:
-    # None: PRETRAIN_STEPS_BY_CHANNELS for data.channels (resolved_steps);
-    # every run records the number it used.
+    # null: by data.channels, 900 for grayscale and 7200 for RGB
+    # (PRETRAIN_STEPS_BY_CHANNELS); every run records the number it used.
     steps: int | None = None
     batch_size: int = 128
     lr: float = 2e-3
