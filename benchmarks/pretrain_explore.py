@@ -15,7 +15,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
@@ -40,6 +39,7 @@ def main() -> None:
     from privimage_core.models import get_family
     from privimage_core.models.ema import EMA
     from privimage_core.pretrain import pretrain
+    from privimage_core.selection.distribution import relabel_selection
 
     cfg = yaml.safe_load((a.run / "config.yaml").read_text())
     state = json.loads((a.run / "pipeline_state.json").read_text())["stages"]
@@ -50,14 +50,9 @@ def main() -> None:
                              d.get("public_max_per_class"), cfg["run"]["seed"],
                              glyph_opts={"max_fonts": d.get("glyph_max_fonts"),
                                          "per_font": d.get("glyph_copies_per_font", 1)})
-    xs, ys = [], []
-    for cls, semantics in sorted(selection.items()):
-        rows = np.flatnonzero(np.isin(pool.labels, semantics))
-        xs.append(pool.images[rows])
-        ys.append(np.full(len(rows), cls))
-    images, labels = np.concatenate(xs), np.concatenate(ys)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-    y = torch.from_numpy(labels).long()
+    # the pipeline's relabelling (services/actors.py PublicSelector.selected_images)
+    rows, labels = relabel_selection(pool.labels, selection)
+    x, y = pool.subset(rows).to_tensor(), torch.from_numpy(labels)
 
     fam = get_family("diffusion")
     preset = a.preset or cfg["generator"]["preset"]

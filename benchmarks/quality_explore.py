@@ -22,6 +22,7 @@ import argparse
 import inspect
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -144,8 +145,7 @@ def main() -> None:
         t_s = time.time() - t2
         fidelity = _fidelity(syn, val, a.fid_images, a.fid_cache) if a.fid_images else {}
         if a.grid:
-            from pathlib import Path
-            from services.stages.release import sample_grid_png
+            from services.stages.release import sample_grid_png  # lazy: only for --grid
             g = Path(a.grid)
             sample_grid_png(syn, g.with_name(f"{g.stem}-w{w}-n{n}-{so}{st}{g.suffix}"))
         for ep in (int(v) for v in a.cls_epochs.split(",")):

@@ -121,7 +121,8 @@ class LatentDiffusionFamily(ModelFamily):
         c = cfg.latent
         return {"label_dropout": cfg.generator.label_dropout, "latent_channels": c.channels,
                 "downsample": c.downsample, "width": c.width,
-                "ae_pretrain_steps": int(round(c.autoencoder_pretrain_share * cfg.pretrain.resolved_steps(cfg.data.channels)))}
+                "ae_pretrain_steps": int(round(c.autoencoder_pretrain_share
+                                               * cfg.pretrain.resolved_steps(cfg.data.channels)))}
 
     def make(self, preset, overrides, image_size, channels, num_classes, label_dropout=0.0,
              latent_channels=4, downsample=4, width=32, ae_pretrain_steps=0):
