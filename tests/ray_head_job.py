@@ -245,6 +245,7 @@ class JobOutcome:
     driver_python: str = ""   # the job driver's `python`, resolved through its PATH
     submit: subprocess.CompletedProcess | None = None
     status: str = ""
+    message: str = ""         # the Jobs API's message on the job (its exit code, when it failed)
     logs: str = ""
     status_cli: subprocess.CompletedProcess | None = None
     scrapes: list[Scrape] = field(default_factory=list)
@@ -339,6 +340,7 @@ def submitted_job(tmp_path_factory) -> JobOutcome:
                 break
             time.sleep(1)
         out.status = state.get("status", "")
+        out.message = info.get("message") or ""
         out.job_seconds = time.time() - t_job
         time.sleep(2 * SCRAPE_EVERY_S)  # one more scrape after the driver's last export
         stop.set()
