@@ -84,7 +84,7 @@ def main() -> None:
 
     from privimage_core.data.sources import load_source
     from privimage_core.models.ema import EMA
-    from privimage_core.dp_sgd.finetune import dp_finetune, make_private
+    from privimage_core.dp_sgd.finetune import dp_finetune, make_private, restrict_trainable
     from privimage_core.privacy.plan import plan_noise
     from privimage_core.evaluation.downstream import accuracy, train_classifier
     from privimage_core.models import get_family
@@ -108,12 +108,9 @@ def main() -> None:
         release.load_state_dict(torch.load(a.release, map_location="cpu"))
     else:
         x, y = sens.to_tensor(), torch.from_numpy(sens.labels).long()
-        if a.train_params:
-            import re
-            for n, p in model.named_parameters():
-                p.requires_grad_(re.search(a.train_params, n) is not None)
-            print(json.dumps({"trainable": sum(p.numel() for p in model.parameters()
-                                               if p.requires_grad)}), flush=True)
+        if a.train_params:  # the pipeline's finetune.trainable
+            print(json.dumps({"trainable": restrict_trainable(model, a.train_params)}),
+                  flush=True)
         ema = EMA(model, decay=a.ema)
         opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=a.lr)
         mp = {"grad_sample_mode": a.grad_mode} if a.grad_mode else {"grad_sample_mode": "vmap"}

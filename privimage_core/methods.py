@@ -160,3 +160,22 @@ def check_method(name: str, preset: str, pretrain_steps: int,
                           f"family pre-trains in (method '{name}'); use auto or one of "
                           f"{', '.join(fam.public_precisions)}")
     return m
+
+
+def check_trainable(cfg) -> None:
+    """One clear error unless ``finetune.trainable`` (when set) matches a
+    parameter of the module the method's release stage trains with DP-SGD.
+    Builds the model once; parameter names do not depend on the class count."""
+    if cfg.finetune.trainable is None:
+        return
+    from privimage_core.dp_sgd.finetune import restrict_trainable
+    from privimage_core.models import build_model
+    m = get_method(cfg.method)
+    part = next(s for s in m.stages if s.is_release).options.get("part")
+    module = get_family(m.family).dp_module(build_model(cfg, m.family, 2), part)
+    try:
+        restrict_trainable(module, cfg.finetune.trainable)
+    except ValueError as e:
+        raise ConfigError(f"finetune.trainable {e} of the module method '{cfg.method}' "
+                          "fine-tunes; change the pattern or set null to train every "
+                          "parameter") from None

@@ -37,6 +37,7 @@ class TrainJob:
     part: str | None = None        # Stage.options["part"]: the family part trained
     ledger: dict | None = None     # the run's ledger when the stage starts
     plan: DPSGDPlan | None = None
+    trainable: str | None = None   # finetune.trainable for the release stage, else None
     # {"storage": ..., "relpath": ...}: the checkpoint a resumed run continues from.
     resume_checkpoint: dict | None = None
 

@@ -22,7 +22,7 @@ from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as D
 from privimage_core.config import from_dict
 from privimage_core.data.imageset import writable_tensor
 from privimage_core.device import resolve_device
-from privimage_core.dp_sgd.finetune import dp_finetune, make_private
+from privimage_core.dp_sgd.finetune import dp_finetune, make_private, restrict_trainable
 from privimage_core.errors import PrivacyBudgetError
 from privimage_core.models import build_model, get_family
 from privimage_core.models.ema import EMA
@@ -209,9 +209,10 @@ def finetune_loop(config: dict) -> None:
     if restored:
         ema.load_state_dict(restored["ema"])
     dp_module = family.dp_module(model, part)
+    restrict_trainable(dp_module, job.trainable)  # before DDP and Opacus see it
     if world > 1:
         dp_module = DPDDP(ray.train.torch.prepare_model(dp_module, parallel_strategy=None))
-    opt = torch.optim.Adam(dp_module.parameters(), lr=plan.lr)
+    opt = torch.optim.Adam([p for p in dp_module.parameters() if p.requires_grad], lr=plan.lr)
     f = cfg.finetune
     objective = family.dp_objective(model, part, cfg=cfg)
     dp = make_private(dp_module, opt, x, y, batch_size=plan.batch_size,

@@ -3,6 +3,7 @@ public pre-training (paper Sec. 3.3) and DP-SGD fine-tuning (Sec. 3.4)
 settings and their allowed values."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from privimage_core.config.types import require as _require
@@ -104,8 +105,17 @@ class FinetuneConfig:
     # latent family keeps it too (not measured there).
     noise_level_mean: float = 0.0
     noise_level_std: float = 1.2
+    # A regular expression over the parameter names of the module the release
+    # stage trains with DP-SGD (re.search; e.g. "norm|emb|conv_in|conv_out"):
+    # only those are fine-tuned, the rest keep their pre-trained public values.
+    # null: every parameter (dp_sgd/finetune.restrict_trainable says why fewer
+    # can help; `privimage validate` checks the pattern matches one).
+    trainable: str | None = None
 
     def validate(self) -> None:
+        _require(self.trainable is None or _compiles(self.trainable),
+                 f"finetune.trainable '{self.trainable}' is not a valid regular expression; "
+                 "fix it (e.g. 'norm|emb') or set null to train every parameter")
         _require(self.steps >= 1 and self.batch_size >= 1 and self.physical_batch_size >= 1,
                  "finetune.steps, batch_size and physical_batch_size must be >= 1")
         _require(self.max_grad_norm > 0,
@@ -123,3 +133,11 @@ class FinetuneConfig:
                  f"got '{self.grad_sample_mode}'")
         _require(0 <= self.ema_decay < 1,
                  f"finetune.ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+def _compiles(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except (re.error, TypeError):
+        return False
+    return bool(pattern)

@@ -28,6 +28,7 @@ DP-SGD through stock Opacus.
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -60,6 +61,32 @@ class DPTraining:
     engine: PrivacyEngine
     grad_sample_mode: str = "hooks"  # "vmap": Opacus no_op + torch.func per-sample grads
     clipper: BookKeepingClipper | None = None  # "ghost": the clipped sum, no per-sample grads
+
+
+def restrict_trainable(module: torch.nn.Module, pattern: str | None) -> int:
+    """Freeze every parameter of ``module`` whose name ``pattern`` (a regular
+    expression, ``re.search``) does not match; None changes nothing. Never
+    unfreezes what the family froze. Returns how many scalars stay trainable,
+    raising ValueError when none do.
+
+    Frozen parameters keep their pre-trained (public) values and never see the
+    sensitive data. The Gaussian noise of a DP-SGD step has the same scale on
+    every trainable coordinate, so its norm grows with their number while the
+    clipped signal does not: training fewer of them can keep more of the signal
+    at the same budget (as in DP fine-tuning of biases or adapters only)."""
+    if pattern is None:
+        return sum(p.numel() for p in module.parameters() if p.requires_grad)
+    rx = re.compile(pattern)
+    named = list(module.named_parameters())
+    trainable = [(n, p) for n, p in named if p.requires_grad]
+    keep = {n for n, _ in trainable if rx.search(n)}
+    if not keep:
+        names = ", ".join(n for n, _ in trainable[:6])
+        raise ValueError(f"'{pattern}' matches none of the {len(trainable)} trainable "
+                         f"parameter names (e.g. {names})")
+    for n, p in trainable:
+        p.requires_grad_(n in keep)
+    return sum(p.numel() for n, p in trainable if n in keep)
 
 
 def resolve_grad_sample_mode(mode: str, module: torch.nn.Module) -> str:

@@ -230,6 +230,7 @@ def dp_finetune(ctx: RunContext, stage: Stage) -> dict:
                checkpoint_every=max(1, total // ctx.cfg.ray.checkpoints_per_stage),
                init_ref=ray.put(state_bytes(init)) if init is not None else None,
                ledger=ctx.ledger.state_dict(), plan=plan, part=part,
+               trainable=ctx.cfg.finetune.trainable if stage.is_release else None,
                resume_checkpoint=resume and {"storage": ctx.storage, "relpath": resume})
     steps_before = ctx.ledger.steps_of(mech)
     res = _fit(ctx, stage, finetune_loop, job, total)
