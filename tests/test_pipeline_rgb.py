@@ -1,7 +1,8 @@
-"""Every registered method end to end at 32x32 RGB on the local Ray: the
-sensitive data a user ImageFolder of coloured digits
-(scripts/make_coloured_digits.py) with its own test folder, the public pool
-(glyphs) and the canaries converted to RGB at 32 px, the tiny settings of
+"""Every registered method end to end at 32x32 and 64x64 RGB on the local
+Ray: the sensitive data a user ImageFolder of coloured digits
+(scripts/make_coloured_digits.py, 32 px, resized by the loader for 64) with
+its own test folder, the public pool (glyphs) and the canaries converted to
+RGB at the run's size, the tiny settings of
 tests/helpers.py otherwise. Opt-in (-m slow): a minute or more each on 2
 cores, on the machinery the default suite runs end to end at 28x28x1
 (tests/test_pipeline_e2e.py); the default suite holds the RGB contracts
@@ -28,22 +29,23 @@ EXTRA: dict[str, tuple[dict, dict]] = {
 }
 
 
-def rgb_config(tmp, method: str):
+def rgb_config(tmp, method: str, size: int = 32):
     root = coloured_digits(tmp / "digits", PER_CLASS, 10)
     keys, sections = EXTRA.get(method, ({}, {}))
     cfg = tiny_config(tmp, **{"data.sensitive": f"folder:{root / 'train'}",
                               "data.sensitive_test": f"folder:{root / 'test'}",
-                              "data.channels": 3, "data.image_size": 32,
+                              "data.channels": 3, "data.image_size": size,
                               "privacy.dataset_size": 10 * PER_CLASS, **keys})
     return from_dict({**cfg, **sections, "method": method})
 
 
+@pytest.mark.parametrize("size", [32, 64])
 @pytest.mark.parametrize("method", METHODS)
-def test_method_runs_end_to_end_on_rgb_folder(tmp_path, ray_local, method):
+def test_method_runs_end_to_end_on_rgb_folder(tmp_path, ray_local, method, size):
     """Exactly the method's stages ran, its ledger is the plan's under the
-    target, the release is a 32x32x3 model of the method's family that
-    rebuilds from its manifest and the synthetic set is 32x32 RGB; with a
-    semantic query, the query function was trained at 32x32x3 in the
+    target, the release is an RGB model of the method's family at the run's
+    size that rebuilds from its manifest and the synthetic set is RGB at that
+    size; with a semantic query, the query function read the images in the
     luminance view (the default) and its DP histogram is 10 classes by the
     pool's labels; pre-training recoloured the grayscale public images."""
     import json
@@ -56,7 +58,7 @@ def test_method_runs_end_to_end_on_rgb_folder(tmp_path, ray_local, method):
     from privimage_core.synthesize import read_dataset
     from services.pipeline import run_pipeline
 
-    cfg = rgb_config(tmp_path, method)
+    cfg = rgb_config(tmp_path, method, size)
     lines: list[str] = []
     s = run_pipeline(cfg, log=lines.append)
     m = get_method(method)
@@ -67,9 +69,9 @@ def test_method_runs_end_to_end_on_rgb_folder(tmp_path, ray_local, method):
         [(r.name, r.noise_multiplier, r.sample_rate, r.steps) for r in plan.records]
     assert 0 < s["epsilon"] <= cfg.privacy.target_epsilon
     fam, release, man = load_release(s["run_dir"])
-    assert fam.name == m.family and (man.image_size, man.channels) == (32, 3)
+    assert fam.name == m.family and (man.image_size, man.channels) == (size, 3)
     syn = read_dataset(s["synthetic_path"])
-    assert syn.images.shape == (cfg.sampling.num_images, 32, 32, 3)
+    assert syn.images.shape == (cfg.sampling.num_images, size, size, 3)
     assert syn.images.dtype == np.uint8 and set(syn.labels.tolist()) <= set(range(10))
     assert 0.0 <= s["accuracy"] <= 1.0
     state = json.loads((Path(s["run_dir"]) / "pipeline_state.json").read_text())
