@@ -114,3 +114,23 @@ def test_pretrain_steps_default_by_channels_and_recorded():
     assert resolve_defaults(rgb).pretrain.steps == PRETRAIN_STEPS_BY_CHANNELS[3] == 7200
     assert resolve_defaults(rgb.with_overrides({"pretrain.steps": 5})).pretrain.steps == 5
     assert resolve_defaults(rgb).to_dict()["pretrain"]["steps"] == 7200
+
+
+def test_finetune_lr_default_by_channels_and_recorded():
+    """Left null, finetune.lr is 0.004 for grayscale and 0.001 for RGB, the
+    DP stage plan uses that number before and after resolve_defaults writes it
+    into the recorded config, and an explicit value wins. Control: the
+    unresolved config keeps null."""
+    from privimage_core.config import resolve_defaults
+    from privimage_core.config.training import FINETUNE_LR_BY_CHANNELS
+    from privimage_core.models import get_family
+    gray, rgb = from_dict({}), from_dict({"data": {"channels": 3}})
+    assert gray.finetune.lr is None and rgb.finetune.lr is None  # the control: unresolved
+    assert resolve_defaults(gray).finetune.lr == FINETUNE_LR_BY_CHANNELS[1] == 4e-3
+    assert resolve_defaults(rgb).finetune.lr == FINETUNE_LR_BY_CHANNELS[3] == 1e-3
+    assert resolve_defaults(rgb).to_dict()["finetune"]["lr"] == 1e-3
+    assert resolve_defaults(rgb.with_overrides({"finetune.lr": 0.01})).finetune.lr == 0.01
+    for cfg, want in ((gray, 4e-3), (rgb, 1e-3), (resolve_defaults(rgb), 1e-3)):
+        assert get_family("diffusion").dp_stage_plan(cfg, None).lr == want
+    with pytest.raises(ConfigError, match="finetune.lr must be > 0 or null"):
+        from_dict({"finetune": {"lr": 0}})

@@ -11,10 +11,13 @@ from privimage_core.errors import ConfigError
 
 def resolve_defaults(cfg: Config) -> Config:
     """``cfg`` with the null defaults that depend on other keys filled in
-    (pretrain.steps by data.channels), so that a run records and resumes
-    with the numbers it used."""
+    (pretrain.steps and finetune.lr by data.channels), so that a run
+    records and resumes with the numbers it used."""
+    c = cfg.data.channels
     if cfg.pretrain.steps is None:
-        cfg = cfg.with_overrides({"pretrain.steps": cfg.pretrain.resolved_steps(cfg.data.channels)})
+        cfg = cfg.with_overrides({"pretrain.steps": cfg.pretrain.resolved_steps(c)})
+    if cfg.finetune.lr is None:
+        cfg = cfg.with_overrides({"finetune.lr": cfg.finetune.resolved_lr(c)})
     return cfg
 
 

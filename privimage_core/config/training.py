@@ -71,6 +71,13 @@ class PretrainConfig:
 # gradients, "hooks" = Opacus's hooks; "auto" = ghost where every trainable
 # layer is one it supports, else vmap.
 GRAD_SAMPLE_MODES = ("auto", "ghost", "vmap", "hooks")
+# DP fine-tuning learning rate when ``finetune.lr`` is null, by data.channels,
+# each chosen on a validation split of its own data (benchmarks/quality_explore.py):
+# MNIST for grayscale; coloured digits from the RGB pre-training for colour,
+# where 0.004 lowered the pre-trained generator's score (results/rgb-explore-*):
+# a few thousand sensitive images leave sigma about twice MNIST's at a larger
+# sampling rate, and a smaller step keeps the noise from undoing pre-training.
+FINETUNE_LR_BY_CHANNELS = {1: 4e-3, 3: 1e-3}
 
 
 @dataclass
@@ -83,8 +90,9 @@ class FinetuneConfig:
     batch_size: int = 512
     # Physical batch for memory (BatchMemoryManager virtual steps).
     physical_batch_size: int = 128
-    # Chosen on a validation split (benchmarks/quality_explore.py).
-    lr: float = 4e-3
+    # null: by data.channels, 0.004 for grayscale and 0.001 for RGB
+    # (FINETUNE_LR_BY_CHANNELS); every run records the number it used.
+    lr: float | None = None
     max_grad_norm: float = 1.0
     # None: calibrated from the target epsilon after the query's cost.
     noise_multiplier: float | None = None
@@ -118,6 +126,8 @@ class FinetuneConfig:
                  "fix it (e.g. 'norm|emb') or set null to train every parameter")
         _require(self.steps >= 1 and self.batch_size >= 1 and self.physical_batch_size >= 1,
                  "finetune.steps, batch_size and physical_batch_size must be >= 1")
+        _require(self.lr is None or self.lr > 0,
+                 f"finetune.lr must be > 0 or null (by data.channels), got {self.lr}")
         _require(self.max_grad_norm > 0,
                  f"finetune.max_grad_norm must be > 0, got {self.max_grad_norm}")
         _require(self.noise_level_std > 0 and -5 <= self.noise_level_mean <= 3,
@@ -133,6 +143,10 @@ class FinetuneConfig:
                  f"got '{self.grad_sample_mode}'")
         _require(0 <= self.ema_decay < 1,
                  f"finetune.ema_decay must be in [0, 1), got {self.ema_decay}")
+
+    def resolved_lr(self, channels: int) -> float:
+        """``lr``, or when null the default for ``channels`` (1 or 3)."""
+        return FINETUNE_LR_BY_CHANNELS[channels] if self.lr is None else self.lr
 
 
 def _compiles(pattern: str) -> bool:

@@ -106,7 +106,7 @@ class ModelFamily(ABC):
         ``part``; None: the run's config leaves this stage out (e.g. a frozen
         autoencoder). Default: the ``finetune`` section."""
         no_part(self.name, part)
-        return DPStagePlan(cfg.finetune.steps, cfg.finetune.lr)
+        return DPStagePlan(cfg.finetune.steps, cfg.finetune.resolved_lr(cfg.data.channels))
 
     def dp_module(self, model: nn.Module, part: str | None = None) -> nn.Module:
         """The part DP-SGD trains on the sensitive data (default: all of it)."""

@@ -147,7 +147,7 @@ class LatentDiffusionFamily(ModelFamily):
                 return None
             return DPStagePlan(c.autoencoder_dp_steps, c.autoencoder_dp_lr,
                                c.autoencoder_epsilon_share)
-        return DPStagePlan(cfg.finetune.steps, cfg.finetune.lr)
+        return DPStagePlan(cfg.finetune.steps, cfg.finetune.resolved_lr(cfg.data.channels))
 
     def dp_module(self, model, part=None):
         m = _inner(model)
