@@ -164,15 +164,26 @@ def check_method(name: str, preset: str, pretrain_steps: int,
 
 def check_trainable(cfg) -> None:
     """One clear error unless ``finetune.trainable`` (when set) matches a
-    parameter of the module the method's release stage trains with DP-SGD.
-    Builds the model once; parameter names do not depend on the class count."""
+    parameter of the module the method's release stage trains with DP-SGD,
+    and that module is (part of) the released one. Builds the model once;
+    parameter names do not depend on the class count."""
     if cfg.finetune.trainable is None:
         return
     from privimage_core.dp_sgd.finetune import restrict_trainable
     from privimage_core.models import build_model
     m = get_method(cfg.method)
+    fam = get_family(m.family)
     part = next(s for s in m.stages if s.is_release).options.get("part")
-    module = get_family(m.family).dp_module(build_model(cfg, m.family, 2), part)
+    try:
+        model = build_model(cfg, m.family, 2)
+    except Exception:  # noqa: BLE001 (bad generator settings: the generator check names them)
+        return
+    module, released = fam.dp_module(model, part), fam.release_module(model)
+    if not any(sub is module for sub in released.modules()):
+        raise ConfigError(f"finetune.trainable: method '{cfg.method}' trains its "
+                          f"{type(module).__name__} with DP-SGD and releases another network "
+                          "trained from it, which the pattern would not restrict; set "
+                          "finetune.trainable: null")
     try:
         restrict_trainable(module, cfg.finetune.trainable)
     except ValueError as e:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from privimage_core.config import Config, from_dict, load_config
+from privimage_core.config import Config, from_dict, load_config, resolve_defaults
 from privimage_core.errors import PrivImageError
 from privimage_core.evaluation.protocol import comparability, fidelity_line
 from services.cli_args import build_parser
@@ -128,7 +128,7 @@ def cmd_run(a) -> int:
 
     if cfg is not None and a.dry_run:
         found = preflight(cfg)
-        _print_config(cfg)
+        _print_config(resolve_defaults(cfg))  # the numbers the run would record
         print("\n".join(plan_comment(found)))
         return 0
     try:

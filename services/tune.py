@@ -25,7 +25,7 @@ from pathlib import Path
 import mlflow
 from ray import tune
 
-from privimage_core.config import Config, from_dict
+from privimage_core.config import Config, from_dict, resolve_defaults
 from privimage_core.privacy.ledger import compose_ledgers
 from services import ray_runtime
 from services.pipeline import run_pipeline
@@ -95,7 +95,10 @@ def expand_grid(cfg: Config) -> list[dict]:
     for values in itertools.product(*space.values()):
         ov = dict(zip(space.keys(), values))
         resolved = base.with_overrides(ov)
-        key = json.dumps({**resolved.to_dict(), "run": {**resolved.to_dict()["run"], "name": ""}},
+        # told apart by the numbers they would run with (a null default and
+        # the value it resolves to are one trial)
+        numbers = resolve_defaults(resolved).to_dict()
+        key = json.dumps({**numbers, "run": {**numbers["run"], "name": ""}},
                          sort_keys=True, default=str)
         if key in seen:
             continue

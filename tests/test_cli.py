@@ -9,7 +9,7 @@ import re
 import pytest
 import yaml
 
-from privimage_core.config import from_dict, load_config
+from privimage_core.config import from_dict, load_config, resolve_defaults
 from services.cli import main
 from services.cli_args import COMMANDS
 from tests.helpers import tiny_config
@@ -47,7 +47,10 @@ def test_dry_run_checks_and_plans_but_spends_nothing(capsys, tmp_path):
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     rc, out, err = _run(capsys, ["run", "--config", str(tmp_path / "cfg.json"), "--dry-run"])
     assert rc == 0, err
-    assert from_dict(yaml.safe_load(out)) == from_dict(cfg)  # the plan is YAML comments
+    # the plan is YAML comments; the config is the one the run would record,
+    # its null defaults resolved (finetune.lr: 0.004 for these grayscale images)
+    assert from_dict(yaml.safe_load(out)) == resolve_defaults(from_dict(cfg))
+    assert yaml.safe_load(out)["finetune"]["lr"] == 0.004
     comments = [ln for ln in out.splitlines() if ln.startswith("#")]
     assert "nothing was run or spent" in comments[0]
     assert any("finetune: DP-SGD, noise multiplier" in ln and "4 steps" in ln for ln in comments)

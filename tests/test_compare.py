@@ -16,6 +16,11 @@ def test_grid_is_any_dotted_keys_and_duplicates_run_once():
     assert len(trials) == 2 * 2 * 2  # 60 and 60.0 resolve to the same config
     assert {t["config"]["method"] for t in trials} == {"privimage", "dpdm"}
     assert len({t["config"]["run"]["name"] for t in trials}) == len(trials)
+    # a null default and the number it resolves to (finetune.lr for grayscale
+    # data) are one trial, not two charged to the budget
+    same = from_dict({"tune": {"search_space": {"finetune.lr": [None, 0.004]}}})
+    assert len(expand_grid(same)) == 1
+    assert len(expand_grid(same.with_overrides({"data.channels": 3}))) == 2
 
 def test_sweep_epsilon_splits_the_budget_so_the_composition_fits():
     cfg = from_dict({"tune": {"search_space": {"run.seed": [0, 1, 2, 3]}, "sweep_epsilon": 8.0}})

@@ -79,8 +79,17 @@ def test_config_refuses_a_bad_or_empty_pattern():
                        r"trainable parameter names \(e\.g\. net\..*\) of the module method "
                        r"'privimage'"):
         from_dict({"finetune": {"trainable": "zzz"}})
-    # a GAN's DP stage trains its discriminator: the names are checked there
-    from_dict({"method": "dpgan", "finetune": {"trainable": "bias"}})
+    with pytest.raises(ConfigError, match="finetune.trainable is empty"):
+        from_dict({"finetune": {"trainable": ""}})
+    # a GAN's DP stage trains its discriminator, and the released generator
+    # learns from it unrestricted: the pattern would not mean what it says
+    with pytest.raises(ConfigError, match="method 'dpgan' trains its .* and releases another"):
+        from_dict({"method": "dpgan", "finetune": {"trainable": "bias"}})
+    # the latent family's release stage trains (part of) the released model
+    assert from_dict({"method": "dp_ldm", "finetune": {"trainable": "norm"}})
+    # bad generator settings are left to the generator's own check, not a TypeError here
+    assert from_dict({"finetune": {"trainable": "norm"},
+                      "generator": {"overrides": {"no_such": 1}}})
 
 
 @pytest.mark.ray
@@ -89,7 +98,9 @@ def test_the_release_stage_fine_tunes_only_the_named_parameters(tmp_path, ray_lo
     cfg = from_dict(tiny_config(tmp_path, **{"finetune.trainable": PATTERN,
                                              "evaluation.canary_audit": False,
                                              "evaluation.memorisation": False}))
-    s = run_pipeline(cfg, log=lambda _: None)
+    lines: list[str] = []
+    s = run_pipeline(cfg, log=lines.append)
+    assert any(f"parameters (finetune.trainable '{PATTERN}')" in ln for ln in lines), lines
     run = Path(s["run_dir"])
     pre = torch.load(run / "pretrained_generator.pt", map_location="cpu")
     rel = torch.load(run / "dp_generator.pt", map_location="cpu")

@@ -16,6 +16,7 @@ from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from privimage_core.data.provenance import declaration
+from privimage_core.dp_sgd.finetune import restrict_trainable
 from privimage_core.errors import PrivacyBudgetError
 from privimage_core.evaluation.canary_audit import (CANARY_FILE, CanarySet, make_canaries,
                                                     resolve_canary_source)
@@ -217,6 +218,14 @@ def dp_finetune(ctx: RunContext, stage: Stage) -> dict:
             f"(target eps={ctx.ledger.target_epsilon:g}, delta={ctx.ledger.target_delta:.2g}"
             f"{share})")
     init = ctx.values.get("init_state")
+    trainable = f.trainable if stage.is_release else None
+    if trainable is not None:
+        m = get_family(ctx.method.family).dp_module(
+            build_model(ctx.cfg, ctx.method.family, len(ctx.class_names)), part)
+        total_params = sum(p.numel() for p in m.parameters() if p.requires_grad)
+        ctx.log(f"[privimage] DP-SGD ({stage.name}) trains {restrict_trainable(m, trainable):,} "
+                f"of {total_params:,} parameters (finetune.trainable '{trainable}'); the rest "
+                f"keep their {'pre-trained' if init is not None else 'initial'} values")
     resume = ctx.resume_checkpoints.get(stage.name)
     data_ref = ctx.sens_ref
     if canaries is not None:  # the audit run's dataset: sensitive + the included canaries
@@ -230,7 +239,7 @@ def dp_finetune(ctx: RunContext, stage: Stage) -> dict:
                checkpoint_every=max(1, total // ctx.cfg.ray.checkpoints_per_stage),
                init_ref=ray.put(state_bytes(init)) if init is not None else None,
                ledger=ctx.ledger.state_dict(), plan=plan, part=part,
-               trainable=ctx.cfg.finetune.trainable if stage.is_release else None,
+               trainable=trainable,
                resume_checkpoint=resume and {"storage": ctx.storage, "relpath": resume})
     steps_before = ctx.ledger.steps_of(mech)
     res = _fit(ctx, stage, finetune_loop, job, total)
