@@ -1,6 +1,6 @@
 """Every registered method end to end at 32x32 and 64x64 RGB on the local
 Ray: the sensitive data a user ImageFolder of coloured digits
-(scripts/make_coloured_digits.py, 32 px, resized by the loader for 64) with
+(scripts/make_coloured_digits.py, 32 px, resized on load for 64: data.resize) with
 its own test folder, the public pool (glyphs) and the canaries converted to
 RGB at the run's size, the tiny settings of
 tests/helpers.py otherwise. Opt-in (-m slow): a minute or more each on 2
@@ -35,6 +35,7 @@ def rgb_config(tmp, method: str, size: int = 32):
     cfg = tiny_config(tmp, **{"data.sensitive": f"folder:{root / 'train'}",
                               "data.sensitive_test": f"folder:{root / 'test'}",
                               "data.channels": 3, "data.image_size": size,
+                              "data.resize": size != 32,  # the folder holds 32 px images
                               "privacy.dataset_size": 10 * PER_CLASS, **keys})
     return from_dict({**cfg, **sections, "method": method})
 
