@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from privimage_core.errors import ConfigError
-from privimage_core.models import FAMILY_NAMES, get_family
+from privimage_core.models import FAMILY_NAMES, build_model, get_family
 
 STAGE_KINDS = ("public_index", "query_function", "semantic_query", "pretrain", "dp_finetune",
                "synthesize", "evaluate")
@@ -169,8 +169,8 @@ def check_trainable(cfg) -> None:
     parameter names do not depend on the class count."""
     if cfg.finetune.trainable is None:
         return
+    # lazy: Opacus loads only when a pattern is set (the config imports this module)
     from privimage_core.dp_sgd.finetune import restrict_trainable
-    from privimage_core.models import build_model
     m = get_method(cfg.method)
     fam = get_family(m.family)
     part = next(s for s in m.stages if s.is_release).options.get("part")
