@@ -162,30 +162,32 @@ def check_method(name: str, preset: str, pretrain_steps: int,
     return m
 
 
-def check_trainable(cfg) -> None:
+def check_trainable(cfg, num_classes: int = 2) -> tuple[int, int] | None:
     """One clear error unless ``finetune.trainable`` (when set) matches a
     parameter of the module the method's release stage trains with DP-SGD,
-    and that module is (part of) the released one. Builds the model once;
-    parameter names do not depend on the class count."""
+    and that module is (part of) the released one; else (trained, total)
+    trainable scalars of that module, None when no pattern is set. Builds the
+    model once (parameter names do not depend on ``num_classes``; the counts do)."""
     if cfg.finetune.trainable is None:
-        return
+        return None
     # lazy: Opacus loads only when a pattern is set (the config imports this module)
     from privimage_core.dp_sgd.finetune import restrict_trainable
     m = get_method(cfg.method)
     fam = get_family(m.family)
     part = next(s for s in m.stages if s.is_release).options.get("part")
     try:
-        model = build_model(cfg, m.family, 2)
+        model = build_model(cfg, m.family, num_classes)
     except Exception:  # noqa: BLE001 (bad generator settings: the generator check names them)
-        return
+        return None
     module, released = fam.dp_module(model, part), fam.release_module(model)
     if not any(sub is module for sub in released.modules()):
         raise ConfigError(f"finetune.trainable: method '{cfg.method}' trains its "
                           f"{type(module).__name__} with DP-SGD and releases another network "
                           "trained from it, which the pattern would not restrict; set "
                           "finetune.trainable: null")
+    total = sum(p.numel() for p in module.parameters() if p.requires_grad)
     try:
-        restrict_trainable(module, cfg.finetune.trainable)
+        return restrict_trainable(module, cfg.finetune.trainable), total
     except ValueError as e:
         raise ConfigError(f"finetune.trainable {e} of the module method '{cfg.method}' "
                           "fine-tunes; change the pattern or set null to train every "

@@ -14,11 +14,13 @@ def resolve_defaults(cfg: Config) -> Config:
     (pretrain.steps and finetune.lr by data.channels), so that a run
     records and resumes with the numbers it used."""
     c = cfg.data.channels
+    fill = {}
     if cfg.pretrain.steps is None:
-        cfg = cfg.with_overrides({"pretrain.steps": cfg.pretrain.resolved_steps(c)})
+        fill["pretrain.steps"] = cfg.pretrain.resolved_steps(c)
     if cfg.finetune.lr is None:
-        cfg = cfg.with_overrides({"finetune.lr": cfg.finetune.resolved_lr(c)})
-    return cfg
+        fill["finetune.lr"] = cfg.finetune.resolved_lr(c)
+    # one copy, validated once (validation may build the model)
+    return cfg.with_overrides(fill) if fill else cfg
 
 
 def resolve_delta(cfg: Config, n_sensitive: int) -> float:

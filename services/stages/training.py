@@ -16,11 +16,10 @@ from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from privimage_core.data.provenance import declaration
-from privimage_core.dp_sgd.finetune import restrict_trainable
 from privimage_core.errors import PrivacyBudgetError
 from privimage_core.evaluation.canary_audit import (CANARY_FILE, CanarySet, make_canaries,
                                                     resolve_canary_source)
-from privimage_core.methods import Stage
+from privimage_core.methods import Stage, check_trainable
 from privimage_core.models import build_model, get_family
 from privimage_core.models.release import ReleaseManifest, write_release
 from privimage_core.models.state import state_bytes
@@ -220,12 +219,10 @@ def dp_finetune(ctx: RunContext, stage: Stage) -> dict:
     init = ctx.values.get("init_state")
     trainable = f.trainable if stage.is_release else None
     if trainable is not None:
-        m = get_family(ctx.method.family).dp_module(
-            build_model(ctx.cfg, ctx.method.family, len(ctx.class_names)), part)
-        total_params = sum(p.numel() for p in m.parameters() if p.requires_grad)
-        ctx.log(f"[privimage] DP-SGD ({stage.name}) trains {restrict_trainable(m, trainable):,} "
-                f"of {total_params:,} parameters (finetune.trainable '{trainable}'); the rest "
-                f"keep their {'pre-trained' if init is not None else 'initial'} values")
+        trained, total_params = check_trainable(ctx.cfg, len(ctx.class_names))
+        ctx.log(f"[privimage] DP-SGD ({stage.name}) trains {trained:,} of {total_params:,} "
+                f"parameters (finetune.trainable '{trainable}'); the rest keep their "
+                f"{'pre-trained' if init is not None else 'initial'} values")
     resume = ctx.resume_checkpoints.get(stage.name)
     data_ref = ctx.sens_ref
     if canaries is not None:  # the audit run's dataset: sensitive + the included canaries
