@@ -1,7 +1,7 @@
 """The headline results table of README.md and docs/results.md, generated
 from benchmarks/results/summary.json (the keys the benchmark scripts write:
 bench_dp_step.py, quickstart_stages.py, data_runs.py, bench_public_scale.py,
-rgb_folder.py, merge_compare.py).
+rgb_folder.py, merge_compare.py, fid5k.py).
 
     python benchmarks/results_page.py           # rewrite the table in both files
     python benchmarks/results_page.py --check   # exit 1 if either is stale
@@ -60,7 +60,7 @@ ROWS = (
      "test split of a CNN trained on the 5,000 synthetic images, one figure per run", _pct),
     (("quickstart_fid_5k",),
      "Quickstart: FID by the protocol, 5,000 synthetic against 5,000 real test images "
-     "(latest measured)", _plain),
+     "(`benchmarks/fid5k.py`), one figure per run", _plain),
     (("quickstart_kid", "quickstart_kid_images"),
      "Quickstart: KID / its std / images per side, as the run reports it (unbiased; below "
      "5,000 per side it does not compare with published figures; latest run)", _num),

@@ -28,3 +28,19 @@ def test_the_committed_summary_names_only_known_keys():
     cur = json.loads(summary_json.PATH.read_text())
     meta = {"date", "commit", "machine", "provenance"}
     assert set(cur) - meta <= set(summary_json.KEYS)
+
+
+def test_fid5k_files_a_list_and_refuses_below_protocol(tmp_path, monkeypatch):
+    """benchmarks/fid5k.py: quickstart_fid_5k becomes a list (an old single
+    figure is dropped, not mixed in), later runs append, and an evaluation
+    below 5,000 images per side files nothing."""
+    import fid5k
+    monkeypatch.setattr(summary_json, "PATH", tmp_path / "summary.json")
+    (tmp_path / "summary.json").write_text(json.dumps({"quickstart_fid_5k": 104.47}))
+    full = {"fid": 100.123, "fid_images": 5000}
+    fid5k.file_series("quickstart", full, new_series=False)
+    fid5k.file_series("quickstart", {**full, "fid": 90.0}, new_series=False)
+    assert json.loads((tmp_path / "summary.json").read_text())["quickstart_fid_5k"] == [100.12, 90.0]
+    with pytest.raises(SystemExit, match="below the protocol"):
+        fid5k.refuse_below_protocol({"fid": 80.0, "fid_images": 500}, tmp_path / "m.json")
+    fid5k.refuse_below_protocol(full, tmp_path / "m.json")  # no exception
