@@ -30,6 +30,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--recolour", choices=("on", "off"), default=None,
                     help="default: as the run resolved it")
+    ap.add_argument("--label-dropout", type=float, default=None,
+                    help="classifier-free guidance's null-label share (default: the run's)")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="continue from these weights (a pre-trained checkpoint of the same "
+                         "preset and classes) instead of a fresh model; steps count from 0")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
@@ -56,7 +61,12 @@ def main() -> None:
 
     fam = get_family("diffusion")
     preset = a.preset or cfg["generator"]["preset"]
-    model = fam.make(preset, {}, d["image_size"], d["channels"], len(selection))
+    dropout = cfg["generator"].get("label_dropout", 0.0) if a.label_dropout is None \
+        else a.label_dropout
+    model = fam.make(preset, {}, d["image_size"], d["channels"], len(selection),
+                     label_dropout=dropout)
+    if a.init:
+        model.load_state_dict(torch.load(a.init, map_location="cpu"))
     trainer = fam.public_trainer(model, a.lr or p["lr"])
     ema = EMA(model, decay=p["ema_decay"])
     a.out.mkdir(parents=True, exist_ok=True)
@@ -68,6 +78,7 @@ def main() -> None:
         torch.save(ema.shadow, path)
         print(json.dumps({"steps": stop, "path": str(path), "preset": preset,
                           "images": len(x), "recolour": recolour, "lr": a.lr or p["lr"],
+                          "label_dropout": dropout, "init": str(a.init) if a.init else None,
                           "seconds": round(time.time() - t0, 1)}), flush=True)
 
 
