@@ -74,6 +74,9 @@ ROWS = (
      "configs/compare.yaml`): the merged table", _path),
     (("quality_cpu_cnn_accuracy",),
      "`configs/quality-cpu.yaml` (MNIST, epsilon 10): CNN accuracy", _pct),
+    (("quality_cpu_fid_5k",),
+     "`configs/quality-cpu.yaml`: FID by the protocol, 5,000 synthetic against 5,000 real test "
+     "images (`benchmarks/fid5k.py`)", _plain),
     (("quality_cpu_driver_seconds",),
      "`configs/quality-cpu.yaml`: driver wall time on 2 CPU cores", _seconds),
     (("fmnist_cnn_accuracy",),
