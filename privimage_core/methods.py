@@ -162,6 +162,28 @@ def check_method(name: str, preset: str, pretrain_steps: int,
     return m
 
 
+def guided(name: str) -> bool:
+    """Whether the method's model family samples with classifier-free
+    guidance (and trains the null label it needs)."""
+    m = get_method(name)
+    return m.family in FAMILY_NAMES and get_family(m.family).guidance
+
+
+def check_guidance(cfg) -> None:
+    """One clear error for guidance the method's family cannot use, or a
+    guidance scale without the null label trained (label dropout 0)."""
+    g, c = guided(cfg.method), cfg.data.channels
+    if cfg.sampling.resolved_guidance(c, g) == 0:
+        return
+    if not g:
+        raise ConfigError(f"sampling.guidance {cfg.sampling.guidance:g}: method '{cfg.method}' "
+                          f"samples from the {get_method(cfg.method).family} family, which has "
+                          "no classifier-free guidance; set sampling.guidance: 0 (or null)")
+    if cfg.generator.resolved_label_dropout(c, g) == 0:
+        raise ConfigError("sampling.guidance > 0 needs a model trained with "
+                          "generator.label_dropout > 0 (e.g. 0.1); set one or sampling.guidance: 0")
+
+
 def check_trainable(cfg, num_classes: int = 2) -> tuple[int, int] | None:
     """One clear error unless ``finetune.trainable`` (when set) matches a
     parameter of the module the method's release stage trains with DP-SGD,

@@ -28,7 +28,7 @@ from privimage_core.config.training import FinetuneConfig, PretrainConfig
 from privimage_core.config.tune import TuneConfig
 from privimage_core.config.types import check_type, require
 from privimage_core.errors import ConfigError
-from privimage_core.methods import check_method, check_trainable
+from privimage_core.methods import check_guidance, check_method, check_trainable
 from privimage_core.models import family_config_sections
 
 # Top-level keys that are values, not sections, with their types.
@@ -170,9 +170,7 @@ def validate(cfg: Config) -> None:
     check_method(cfg.method, cfg.generator.preset, cfg.pretrain.resolved_steps(cfg.data.channels),
                  cfg.pretrain.precision)
     check_trainable(cfg)
-    require(cfg.sampling.guidance == 0 or cfg.generator.label_dropout > 0,
-            "sampling.guidance > 0 needs a model trained with generator.label_dropout > 0 "
-            "(e.g. 0.1); set one or sampling.guidance: 0")
+    check_guidance(cfg)
     require(not (cfg.ray.use_gpu and cfg.evaluation.inception_backend == "openvino"),
             "evaluation.inception_backend is openvino (CPU only) but ray.use_gpu puts the "
             "evaluation on a GPU; set evaluation.inception_backend: auto or torch")

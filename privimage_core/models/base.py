@@ -133,6 +133,11 @@ class ModelFamily(ABC):
         """Post-processing after each noised DP step (a GAN's generator update)."""
         return None
 
+    # Whether ``sample`` takes a classifier-free guidance scale and the
+    # trainers the null label (generator.label_dropout) it needs; the config
+    # resolves both to 0 for a family without it.
+    guidance: ClassVar[bool] = False
+
     # Arithmetic its public trainer can run (pretrain.resolve_precision).
     public_precisions: ClassVar[tuple[str, ...]] = ("fp32",)
 

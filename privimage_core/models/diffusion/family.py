@@ -76,8 +76,10 @@ class DiffusionFamily(ModelFamily):
     name = "diffusion"
     presets = tuple(PRESETS)
 
+    guidance = True
+
     def options(self, cfg) -> dict:
-        return {"label_dropout": cfg.generator.label_dropout}
+        return {"label_dropout": cfg.generator.resolved_label_dropout(cfg.data.channels)}
 
     def make(self, preset, overrides, image_size, channels, num_classes, label_dropout=0.0):
         # One extra class embedding: the null label of classifier-free guidance.
