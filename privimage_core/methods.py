@@ -172,14 +172,13 @@ def guided(name: str) -> bool:
 def check_guidance(cfg) -> None:
     """One clear error for guidance the method's family cannot use, or a
     guidance scale without the null label trained (label dropout 0)."""
-    g, c = guided(cfg.method), cfg.data.channels
-    if cfg.sampling.resolved_guidance(c, g) == 0:
+    if cfg.sampling.guidance == 0:
         return
-    if not g:
+    if not guided(cfg.method):
         raise ConfigError(f"sampling.guidance {cfg.sampling.guidance:g}: method '{cfg.method}' "
                           f"samples from the {get_method(cfg.method).family} family, which has "
-                          "no classifier-free guidance; set sampling.guidance: 0 (or null)")
-    if cfg.generator.resolved_label_dropout(c, g) == 0:
+                          "no classifier-free guidance; set sampling.guidance: 0")
+    if cfg.generator.label_dropout == 0:
         raise ConfigError("sampling.guidance > 0 needs a model trained with "
                           "generator.label_dropout > 0 (e.g. 0.1); set one or sampling.guidance: 0")
 

@@ -231,10 +231,9 @@ class Evaluator:
         fam, man, release = load_release_module(
             state, manifest, self.device if shards is None else torch.device("cpu"))
         if shards is None:
-            w = c.sampling.resolved_guidance(c.data.channels, fam.guidance)
             ds = generate(fam, release, c.sampling.num_images, man.class_names,
                           c.sampling.num_steps, c.sampling.solver, seed=c.run.seed,
-                          batch_size=c.sampling.batch_size, guidance=w,
+                          batch_size=c.sampling.batch_size, guidance=c.sampling.guidance,
                           progress=ProgressPoster(progress_board))
         else:
             ds = ImageSet(np.concatenate(ray.get(list(shards))),

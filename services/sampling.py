@@ -44,9 +44,8 @@ def sample_range(cfg: Config, state: bytes, manifest: dict, start: int, stop: in
     ``generate``'s."""
     fam, man, release = load_release_module(state, manifest, resolve_device(cfg.ray.use_gpu))
     c = cfg.sampling
-    w = c.resolved_guidance(cfg.data.channels, fam.guidance)
     return generate(fam, release, c.num_images, man.class_names, c.num_steps, c.solver,
-                    seed=cfg.run.seed, batch_size=c.batch_size, guidance=w,
+                    seed=cfg.run.seed, batch_size=c.batch_size, guidance=c.guidance,
                     progress=progress, start=start, stop=stop).images
 
 

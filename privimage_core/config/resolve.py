@@ -7,24 +7,18 @@ import math
 
 from privimage_core.config.schema import Config
 from privimage_core.errors import ConfigError
-from privimage_core.methods import guided
 
 
 def resolve_defaults(cfg: Config) -> Config:
     """``cfg`` with the null defaults that depend on other keys filled in
-    (pretrain.steps, finetune.lr, generator.label_dropout and
-    sampling.guidance by data.channels and the method's family), so that a
-    run records and resumes with the numbers it used."""
-    c, g = cfg.data.channels, guided(cfg.method)
+    (pretrain.steps and finetune.lr by data.channels), so that a run
+    records and resumes with the numbers it used."""
+    c = cfg.data.channels
     fill = {}
     if cfg.pretrain.steps is None:
         fill["pretrain.steps"] = cfg.pretrain.resolved_steps(c)
     if cfg.finetune.lr is None:
         fill["finetune.lr"] = cfg.finetune.resolved_lr(c)
-    if cfg.generator.label_dropout is None:
-        fill["generator.label_dropout"] = cfg.generator.resolved_label_dropout(c, g)
-    if cfg.sampling.guidance is None:
-        fill["sampling.guidance"] = cfg.sampling.resolved_guidance(c, g)
     # one copy, validated once (validation may build the model)
     return cfg.with_overrides(fill) if fill else cfg
 

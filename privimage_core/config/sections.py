@@ -298,39 +298,24 @@ class PrivacyConfig:
                  f"privacy.accountant must be 'rdp' or 'prv', got '{self.accountant}'")
 
 
-# Classifier-free guidance when generator.label_dropout and sampling.guidance
-# are null, by data.channels, for the families that support it (a family's
-# ``guidance`` flag; the others resolve to 0). On the coloured digits'
-# validation split guidance w 0.5-1 added about 2-3 points of downstream
-# accuracy over w = 0 at epsilon 10, as it did for Fashion-MNIST; on MNIST
-# every w > 0 lowered it (benchmarks/results/rgb-explore-*, quality-explore-*).
-LABEL_DROPOUT_BY_CHANNELS = {1: 0.0, 3: 0.1}
-GUIDANCE_BY_CHANNELS = {1: 0.0, 3: 1.0}
-
-
 @dataclass
 class GeneratorConfig:
     # A preset of the method's model family (models/<family>/).
     preset: str = "tiny"
     # Overrides of the preset's network arguments (e.g. base_channels).
     overrides: dict = field(default_factory=dict)
-    # Classifier-free guidance (diffusion, latent): the share of training
-    # examples whose label is replaced by the null label, in pre-training and
-    # DP-SGD. null: by data.channels, 0 for grayscale and 0.1 for RGB
-    # (LABEL_DROPOUT_BY_CHANNELS; 0 for a family without guidance); every run
-    # records the number it used.
-    label_dropout: float | None = None
+    # Classifier-free guidance (the families with ``guidance``: diffusion,
+    # latent): the share of training examples whose label is replaced by the
+    # null label, in pre-training and DP-SGD. Off by default: on validation
+    # splits it lowered downstream accuracy on MNIST, and on the coloured
+    # digits a pipeline pre-trained with it and sampled at w 1 scored no
+    # better than without; it helped on Fashion-MNIST
+    # (benchmarks/results/quality-explore-*, rgb-explore-*).
+    label_dropout: float = 0.0
 
     def validate(self) -> None:
-        _require(self.label_dropout is None or 0 <= self.label_dropout < 1,
-                 f"generator.label_dropout must be in [0, 1) or null, got {self.label_dropout}")
-
-    def resolved_label_dropout(self, channels: int, guided: bool = True) -> float:
-        """``label_dropout``, or when null the default for ``channels`` of a
-        family that supports guidance (``guided``; 0 for the others)."""
-        if self.label_dropout is not None:
-            return self.label_dropout
-        return LABEL_DROPOUT_BY_CHANNELS[channels] if guided else 0.0
+        _require(0 <= self.label_dropout < 1,
+                 f"generator.label_dropout must be in [0, 1), got {self.label_dropout}")
 
 
 # ODE solvers of the diffusion samplers (models/diffusion/edm.py).
@@ -347,25 +332,15 @@ class SamplingConfig:
     solver: str = "euler"
     batch_size: int = 500
     # Classifier-free guidance scale w: D = (1 + w) D(x|y) - w D(x|null);
-    # 0 = plain conditional sampling; w > 0 needs generator.label_dropout > 0.
-    # null: by data.channels, 0 for grayscale and 1 for RGB
-    # (GUIDANCE_BY_CHANNELS; 0 for a family without guidance); every run
-    # records the number it used.
-    guidance: float | None = None
+    # 0 = plain conditional sampling; w > 0 needs generator.label_dropout > 0
+    # and a family with guidance.
+    guidance: float = 0.0
 
     def validate(self) -> None:
         _require(self.solver in SOLVERS,
                  f"sampling.solver must be 'euler' or 'heun', got '{self.solver}'")
-        _require(self.guidance is None or self.guidance >= 0,
-                 "sampling.guidance must be >= 0 or null")
+        _require(self.guidance >= 0, "sampling.guidance must be >= 0")
         _require(self.num_images >= 1 and self.num_steps >= 1,
                  "sampling.num_images and sampling.num_steps must be >= 1")
         _require(self.batch_size >= 1,
                  f"sampling.batch_size must be >= 1, got {self.batch_size}")
-
-    def resolved_guidance(self, channels: int, guided: bool = True) -> float:
-        """``guidance``, or when null the default for ``channels`` of a family
-        that supports guidance (``guided``; 0 for the others)."""
-        if self.guidance is not None:
-            return self.guidance
-        return GUIDANCE_BY_CHANNELS[channels] if guided else 0.0

@@ -135,7 +135,7 @@ class ModelFamily(ABC):
 
     # Whether ``sample`` takes a classifier-free guidance scale and the
     # trainers the null label (generator.label_dropout) it needs; the config
-    # resolves both to 0 for a family without it.
+    # refuses sampling.guidance > 0 for a family without it.
     guidance: ClassVar[bool] = False
 
     # Arithmetic its public trainer can run (pretrain.resolve_precision).

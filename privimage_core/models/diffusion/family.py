@@ -79,7 +79,7 @@ class DiffusionFamily(ModelFamily):
     guidance = True
 
     def options(self, cfg) -> dict:
-        return {"label_dropout": cfg.generator.resolved_label_dropout(cfg.data.channels)}
+        return {"label_dropout": cfg.generator.label_dropout}
 
     def make(self, preset, overrides, image_size, channels, num_classes, label_dropout=0.0):
         # One extra class embedding: the null label of classifier-free guidance.

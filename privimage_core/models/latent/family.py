@@ -120,8 +120,7 @@ class LatentDiffusionFamily(ModelFamily):
 
     def options(self, cfg) -> dict:
         c = cfg.latent
-        return {"label_dropout": cfg.generator.resolved_label_dropout(cfg.data.channels),
-                "latent_channels": c.channels,
+        return {"label_dropout": cfg.generator.label_dropout, "latent_channels": c.channels,
                 "downsample": c.downsample, "width": c.width,
                 "ae_pretrain_steps": int(round(c.autoencoder_pretrain_share
                                                * cfg.pretrain.resolved_steps(cfg.data.channels)))}
