@@ -298,6 +298,21 @@ def test_sample_gives_uint8_images_for_the_labels(case):
     assert not np.array_equal(img, other)
 
 
+def test_guidance_flag_matches_what_sample_does(case):
+    """A family that declares ``guidance`` samples differently at w > 0 (its
+    null label is used); one that does not refuses a scale, so the config's
+    check (methods.check_guidance) and the sampler agree."""
+    rel = case.fam.release_module(case.model)
+    labels = np.array([0, 3, 9])
+    kw = dict(num_steps=2, solver="euler", seed=5, batch_size=3)
+    if case.fam.guidance:
+        plain = case.fam.sample(rel, labels, **kw)
+        assert not np.array_equal(plain, case.fam.sample(rel, labels, guidance=1.0, **kw))
+    else:
+        with pytest.raises(ValueError, match="guidance"):
+            case.fam.sample(rel, labels, guidance=1.0, **kw)
+
+
 def test_sharded_sampling_gives_the_images_of_one_call(case):
     rel = case.fam.release_module(case.model)
     n = 7
